@@ -1,0 +1,1 @@
+"""Hugging Face MoE checkpoint -> MWQ nested-bit expert store."""

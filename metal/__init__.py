@@ -1,0 +1,1 @@
+"""Metal kernel sources (read with importlib.resources; custom kernels come later)."""
