@@ -1,0 +1,475 @@
+"""Reader of a d2moe expert store (see docs/FORMAT.md).
+
+`Store.open` validates the whole manifest (names, sizes, offsets, shapes,
+dtypes) against the files on disk before anything is allocated or read, so a
+damaged or malicious store fails early with a StoreError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import format as F
+from .format import StoreError, TensorSpec
+
+_CONVERT = "re-run `d2moe convert` to rebuild the store"
+_CHUNK = 8 << 20
+
+
+def _disable_readahead(fd: int) -> None:
+    """Expert reads are random: turn the kernel's readahead off (best effort)."""
+    try:
+        if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_RANDOM"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        elif os.uname().sysname == "Darwin":
+            import fcntl
+
+            fcntl.fcntl(fd, getattr(fcntl, "F_RDAHEAD", 45), 0)
+    except OSError:
+        pass
+
+
+def _preadv_full(fd: int, bufs: list[memoryview], offset: int, path: Path) -> None:
+    """Fill `bufs` (in order) from `offset`; StoreError if the file ends first."""
+    bufs = [b.cast("B") for b in bufs if b.nbytes]
+    total = sum(b.nbytes for b in bufs)
+    pos = offset
+    while bufs:
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, bufs, pos)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, bufs[0].nbytes, pos)
+            bufs[0][:len(data)] = data
+            n = len(data)
+        if n <= 0:
+            raise StoreError(
+                f"{path}: truncated: wanted {total} bytes at offset {offset}, file ended "
+                f"at {pos}; {_CONVERT}"
+            )
+        pos += n
+        while bufs and n >= bufs[0].nbytes:
+            n -= bufs[0].nbytes
+            bufs.pop(0)
+        if n:
+            bufs[0] = bufs[0][n:]
+
+
+def _load_json(path: Path, what: str, limit: int):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing {what}; {_CONVERT}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: {what} is not a regular file; {_CONVERT}")
+    if st.st_size > limit:
+        raise StoreError(f"{path}: {what} is {st.st_size} bytes (limit {limit}); {_CONVERT}")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (ValueError, RecursionError) as e:
+        raise StoreError(f"{path}: {what} is not valid JSON ({e}); {_CONVERT}") from None
+
+
+def _int(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+class Store:
+    """An opened, validated store. Use `Store.open(path)`; close() when done."""
+
+    def __init__(self, path: Path, manifest: dict, config: dict, entries: dict):
+        self.path = path
+        self.manifest = manifest
+        self.config = config
+        self._entries = entries  # (layer, component) -> validated entry
+        self._fds: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        self.moe_layers = sorted({k[0] for k in entries})
+        self._ncomp = {l: sum(1 for k in entries if k[0] == l) for l in self.moe_layers}
+        self.num_experts = next(iter(entries.values()))["num_blocks"] if entries else 0
+        self._files = manifest["files"]
+
+    # -- opening and validation ------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        root = Path(path)
+        if not root.is_dir():
+            raise StoreError(f"{root}: not a directory; point at a store made by `d2moe convert`")
+        root = root.resolve()
+        mpath = root / F.MANIFEST_NAME
+        m = _load_json(mpath, "manifest", F.MAX_MANIFEST_BYTES)
+        if not isinstance(m, dict):
+            raise StoreError(f"{mpath}: manifest is not a JSON object; {_CONVERT}")
+        if m.get("format") != F.FORMAT_NAME:
+            raise StoreError(f"{mpath}: format is {m.get('format')!r}, expected "
+                             f"{F.FORMAT_NAME!r}; this is not a d2moe store")
+        ver = m.get("version")
+        if type(ver) is not int or ver < 1:
+            raise StoreError(f"{mpath}: invalid format version {ver!r}; {_CONVERT}")
+        if ver > F.FORMAT_VERSION:
+            raise StoreError(
+                f"{mpath}: store format version {ver} is newer than the supported version "
+                f"{F.FORMAT_VERSION}; upgrade d2moe-mlx (pip install -U d2moe-mlx)"
+            )
+
+        def bad(what: str) -> StoreError:
+            return StoreError(f"{mpath}: {what}; {_CONVERT}")
+
+        files = m.get("files")
+        if not isinstance(files, dict):
+            raise bad("'files' must be an object")
+        for name, info in files.items():
+            p = cls._safe(root, name, mpath)
+            if not (isinstance(info, dict) and _int(info.get("size"), 0, 1 << 50)
+                    and _int(info.get("crc32"), 0, 0xFFFFFFFF)):
+                raise bad(f"file entry {name!r} needs integer 'size' and 'crc32'")
+            cls._stat(p, info["size"], exact=True)
+        dense = m.get("dense_files", [])
+        if not isinstance(dense, list) or any(d not in files for d in dense):
+            raise bad("'dense_files' must list files of the 'files' section")
+        if F.CONFIG_NAME not in files:
+            raise bad(f"{F.CONFIG_NAME} is not listed in 'files'")
+
+        entries = cls._validate_experts(root, m, mpath)
+        config = _load_json(root / F.CONFIG_NAME, "model config", F.MAX_JSON_FILE_BYTES)
+        if not isinstance(config, dict):
+            raise StoreError(f"{root / F.CONFIG_NAME}: config is not a JSON object; {_CONVERT}")
+        return cls(root, m, config, entries)
+
+    @staticmethod
+    def _safe(root: Path, name, mpath: Path) -> Path:
+        if not F.is_plain_relpath(name) or name == F.MANIFEST_NAME:
+            raise StoreError(f"{mpath}: file name {name!r} is not a plain relative path "
+                             f"inside the store; refusing to open it")
+        p = root / name
+        try:
+            real = p.resolve()
+        except (OSError, RuntimeError):
+            raise StoreError(f"{p}: cannot resolve path (symlink loop?)") from None
+        if not real.is_relative_to(root):
+            raise StoreError(f"{p}: resolves to {real}, outside the store {root}; refusing it")
+        return p
+
+    @staticmethod
+    def _stat(p: Path, size: int, exact: bool) -> None:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise StoreError(f"{p}: file is missing; {_CONVERT}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{p}: not a regular file; {_CONVERT}")
+        if st.st_size != size:
+            kind = "truncated" if st.st_size < size else "larger than recorded"
+            raise StoreError(f"{p}: {kind}: {st.st_size} bytes on disk, manifest says "
+                             f"{size}; {_CONVERT}")
+
+    @classmethod
+    def _validate_experts(cls, root: Path, m: dict, mpath: Path) -> dict:
+        def bad(what: str) -> StoreError:
+            return StoreError(f"{mpath}: {what}; {_CONVERT}")
+
+        sec = m.get("experts")
+        if not isinstance(sec, dict) or not isinstance(sec.get("files"), list):
+            raise bad("'experts' must be an object with a 'files' list")
+        if sec.get("block_align") != F.BLOCK_ALIGN or sec.get("tensor_align") != F.TENSOR_ALIGN:
+            raise bad(f"expert alignment must be {F.BLOCK_ALIGN}/{F.TENSOR_ALIGN}")
+        if sec.get("checksum") != F.CHECKSUM:
+            raise bad(f"unknown block checksum {sec.get('checksum')!r}")
+        if len(sec["files"]) > F.MAX_LAYERS * F.MAX_COMPONENTS:
+            raise bad("too many expert files")
+        entries: dict[tuple[int, int], dict] = {}
+        for i, e in enumerate(sec["files"]):
+            if not isinstance(e, dict):
+                raise bad(f"expert file entry {i} is not an object")
+            layer, comp, nb = e.get("layer"), e.get("component"), e.get("num_blocks")
+            bb, stride = e.get("block_bytes"), e.get("block_stride")
+            if not (_int(layer, 0, F.MAX_LAYERS) and _int(comp, 0, F.MAX_COMPONENTS - 1)
+                    and _int(nb, 1, F.MAX_EXPERTS) and _int(bb, 0, F.MAX_BLOCK_BYTES)
+                    and _int(stride, F.BLOCK_ALIGN, F.MAX_BLOCK_BYTES)):
+                raise bad(f"expert file entry {i}: layer/component/num_blocks/block_bytes/"
+                          "block_stride missing or out of range")
+            where = f"expert file entry {i} (layer {layer}, component {comp})"
+            if e.get("file") != F.expert_file_name(layer, comp):
+                raise bad(f"{where}: file must be {F.expert_file_name(layer, comp)!r}, "
+                          f"got {e.get('file')!r}")
+            if stride % F.BLOCK_ALIGN or bb > stride:
+                raise bad(f"{where}: block_stride {stride} must be a multiple of "
+                          f"{F.BLOCK_ALIGN} and >= block_bytes {bb}")
+            if (layer, comp) in entries:
+                raise bad(f"{where}: listed twice")
+            crcs = e.get("crc32")
+            if not (isinstance(crcs, list) and len(crcs) == nb
+                    and all(_int(c, 0, 0xFFFFFFFF) for c in crcs)):
+                raise bad(f"{where}: 'crc32' must list {nb} unsigned 32-bit integers")
+            specs = cls._validate_layout(e.get("tensors"), bb, where, bad)
+            p = cls._safe(root, e["file"], mpath)
+            cls._stat(p, nb * stride, exact=True)
+            entries[(layer, comp)] = {**e, "specs": specs, "path": p}
+        layers = {k[0] for k in entries}
+        for layer in layers:
+            comps = sorted(c for l, c in entries if l == layer)
+            if comps != list(range(len(comps))):
+                raise bad(f"layer {layer} has components {comps}; need 0..n-1")
+        nbs = {e["num_blocks"] for e in entries.values()}
+        if len(nbs) > 1:
+            raise bad(f"expert files disagree on the number of experts {sorted(nbs)}")
+        if "num_experts" in m and nbs and m["num_experts"] != next(iter(nbs)):
+            raise bad(f"num_experts {m['num_experts']!r} != blocks per expert file {nbs}")
+        if "moe_layers" in m and m["moe_layers"] != sorted(layers):
+            raise bad(f"moe_layers {m['moe_layers']!r} != layers of expert files {sorted(layers)}")
+        return entries
+
+    @staticmethod
+    def _validate_layout(tensors, block_bytes: int, where: str, bad) -> list[TensorSpec]:
+        if not isinstance(tensors, list) or not 1 <= len(tensors) <= F.MAX_TENSORS_PER_BLOCK:
+            raise bad(f"{where}: 'tensors' must list 1..{F.MAX_TENSORS_PER_BLOCK} tensors")
+        specs, names = [], set()
+        for t in tensors:
+            if not isinstance(t, dict):
+                raise bad(f"{where}: tensor entry is not an object")
+            name, dt, shape, off = t.get("name"), t.get("dtype"), t.get("shape"), t.get("offset")
+            if not isinstance(name, str) or not name or len(name) > F.MAX_NAME_LEN or name in names:
+                raise bad(f"{where}: bad or duplicate tensor name {name!r}")
+            if dt not in F.DTYPES:
+                raise bad(f"{where}: tensor {name!r} has dtype {dt!r}, allowed {sorted(F.DTYPES)}")
+            if not (isinstance(shape, list) and len(shape) <= F.MAX_NDIM
+                    and all(_int(d, 0, F.MAX_BLOCK_BYTES) for d in shape)):
+                raise bad(f"{where}: tensor {name!r} has a bad shape {shape!r}")
+            if not _int(off, 0, F.MAX_BLOCK_BYTES) or off % F.TENSOR_ALIGN:
+                raise bad(f"{where}: tensor {name!r} offset {off!r} is not a multiple of "
+                          f"{F.TENSOR_ALIGN} in range")
+            spec = TensorSpec(name, dt, tuple(shape), off)
+            if spec.nbytes > block_bytes or off + spec.nbytes > block_bytes:
+                raise bad(f"{where}: tensor {name!r} ({spec.nbytes} bytes at {off}) does "
+                          f"not fit in block_bytes {block_bytes}")
+            names.add(name)
+            specs.append(spec)
+        by_off = sorted(specs, key=lambda s: s.offset)
+        for a, b in zip(by_off, by_off[1:]):
+            if a.offset + a.nbytes > b.offset:
+                raise bad(f"{where}: tensors {a.name!r} and {b.name!r} overlap")
+        return specs
+
+    # -- metadata ----------------------------------------------------------
+    def _entry(self, layer: int, component: int) -> dict:
+        try:
+            return self._entries[(layer, component)]
+        except KeyError:
+            raise KeyError(f"no expert file for layer {layer} component {component} in "
+                           f"{self.path} (MoE layers {self.moe_layers})") from None
+
+    def num_components(self, layer: int) -> int:
+        if layer not in self._ncomp:
+            raise KeyError(f"layer {layer} is not an MoE layer of {self.path}")
+        return self._ncomp[layer]
+
+    def layout(self, layer: int, component: int) -> list[TensorSpec]:
+        return list(self._entry(layer, component)["specs"])
+
+    def block_bytes(self, layer: int, component: int) -> int:
+        return self._entry(layer, component)["block_bytes"]
+
+    def block_stride(self, layer: int, component: int) -> int:
+        return self._entry(layer, component)["block_stride"]
+
+    def expert_file(self, layer: int, component: int) -> Path:
+        return self._entry(layer, component)["path"]
+
+    def dense_files(self) -> list[Path]:
+        return [self.path / n for n in self.manifest.get("dense_files", [])]
+
+    def calib_stats(self) -> dict[str, np.ndarray] | None:
+        if F.CALIB_STATS_NAME not in self._files:
+            return None
+        from safetensors.numpy import load_file
+
+        return load_file(str(self.path / F.CALIB_STATS_NAME))
+
+    # -- reading blocks ----------------------------------------------------
+    def _fd(self, key: tuple[int, int]) -> int:
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    fd = os.open(self._entries[key]["path"], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    _disable_readahead(fd)
+                    self._fds[key] = fd
+        return fd
+
+    def _locate(self, layer: int, component: int, expert: int) -> tuple[dict, int]:
+        e = self._entry(layer, component)
+        if not (type(expert) is int or isinstance(expert, np.integer)) or not 0 <= expert < e["num_blocks"]:
+            raise IndexError(f"expert {expert} out of range 0..{e['num_blocks'] - 1}")
+        return e, int(expert) * e["block_stride"]
+
+    def _check_crc(self, e: dict, expert: int, off: int, crc: int) -> None:
+        if crc != e["crc32"][expert]:
+            raise StoreError(
+                f"{e['path']}: checksum mismatch in layer {e['layer']} component "
+                f"{e['component']} expert {expert} (block at offset {off}); the file is "
+                f"corrupted: {_CONVERT} (`d2moe inspect --verify` lists all damage)"
+            )
+
+    def tensor_views(self, layer: int, component: int, buf: np.ndarray) -> dict[str, np.ndarray]:
+        """Views of each tensor inside a block buffer (no copy)."""
+        return {s.name: buf[s.offset:s.offset + s.nbytes].view(s.np_dtype).reshape(s.shape)
+                for s in self._entry(layer, component)["specs"]}
+
+    def read_block_into(self, layer: int, component: int, expert: int, out: np.ndarray,
+                        verify: bool = True) -> None:
+        """Read one block (block_bytes) into out[:block_bytes], a writable uint8 buffer."""
+        e, off = self._locate(layer, component, expert)
+        bb = e["block_bytes"]
+        if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 1
+                and out.flags.c_contiguous and out.flags.writeable and out.size >= bb):
+            raise ValueError(f"out must be a writable contiguous 1-D uint8 array of >= {bb} bytes")
+        dst = out[:bb]
+        _preadv_full(self._fd((layer, component)), [memoryview(dst)], off, e["path"])
+        if verify:
+            self._check_crc(e, int(expert), off, zlib.crc32(dst))
+
+    def read_block(self, layer: int, component: int, expert: int,
+                   verify: bool = True) -> dict[str, np.ndarray]:
+        """Read one expert's block into a fresh buffer; returns a view per tensor."""
+        buf = np.empty(self.block_bytes(layer, component), dtype=np.uint8)
+        self.read_block_into(layer, component, expert, buf, verify)
+        return self.tensor_views(layer, component, buf)
+
+    def read_expert_stack(self, layer: int, component: int, experts=None,
+                          verify: bool = True) -> dict[str, np.ndarray]:
+        """Stack every tensor over experts ([E, ...]), reading straight into the stacks."""
+        e = self._entry(layer, component)
+        ids = list(range(e["num_blocks"])) if experts is None else [int(x) for x in experts]
+        specs = sorted(e["specs"], key=lambda s: s.offset)
+        out = {s.name: np.empty((len(ids),) + s.shape, dtype=s.np_dtype) for s in specs}
+        fd = self._fd((layer, component))
+        for i, x in enumerate(ids):
+            _, off = self._locate(layer, component, x)
+            bufs, pos = [], 0
+            for s in specs:
+                if s.offset > pos:  # alignment padding: read it too, it is in the crc
+                    bufs.append(memoryview(np.empty(s.offset - pos, np.uint8)))
+                bufs.append(memoryview(out[s.name][i:i + 1].reshape(-1).view(np.uint8)))
+                pos = s.offset + s.nbytes
+            if e["block_bytes"] > pos:
+                bufs.append(memoryview(np.empty(e["block_bytes"] - pos, np.uint8)))
+            _preadv_full(fd, list(bufs), off, e["path"])
+            if verify:
+                crc = 0
+                for b in bufs:
+                    crc = zlib.crc32(b, crc)
+                self._check_crc(e, x, off, crc)
+        return {s.name: out[s.name] for s in e["specs"]}
+
+    # -- integrity and summary ---------------------------------------------
+    def verify(self, progress=None) -> list[str]:
+        """Check every block and file checksum; returns problems (empty list = OK).
+
+        progress(done_bytes, total_bytes) is called as bytes are checked.
+        """
+        from .writer import file_crc32
+
+        total = sum(e["num_blocks"] * e["block_stride"] for e in self._entries.values())
+        total += sum(i["size"] for i in self._files.values())
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        problems = []
+        for key in sorted(self._entries):
+            e = self._entries[key]
+            buf = np.empty(e["block_stride"], dtype=np.uint8)
+            for x in range(e["num_blocks"]):
+                off = x * e["block_stride"]
+                try:
+                    _preadv_full(self._fd(key), [memoryview(buf)], off, e["path"])
+                    self._check_crc(e, x, off, zlib.crc32(buf[:e["block_bytes"]]))
+                    if buf[e["block_bytes"]:].any():
+                        problems.append(f"{e['path']}: non-zero padding after block of expert "
+                                        f"{x} (offset {off})")
+                except (StoreError, OSError) as err:
+                    problems.append(str(err))
+                tick(e["block_stride"])
+        for name, info in sorted(self._files.items()):
+            p = self.path / name
+            try:
+                size, crc = file_crc32(p, tick)
+            except OSError as err:
+                problems.append(f"{p}: cannot read ({err})")
+                continue
+            if size != info["size"]:
+                problems.append(f"{p}: size {size} != {info['size']} in the manifest")
+            elif crc != info["crc32"]:
+                problems.append(f"{p}: checksum mismatch (file corrupted); {_CONVERT}")
+        problems += self._check_dense_index()
+        return problems
+
+    def _check_dense_index(self) -> list[str]:
+        dense = set(self.manifest.get("dense_files", []))
+        if not dense:
+            return []
+        p = self.path / F.DENSE_INDEX_NAME
+        try:
+            idx = _load_json(p, "dense index", F.MAX_JSON_FILE_BYTES)
+        except StoreError as err:
+            return [str(err)]
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict):
+            return [f"{p}: no 'weight_map' object"]
+        stray = sorted({v for v in wm.values() if v not in dense}, key=str)
+        return [f"{p}: weight_map points at {stray[:5]} not in dense_files"] if stray else []
+
+    def summary(self) -> dict:
+        """Sizes for `d2moe inspect`: bytes per component and per level, file counts."""
+        comps: dict[int, dict] = {}
+        for (layer, c), e in self._entries.items():
+            d = comps.setdefault(c, {"layers": 0, "block_bytes": 0, "file_bytes": 0})
+            d["layers"] += 1
+            d["block_bytes"] += e["block_bytes"] * e["num_blocks"]
+            d["file_bytes"] += e["block_stride"] * e["num_blocks"]
+        levels, acc = {}, 0
+        for c in sorted(comps):
+            acc += comps[c]["block_bytes"]
+            levels[c] = acc
+        dense = sum(self._files[n]["size"] for n in self.manifest.get("dense_files", []))
+        expert_files = sum(d["file_bytes"] for d in comps.values())
+        other = sum(i["size"] for i in self._files.values())
+        return {
+            "path": str(self.path), "format": self.manifest["format"],
+            "version": self.manifest["version"], "num_experts": self.num_experts,
+            "moe_layers": len(self.moe_layers), "components": dict(sorted(comps.items())),
+            "level_bytes": levels, "dense_bytes": dense, "expert_file_bytes": expert_files,
+            "other_bytes": other - dense, "total_bytes": expert_files + other,
+            "num_files": len(self._entries) + len(self._files) + 1,
+        }
+
+    # -- lifetime ----------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
