@@ -243,8 +243,8 @@ class Store:
                     and all(_int(d, 0, F.MAX_BLOCK_BYTES) for d in shape)):
                 raise bad(f"{where}: tensor {name!r} has a bad shape {shape!r}")
             if not _int(off, 0, F.MAX_BLOCK_BYTES) or off % F.TENSOR_ALIGN:
-                raise bad(f"{where}: tensor {name!r} offset {off!r} is not a multiple of "
-                          f"{F.TENSOR_ALIGN} in range")
+                raise bad(f"{where}: tensor {name!r} offset {off!r} is out of range or not "
+                          f"a multiple of {F.TENSOR_ALIGN}")
             spec = TensorSpec(name, dt, tuple(shape), off)
             if spec.nbytes > block_bytes or off + spec.nbytes > block_bytes:
                 raise bad(f"{where}: tensor {name!r} ({spec.nbytes} bytes at {off}) does "

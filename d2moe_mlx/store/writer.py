@@ -8,12 +8,14 @@ place, so an interrupted run never leaves a loadable store at `out`.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import secrets
 import shutil
 import zlib
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -134,43 +136,56 @@ class StoreWriter:
             raise RuntimeError("this StoreWriter is finalized or aborted")
 
     # -- experts ---------------------------------------------------------
-    def write_expert_file(self, layer: int, component: int, blocks: list[dict]) -> None:
-        """Write one expert file: block e holds expert e's tensors of this component."""
+    def write_expert_file(self, layer: int, component: int, blocks: Iterable[dict]) -> None:
+        """Write one expert file: block e holds expert e's tensors of this component.
+
+        `blocks` may be a list or any iterable (e.g. a generator quantizing one expert
+        at a time): blocks are written as they come, never concatenated in memory.
+        """
         self._check_open()
         layer, component = int(layer), int(component)
         if layer < 0 or component < 0:
             raise ValueError("layer and component must be >= 0")
         if (layer, component) in self._experts:
             raise ValueError(f"expert file of layer {layer} component {component} written twice")
-        if not blocks:
+        it = iter(blocks)
+        first = next(it, None)
+        if first is None:
             raise ValueError("need at least one expert block")
-        specs, block_bytes = block_layout(blocks[0])
-        stride = round_up(max(block_bytes, 1), BLOCK_ALIGN)
-        want = {s.name: (s.dtype, s.shape) for s in specs}
+        specs, block_bytes = block_layout(first)
         name = expert_file_name(layer, component)
-        buf = bytearray(stride)  # padding bytes are never written, so stay zero
-        view = memoryview(buf)
-        crcs = []
-        with open(self._tmp / name, "wb") as f:
-            for e, block in enumerate(blocks):
-                arrays = {k: as_numpy(v) for k, v in block.items()}
-                got = {k: (dt, tuple(a.shape)) for k, (a, dt) in arrays.items()}
-                if got != want:
-                    raise ValueError(
-                        f"block {e} of layer {layer} component {component} has tensors "
-                        f"{got}, block 0 has {want}: all experts must share one layout"
-                    )
-                for s in specs:
-                    view[s.offset:s.offset + s.nbytes] = arrays[s.name][0].reshape(-1).view(np.uint8)
-                crcs.append(zlib.crc32(view[:block_bytes]))
-                f.write(view)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self._tmp / name, "wb") as f:
+                crcs, stride = self._write_blocks(f, itertools.chain([first], it), specs,
+                                                  block_bytes, f"layer {layer} component {component}")
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            (self._tmp / name).unlink(missing_ok=True)
+            raise
         self._experts[(layer, component)] = {
             "layer": layer, "component": component, "file": name,
-            "num_blocks": len(blocks), "block_bytes": block_bytes, "block_stride": stride,
+            "num_blocks": len(crcs), "block_bytes": block_bytes, "block_stride": stride,
             "tensors": [s.to_json() for s in specs], "crc32": crcs,
         }
+
+    @staticmethod
+    def _write_blocks(f, blocks, specs, block_bytes: int, where: str) -> tuple[list[int], int]:
+        stride = round_up(max(block_bytes, 1), BLOCK_ALIGN)
+        want = {s.name: (s.dtype, s.shape) for s in specs}
+        view = memoryview(bytearray(stride))  # padding bytes are never written: stay zero
+        crcs = []
+        for e, block in enumerate(blocks):
+            arrays = {k: as_numpy(v) for k, v in block.items()}
+            got = {k: (dt, tuple(a.shape)) for k, (a, dt) in arrays.items()}
+            if got != want:
+                raise ValueError(f"block {e} of {where} has tensors {got}, block 0 has "
+                                 f"{want}: all experts must share one layout")
+            for s in specs:
+                view[s.offset:s.offset + s.nbytes] = arrays[s.name][0].reshape(-1).view(np.uint8)
+            crcs.append(zlib.crc32(view[:block_bytes]))
+            f.write(view)
+        return crcs, stride
 
     # -- dense weights, calibration stats, misc files ---------------------
     def write_dense_shard(self, weights: dict) -> None:

@@ -1,0 +1,452 @@
+"""Tests of the on-disk expert store (d2moe_mlx.store): synthetic blocks, no converter."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from d2moe_mlx.store import (
+    BLOCK_ALIGN, FORMAT_VERSION, MANIFEST_NAME, TENSOR_ALIGN, Store, StoreError,
+    StoreWriter, block_layout, expert_file_name,
+)
+from d2moe_mlx.store.format import DTYPES
+
+LAYERS = (1, 3)
+COMPONENTS = 3
+EXPERTS = 5
+
+
+def make_block(rng, component, out=48, inp=64, group=32):
+    bits = 2 if component == 0 else 1
+    d = {}
+    for proj in ("gate_proj", "down_proj"):
+        d[f"{proj}.weight"] = rng.integers(0, 2**32, (out, inp * bits // 32), dtype=np.uint32)
+        d[f"{proj}.scales"] = rng.standard_normal((out, inp // group)).astype(np.float16)
+        if component == 0:
+            d[f"{proj}.biases"] = rng.standard_normal((out, inp // group)).astype(np.float16)
+            d[f"{proj}.bias"] = rng.standard_normal(out).astype(np.float32)
+    return d
+
+
+def write_store(out, seed=0, overwrite=False, dense=True, calib=True):
+    rng = np.random.default_rng(seed)
+    blocks = {(l, c): [make_block(rng, c) for _ in range(EXPERTS)]
+              for l in LAYERS for c in range(COMPONENTS)}
+    with StoreWriter(out, overwrite=overwrite) as w:
+        for (l, c), b in blocks.items():
+            w.write_expert_file(l, c, b)
+        if dense:
+            w.write_dense_shard({"model.embed_tokens.weight": rng.standard_normal((16, 8)).astype(np.float32),
+                                 "model.norm.weight": mx.ones((8,), dtype=mx.bfloat16)})
+            w.write_dense_shard({"lm_head.weight": rng.standard_normal((16, 8)).astype(np.float16)})
+        if calib:
+            w.write_calib_stats({"counts": rng.integers(0, 100, (len(LAYERS), EXPERTS)).astype(np.int64)})
+        w.write_json("config.json", {"model_type": "toy", "seed": seed})
+        (w.tmp_dir / "src_tok.json").write_text('{"tok": 1}')
+        w.copy_file(w.tmp_dir / "src_tok.json", "tokenizer.json")
+        os.remove(w.tmp_dir / "src_tok.json")
+        w.finalize({"model_type": "toy", "num_experts": EXPERTS, "moe_layers": list(LAYERS),
+                    "mwq": {"base_bits": 2, "group_size": 32, "residual_bits": [1, 1]}})
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("s") / "store"
+    return out, write_store(out)
+
+
+@pytest.fixture
+def store(tmp_path):
+    out = tmp_path / "store"
+    return out, write_store(out)
+
+
+def edit_manifest(path, fn):
+    m = json.loads((path / MANIFEST_NAME).read_text())
+    fn(m)
+    (path / MANIFEST_NAME).write_text(json.dumps(m))
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+# -- round trip --------------------------------------------------------------
+def test_round_trip_read_block(built):
+    out, blocks = built
+    with Store.open(out) as s:
+        assert s.moe_layers == list(LAYERS) and s.num_experts == EXPERTS
+        assert s.config == {"model_type": "toy", "seed": 0}
+        for (l, c), bl in blocks.items():
+            assert s.num_components(l) == COMPONENTS
+            for e, want in enumerate(bl):
+                got = s.read_block(l, c, e)
+                assert list(got) == list(want)
+                for k, v in want.items():
+                    assert got[k].dtype == v.dtype and np.array_equal(got[k], v), (l, c, e, k)
+
+
+def test_read_block_into_numpy_and_mlx_buffer(built):
+    out, blocks = built
+    with Store.open(out) as s:
+        bb = s.block_bytes(3, 1)
+        buf = np.zeros(bb + 100, np.uint8)
+        s.read_block_into(3, 1, 4, buf)
+        views = s.tensor_views(3, 1, buf)
+        for k, v in blocks[(3, 1)][4].items():
+            assert np.array_equal(views[k], v)
+        # zero-copy into MLX memory, as the streaming runtime does
+        slot = mx.zeros((bb,), dtype=mx.uint8)
+        mx.eval(slot)
+        s.read_block_into(3, 1, 2, np.asarray(slot))
+        ref = np.zeros(bb, np.uint8)
+        s.read_block_into(3, 1, 2, ref)
+        assert np.array_equal(np.array(slot), ref)
+        w = s.layout(3, 1)[0]
+        got = mx.array(np.array(slot)[w.offset:w.offset + w.nbytes]).view(mx.uint32).reshape(w.shape)
+        assert np.array_equal(np.array(got), blocks[(3, 1)][2][w.name])
+        with pytest.raises(ValueError):
+            s.read_block_into(3, 1, 0, np.zeros(bb - 1, np.uint8))
+        with pytest.raises(ValueError):
+            s.read_block_into(3, 1, 0, np.zeros(bb, np.float32))
+        with pytest.raises(IndexError):
+            s.read_block(3, 1, EXPERTS)
+        with pytest.raises(KeyError):
+            s.read_block(2, 0, 0)
+
+
+def test_read_expert_stack(built):
+    out, blocks = built
+    with Store.open(out) as s:
+        for (l, c), bl in blocks.items():
+            st = s.read_expert_stack(l, c)
+            for k in bl[0]:
+                assert np.array_equal(st[k], np.stack([b[k] for b in bl]))
+        sub = s.read_expert_stack(1, 0, experts=[4, 0, 2])
+        for k in blocks[(1, 0)][0]:
+            assert np.array_equal(sub[k], np.stack([blocks[(1, 0)][i][k] for i in (4, 0, 2)]))
+
+
+def test_alignment_and_padding(built):
+    out, _ = built
+    with Store.open(out) as s:
+        for l in s.moe_layers:
+            for c in range(s.num_components(l)):
+                stride = s.block_stride(l, c)
+                assert stride % BLOCK_ALIGN == 0 and s.block_bytes(l, c) <= stride
+                assert all(t.offset % TENSOR_ALIGN == 0 for t in s.layout(l, c))
+                data = s.expert_file(l, c).read_bytes()
+                assert len(data) == EXPERTS * stride
+                for e in range(EXPERTS):  # offset = e * stride, a multiple of 16 KiB
+                    pad = data[e * stride + s.block_bytes(l, c):(e + 1) * stride]
+                    assert pad == bytes(len(pad))
+        assert s.verify() == []
+
+
+def test_block_layout_offsets():
+    specs, nbytes = block_layout({"a": np.zeros(3, np.uint8), "b": np.zeros((2, 5), np.float32),
+                                  "c": np.zeros(1, np.float16)})
+    assert [t.offset for t in specs] == [0, 64, 128] and nbytes == 192
+    with pytest.raises(ValueError):
+        block_layout({"a": np.zeros(2, np.float64)})
+
+
+def test_bf16_mlx_tensors(tmp_path):
+    w16 = mx.random.normal((4, 8)).astype(mx.bfloat16)
+    with StoreWriter(tmp_path / "s") as w:
+        w.write_expert_file(0, 0, [{"w.scales": w16}, {"w.scales": w16 * 2}])
+        w.write_json("config.json", {})
+        w.finalize({})
+    with Store.open(tmp_path / "s") as s:
+        assert s.layout(0, 0)[0].dtype == "bfloat16"
+        got = mx.array(s.read_block(0, 0, 1)["w.scales"]).view(mx.bfloat16)
+        assert mx.array_equal(got, w16 * 2).item()
+
+
+def test_dense_calib_summary(built):
+    out, _ = built
+    with Store.open(out) as s:
+        files = s.dense_files()
+        assert [f.name for f in files] == ["dense-00001-of-00002.safetensors",
+                                           "dense-00002-of-00002.safetensors"]
+        idx = json.loads((out / "model.safetensors.index.json").read_text())
+        assert idx["weight_map"]["lm_head.weight"] == files[1].name
+        w = mx.load(str(files[0]))
+        assert w["model.norm.weight"].dtype == mx.bfloat16
+        assert s.calib_stats()["counts"].shape == (len(LAYERS), EXPERTS)
+        summ = s.summary()
+        assert set(summ["components"]) == set(range(COMPONENTS))
+        assert summ["level_bytes"][COMPONENTS - 1] == sum(
+            d["block_bytes"] for d in summ["components"].values())
+        assert (out / "tokenizer.json").read_text() == '{"tok": 1}'
+        assert json.loads((out / MANIFEST_NAME).read_text())["mwq"]["base_bits"] == 2
+
+
+# -- corruption ----------------------------------------------------------------
+def test_flipped_byte_in_expert_file(store):
+    out, _ = store
+    with Store.open(out) as s:
+        path, off = s.expert_file(3, 2), 3 * s.block_stride(3, 2) + 70
+    flip_byte(path, off)
+    with Store.open(out) as s:
+        s.read_block(3, 2, 2)  # other experts are fine
+        with pytest.raises(StoreError, match=r"L003\.c2\.bin.*expert 3"):
+            s.read_block(3, 2, 3)
+        with pytest.raises(StoreError, match="expert 3"):
+            s.read_expert_stack(3, 2)
+        s.read_block(3, 2, 3, verify=False)
+        problems = s.verify()
+    assert len(problems) == 1 and "L003.c2.bin" in problems[0] and "expert 3" in problems[0]
+
+
+def test_nonzero_padding_reported(store):
+    out, _ = store
+    with Store.open(out) as s:
+        path, off = s.expert_file(1, 0), s.block_stride(1, 0) - 1
+    flip_byte(path, off)
+    with Store.open(out) as s:
+        s.read_block(1, 0, 0)
+        assert any("padding" in p for p in s.verify())
+
+
+def test_flipped_byte_in_dense_shard(store):
+    out, _ = store
+    shard = out / "dense-00002-of-00002.safetensors"
+    flip_byte(shard, shard.stat().st_size - 3)
+    with Store.open(out) as s:
+        problems = s.verify()
+    assert len(problems) == 1 and shard.name in problems[0]
+
+
+def test_truncated_expert_file(store):
+    out, _ = store
+    path = out / expert_file_name(1, 1)
+    os.truncate(path, path.stat().st_size - BLOCK_ALIGN)
+    with pytest.raises(StoreError, match=r"L001\.c1\.bin: truncated"):
+        Store.open(out)
+
+
+def test_missing_plane_file(store):
+    out, _ = store
+    os.remove(out / expert_file_name(3, 2))
+    with pytest.raises(StoreError, match=r"L003\.c2\.bin: file is missing"):
+        Store.open(out)
+
+
+def test_missing_dense_shard_and_manifest(store):
+    out, _ = store
+    os.remove(out / "dense-00001-of-00002.safetensors")
+    with pytest.raises(StoreError, match="dense-00001-of-00002.safetensors: file is missing"):
+        Store.open(out)
+    os.remove(out / MANIFEST_NAME)
+    with pytest.raises(StoreError, match="d2moe.json: missing manifest.*d2moe convert"):
+        Store.open(out)
+
+
+def test_newer_version_refused(store):
+    out, _ = store
+    edit_manifest(out, lambda m: m.update(version=FORMAT_VERSION + 1))
+    with pytest.raises(StoreError) as ei:
+        Store.open(out)
+    msg = str(ei.value)
+    assert MANIFEST_NAME in msg and f"version {FORMAT_VERSION + 1}" in msg
+    assert f"supported version {FORMAT_VERSION}" in msg and "upgrade d2moe-mlx" in msg
+
+
+@pytest.mark.parametrize("text", ['{"format": "d2moe-mwq", "version": 1', "[1, 2]", "",
+                                  "[" * 100000, '{"format": "other", "version": 1}'],
+                         ids=["truncated", "list", "empty", "deep", "other-format"])
+def test_corrupted_manifest(store, text):
+    out, _ = store
+    (out / MANIFEST_NAME).write_text(text)
+    with pytest.raises(StoreError, match=MANIFEST_NAME):
+        Store.open(out)
+
+
+# -- hostile manifests -----------------------------------------------------------
+def _add_file(name, size=2, crc=0):
+    return lambda m: m["files"].update({name: {"size": size, "crc32": crc}})
+
+
+def test_path_traversal_refused(store, tmp_path):
+    out, _ = store
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    for name in ("../outside.json", str(outside), "a/../../outside.json", "./config.json",
+                 "experts//L001.c0.bin", "x\\..\\y", ""):
+        edit_manifest(out, _add_file(name))
+        with pytest.raises(StoreError, match="not a plain relative path"):
+            Store.open(out)
+        edit_manifest(out, lambda m: m["files"].pop(name))
+    Store.open(out).close()
+    # a symlink escaping the store, even with the right size and checksum
+    link = out / "evil.json"
+    link.symlink_to(outside)
+    edit_manifest(out, _add_file("evil.json", 2, zlib.crc32(b"{}")))
+    with pytest.raises(StoreError, match="outside the store"):
+        Store.open(out)
+
+
+def test_symlinked_expert_file_outside_refused(store, tmp_path):
+    out, _ = store
+    path = out / expert_file_name(1, 2)
+    moved = tmp_path / "moved.bin"
+    os.replace(path, moved)
+    path.symlink_to(moved)
+    with pytest.raises(StoreError, match="outside the store"):
+        Store.open(out)
+
+
+def _entry(m, i=0):
+    return m["experts"]["files"][i]
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda m: _entry(m)["tensors"][0].update(shape=[2**40, 2**40]), "bad shape|does not fit"),
+    (lambda m: _entry(m)["tensors"][0].update(shape=[-1, 4]), "bad shape"),
+    (lambda m: _entry(m)["tensors"][0].update(shape=[4] * 20), "bad shape"),
+    (lambda m: _entry(m)["tensors"][0].update(shape=[2**20, 2**20]), "does not fit"),
+    (lambda m: _entry(m)["tensors"][1].update(offset=2**62), "offset"),
+    (lambda m: _entry(m)["tensors"][1].update(offset=65), "offset"),
+    (lambda m: _entry(m)["tensors"][1].update(offset=0), "overlap"),
+    (lambda m: _entry(m)["tensors"][1].update(offset=True), "offset"),
+    (lambda m: _entry(m)["tensors"][0].update(dtype="object"), "dtype"),
+    (lambda m: _entry(m)["tensors"][0].update(name=_entry(m)["tensors"][1]["name"]), "duplicate"),
+    (lambda m: _entry(m).update(tensors=[]), "tensors"),
+    (lambda m: _entry(m).update(num_blocks=10**9), "out of range"),
+    (lambda m: _entry(m).update(num_blocks=EXPERTS + 1, crc32=[0] * (EXPERTS + 1)), "truncated"),
+    (lambda m: _entry(m).update(block_stride=BLOCK_ALIGN + 64), "multiple"),
+    (lambda m: _entry(m).update(block_stride=2**62), "out of range"),
+    (lambda m: _entry(m).update(block_bytes=_entry(m)["block_stride"] + 1), "block_bytes|multiple"),
+    (lambda m: _entry(m).update(block_bytes=64), "does not fit"),
+    (lambda m: _entry(m).update(file="../experts/L001.c0.bin"), "file must be"),
+    (lambda m: _entry(m).update(crc32=[0]), "crc32"),
+    (lambda m: _entry(m).update(layer="1"), "out of range"),
+    (lambda m: m["experts"]["files"].append(dict(_entry(m))), "listed twice"),
+    (lambda m: m["experts"]["files"].pop(1), "components"),
+    (lambda m: m["experts"].update(block_align=4096), "alignment"),
+    (lambda m: m["experts"].update(files={"a": 1}), "files"),
+    (lambda m: m.update(num_experts=EXPERTS + 1), "num_experts"),
+    (lambda m: m["files"]["config.json"].update(size=2**60), "size"),
+    (lambda m: m["files"]["config.json"].update(crc32=-1), "crc32"),
+    (lambda m: m.update(dense_files=["/etc/passwd"]), "dense_files"),
+    (lambda m: m.update(files=[]), "'files'"),
+])
+def test_absurd_manifest_refused_before_allocation(store, monkeypatch, mutate, match):
+    out, _ = store
+    edit_manifest(out, mutate)
+    allocs = []
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda *a, **k: allocs.append(a) or real_empty(*a, **k))
+    with pytest.raises(StoreError, match=match) as ei:
+        Store.open(out)
+    assert MANIFEST_NAME in str(ei.value) or "L001.c0.bin" in str(ei.value)
+    assert allocs == []
+
+
+# -- writer: atomicity, overwrite, validation -----------------------------------------
+def test_exception_inside_writer_leaves_nothing(tmp_path):
+    out = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="boom"):
+        with StoreWriter(out) as w:
+            w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}])
+            tmp = w.tmp_dir
+            raise RuntimeError("boom")
+    assert not out.exists() and not tmp.exists()
+    assert list(tmp_path.iterdir()) == []
+    with StoreWriter(out) as w:  # leaving the block without finalize() also aborts
+        w.write_json("config.json", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, numpy as np
+    from d2moe_mlx.store import StoreWriter
+    w = StoreWriter(sys.argv[1])
+    w.write_json("config.json", {})
+    w.write_expert_file(0, 0, [{"x": np.ones(4096, np.uint32)}] * 4)
+    print(w.tmp_dir, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_sigkill_mid_write_then_next_writer_cleans_up(tmp_path):
+    out = tmp_path / "store"
+    p = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(out)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        tmp = Path(p.stdout.readline().strip())
+        assert tmp.is_dir() and tmp.name.startswith("store.d2moe-tmp-")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not out.exists()
+    with pytest.raises(StoreError):
+        Store.open(tmp)  # even the temp dir has no manifest: nothing loads
+    write_store(out, seed=1)
+    assert not tmp.exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+    with Store.open(out) as s:
+        assert s.verify() == []
+
+
+def test_overwrite_semantics(tmp_path):
+    out = tmp_path / "store"
+    write_store(out, seed=0)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        StoreWriter(out)
+    blocks = write_store(out, seed=7, overwrite=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+    with Store.open(out) as s:
+        assert s.config["seed"] == 7
+        assert np.array_equal(s.read_block(1, 0, 0)["gate_proj.weight"],
+                              blocks[(1, 0)][0]["gate_proj.weight"])
+    # a failed overwrite leaves the old store intact
+    with pytest.raises(RuntimeError):
+        with StoreWriter(out, overwrite=True) as w:
+            raise RuntimeError("boom")
+    with Store.open(out) as s:
+        assert s.config["seed"] == 7 and s.verify() == []
+
+
+def test_writer_validation(tmp_path):
+    with StoreWriter(tmp_path / "s") as w:
+        with pytest.raises(ValueError, match="share one layout"):
+            w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}, {"x": np.zeros(5, np.uint32)}])
+        with pytest.raises(ValueError, match="share one layout"):
+            w.write_expert_file(0, 1, [{"x": np.zeros(4, np.uint32)}, {"x": np.zeros(4, np.float16)}])
+        with pytest.raises(ValueError, match="share one layout"):
+            w.write_expert_file(0, 2, [{"x": np.zeros(4, np.uint32)}, {"y": np.zeros(4, np.uint32)}])
+        with pytest.raises(ValueError, match="plain file name"):
+            w.copy_file(__file__, "../x")
+        with pytest.raises(ValueError, match="reserved"):
+            w.write_json(MANIFEST_NAME, {})
+        with pytest.raises(ValueError, match="config.json"):
+            w.finalize({})
+        w.write_json("config.json", {})
+        with pytest.raises(ValueError, match="set by StoreWriter"):
+            w.finalize({"files": {}})
+        w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}] * 2)
+        with pytest.raises(ValueError, match="twice"):
+            w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}] * 2)
+        w.write_expert_file(0, 2, [{"x": np.zeros(4, np.uint32)}] * 2)
+        with pytest.raises(ValueError, match="0..n-1"):
+            w.finalize({})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dtypes_table_has_no_object_types():
+    assert all(dt.kind in "uif" for dt in DTYPES.values())
