@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,9 +66,11 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(built, tmp_path):
+    """A private copy of the module's store, free to damage."""
     out = tmp_path / "store"
-    return out, write_store(out)
+    shutil.copytree(built[0], out)
+    return out, built[1]
 
 
 def edit_manifest(path, fn):
@@ -180,8 +183,10 @@ def test_dense_calib_summary(built):
     out, _ = built
     with Store.open(out) as s:
         files = s.dense_files()
-        assert [f.name for f in files] == ["dense-00001-of-00002.safetensors",
-                                           "dense-00002-of-00002.safetensors"]
+        assert [f.name for f in files] == ["model-00001-of-00002.safetensors",
+                                           "model-00002-of-00002.safetensors"]
+        # mlx-lm's load_model globs model*.safetensors: exactly the dense shards
+        assert sorted(out.glob("model*.safetensors")) == files
         idx = json.loads((out / "model.safetensors.index.json").read_text())
         assert idx["weight_map"]["lm_head.weight"] == files[1].name
         w = mx.load(str(files[0]))
@@ -224,7 +229,7 @@ def test_nonzero_padding_reported(store):
 
 def test_flipped_byte_in_dense_shard(store):
     out, _ = store
-    shard = out / "dense-00002-of-00002.safetensors"
+    shard = out / "model-00002-of-00002.safetensors"
     flip_byte(shard, shard.stat().st_size - 3)
     with Store.open(out) as s:
         problems = s.verify()
@@ -248,8 +253,8 @@ def test_missing_plane_file(store):
 
 def test_missing_dense_shard_and_manifest(store):
     out, _ = store
-    os.remove(out / "dense-00001-of-00002.safetensors")
-    with pytest.raises(StoreError, match="dense-00001-of-00002.safetensors: file is missing"):
+    os.remove(out / "model-00001-of-00002.safetensors")
+    with pytest.raises(StoreError, match="model-00001-of-00002.safetensors: file is missing"):
         Store.open(out)
     os.remove(out / MANIFEST_NAME)
     with pytest.raises(StoreError, match="d2moe.json: missing manifest.*d2moe convert"):

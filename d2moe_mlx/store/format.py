@@ -93,8 +93,12 @@ def expert_file_name(layer: int, component: int) -> str:
 
 
 def dense_shard_name(index: int, count: int) -> str:
-    """Final name of dense shard `index` (1-based) out of `count`."""
-    return f"dense-{index:05d}-of-{count:05d}.safetensors"
+    """Final name of dense shard `index` (1-based) out of `count`.
+
+    mlx-lm's naming, so `mlx_lm.utils.load_model(store)` (which globs
+    model*.safetensors) finds the dense weights.
+    """
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
 def round_up(n: int, align: int) -> int:

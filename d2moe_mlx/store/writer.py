@@ -93,7 +93,8 @@ def _check_name(name: str) -> str:
     if (not isinstance(name, str) or not name or "/" in name or "\\" in name
             or "\x00" in name or name in (".", "..") or len(name) > MAX_NAME_LEN):
         raise ValueError(f"{name!r} is not a plain file name")
-    if name == MANIFEST_NAME or name.startswith("dense-") or name == EXPERTS_DIR:
+    if (name in (MANIFEST_NAME, EXPERTS_DIR, DENSE_INDEX_NAME, CALIB_STATS_NAME)
+            or name.startswith(("dense-", "model-", "partial-"))):
         raise ValueError(f"{name!r} is reserved by the store format")
     return name
 
@@ -198,7 +199,7 @@ class StoreWriter:
             raise ValueError(f"dense weights written twice: {sorted(dup)[:5]}")
         arrays = {k: v if isinstance(v, mx.array) else mx.array(np.asarray(v))
                   for k, v in weights.items()}
-        partial = f"dense-partial-{len(self._shards):05d}.safetensors"
+        partial = f"partial-dense-{len(self._shards):05d}.safetensors"
         mx.save_safetensors(str(self._tmp / partial), arrays, metadata={"format": "mlx"})
         self._weight_names.update(arrays)
         self._shards.append((partial, sorted(arrays)))
