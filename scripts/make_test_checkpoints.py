@@ -1,0 +1,256 @@
+"""Tiny random Hugging Face MoE checkpoints, one per supported family.
+
+Built with transformers' own config and model classes and written with
+``save_pretrained`` (safetensors + config.json, float32), so they look like
+real hub checkpoints of that family, only small. Weights are re-drawn with
+larger spreads than transformers' init so that routing and logits are
+non-trivial.
+
+    python scripts/make_test_checkpoints.py mixtral /tmp/ckpt
+    python scripts/make_test_checkpoints.py --all /tmp/ckpts   # one dir per family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FAMILIES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "phimoe",
+)
+
+# Shared by every family: expert input dims (hidden 64, expert intermediate 128)
+# are multiples of the quantizer's group size 64.
+_COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# Rope theta deliberately different from every mlx-lm ModelArgs default, so a
+# config that is read without normalisation gives visibly different logits.
+_ROPE = {"rope_type": "default", "rope_theta": 25000.0}
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 128,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+
+FAMILY_CONFIGS: dict[str, dict] = {
+    "mixtral": dict(
+        intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        rope_parameters=_ROPE,
+    ),
+    "qwen2_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=192,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        qkv_bias=True,
+        rope_parameters=_ROPE,
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        head_dim=16,
+        rope_parameters=_ROPE,
+    ),
+    "olmoe": dict(
+        intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        rope_parameters=_ROPE,
+    ),
+    "deepseek_v2": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        topk_method="greedy",
+        routed_scaling_factor=1.0,
+        rope_parameters=_YARN,
+        **_MLA,
+    ),
+    "deepseek_v3": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        rope_parameters=_YARN,
+        **_MLA,
+    ),
+    "gpt_oss": dict(
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=6,
+        max_position_embeddings=131072,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+        },
+    ),
+    "granitemoe": dict(
+        intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        embedding_multiplier=2.0,
+        logits_scaling=4.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.0625,
+        rope_parameters=_ROPE,
+    ),
+    "phimoe": dict(
+        intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        attention_bias=True,
+        lm_head_bias=True,
+        router_jitter_noise=0.01,
+        rope_parameters=_ROPE,
+    ),
+}
+
+
+def make_config(family: str, **overrides):
+    """The transformers config object of the tiny ``family`` checkpoint."""
+    from transformers import AutoConfig
+
+    if family not in FAMILY_CONFIGS:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    kwargs = {**_COMMON, **FAMILY_CONFIGS[family], **overrides}
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Re-draw every parameter so activations and routing are far from uniform."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            leaf = name.rsplit(".", 1)[-1]
+            if "embed_tokens" in name:
+                std, mean = 1.0, 0.0
+            elif leaf in ("sinks", "e_score_correction_bias") or leaf.endswith("bias"):
+                std, mean = 0.1, 0.0
+            elif p.ndim == 1:  # norm weights
+                std, mean = 0.1, 1.0
+            elif any(r in name for r in (".gate.", ".router.", "shared_expert_gate")):
+                std, mean = 0.5, 0.0  # decisive, varied routing
+            else:
+                std, mean = 0.08, 0.0
+            p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
+
+
+def make_checkpoint(
+    family: str,
+    out_dir: Path,
+    seed: int = 0,
+    *,
+    max_shard_size: str | int | None = None,
+    fused_experts: bool = False,
+    **overrides,
+) -> Path:
+    """Write a tiny random float32 HF checkpoint of ``family`` to ``out_dir``.
+
+    ``overrides`` replace config fields. ``max_shard_size`` (e.g. "200KB") is
+    passed to ``save_pretrained`` to get a multi-shard checkpoint.
+    ``fused_experts=True`` saves transformers-5's in-memory expert layout
+    (``experts.gate_up_proj`` / ``experts.down_proj``) instead of the original
+    per-expert hub layout. Returns ``out_dir``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, seed)
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = {"safe_serialization": True, "save_original_format": not fused_experts}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out_dir, **kwargs)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("family", nargs="?", help=f"one of: {', '.join(FAMILIES)}")
+    p.add_argument("out", type=Path)
+    p.add_argument("--all", action="store_true", help="every family, in OUT/<family>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-size", default=None)
+    p.add_argument("--fused-experts", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="config override, e.g. --set num_hidden_layers=3")
+    args = p.parse_args(argv)
+    if args.all == bool(args.family):
+        p.error("give either FAMILY or --all")
+    overrides = {}
+    for item in args.set:
+        k, v = item.split("=", 1)
+        overrides[k] = json.loads(v)
+    families = FAMILIES if args.all else (args.family,)
+    for fam in families:
+        out = args.out / fam if args.all else args.out
+        make_checkpoint(fam, out, args.seed, max_shard_size=args.max_shard_size,
+                        fused_experts=args.fused_experts, **overrides)
+        print(f"{fam}: {out}")
+
+
+if __name__ == "__main__":
+    main()
