@@ -55,7 +55,7 @@ def write_store(out, seed=0, overwrite=False, dense=True, calib=True):
         w.copy_file(w.tmp_dir / "src_tok.json", "tokenizer.json")
         os.remove(w.tmp_dir / "src_tok.json")
         w.finalize({"model_type": "toy", "num_experts": EXPERTS, "moe_layers": list(LAYERS),
-                    "mwq": {"base_bits": 2, "group_size": 32, "residual_bits": [1, 1]}})
+                    "mwq": {"base_bits": 2, "plane_bits": [1, 1], "group_size": 32}})
     return blocks
 
 
