@@ -1,0 +1,145 @@
+"""transformers (float32) vs mlx-lm (float32) logits on tiny random checkpoints
+of every supported family, through our config/weight normalisation."""
+
+import copy
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from make_test_checkpoints import FAMILIES
+
+from d2moe_mlx.convert.hf_config import (
+    SUPPORTED_FAMILIES,
+    build_model,
+    check_supported,
+    load_config,
+    load_hf_weights,
+    load_mlx_reference,
+    normalize_config,
+    normalize_weights,
+)
+
+TOKENS = [5, 17, 200, 33, 64, 99, 3, 150, 250, 7, 88, 120, 42, 11, 230, 71]
+ATOL = 1e-4  # max abs logit difference, float32 both sides (observed <= 1.2e-6)
+
+
+def hf_logits(hf_dir) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return model.eval()(torch.tensor([TOKENS])).logits[0].numpy()
+
+
+def mlx_logits(model) -> np.ndarray:
+    return np.array(model(mx.array([TOKENS]))[0])
+
+
+def test_families_match():
+    assert tuple(FAMILIES) == SUPPORTED_FAMILIES
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["hub-layout", "fused-layout"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(hf_checkpoint, family, fused):
+    ckpt = hf_checkpoint(family, fused_experts=fused)
+    ref = hf_logits(ckpt)
+    model, _ = load_mlx_reference(ckpt)
+    out = mlx_logits(model)
+    assert ref.std() > 0.1 and np.abs(ref[1:] - ref[:-1]).max() > 0.1  # non-trivial logits
+    diff = np.abs(out - ref).max()
+    assert diff <= ATOL, f"{family}: max abs logit diff {diff:.3g}"
+
+
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("mixtral", dict(max_shard_size="100KB")),  # multi-shard checkpoint
+        ("phimoe", dict(attention_bias=False, lm_head_bias=False)),  # zero biases filled in
+    ],
+    ids=["mixtral-sharded", "phimoe-nobias"],
+)
+def test_logits_match_transformers_variants(hf_checkpoint, family, kw):
+    ckpt = hf_checkpoint(family, **kw)
+    model, _ = load_mlx_reference(ckpt)
+    diff = np.abs(mlx_logits(model) - hf_logits(ckpt)).max()
+    assert diff <= ATOL, f"{family} {kw}: max abs logit diff {diff:.3g}"
+
+
+def test_normalisation_matters(hf_checkpoint):
+    """Read raw, transformers-5 configs are silently wrong (olmoe) or unreadable (qwen3_moe)."""
+    from mlx_lm.utils import _get_classes
+
+    ckpt = hf_checkpoint("olmoe")
+    raw = load_config(ckpt)
+    model_class, args_class = _get_classes(raw)
+    model = model_class(args_class.from_dict(raw))  # rope_theta falls back to mlx-lm's default
+    weights = model.sanitize(normalize_weights("olmoe", raw, load_hf_weights(ckpt)))
+    model.load_weights(list(weights.items()), strict=True)
+    diff = np.abs(mlx_logits(model) - hf_logits(ckpt)).max()
+    assert diff > 1e-2, f"raw olmoe config unexpectedly matches ({diff:.3g})"
+
+    raw = load_config(hf_checkpoint("qwen3_moe"))
+    assert "num_experts" not in raw and "rope_theta" not in raw
+    with pytest.raises(TypeError):
+        _get_classes(raw)[1].from_dict(raw)
+
+
+def test_normalize_config_pure_and_idempotent(hf_checkpoint):
+    for family in FAMILIES:
+        raw = load_config(hf_checkpoint(family))
+        before = copy.deepcopy(raw)
+        cfg = normalize_config(raw)
+        assert raw == before
+        assert normalize_config(cfg) == cfg
+        assert cfg["rope_theta"] == raw["rope_parameters"]["rope_theta"]
+
+
+def _layer_of(key: str):
+    m = re.match(r"model\.layers\.(\d+)\.", key)
+    return int(m.group(1)) if m else None
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["hub-layout", "fused-layout"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_normalize_weights_per_layer(hf_checkpoint, family, fused):
+    """Layer by layer (+ the non-layer tensors) == the whole checkpoint at once,
+    and each layer's result passes mlx-lm's sanitize into the model's shapes."""
+    ckpt = hf_checkpoint(family, fused_experts=fused)
+    raw = load_config(ckpt)
+    weights = load_hf_weights(ckpt)
+    whole = normalize_weights(family, raw, weights)
+    parts: dict = {}
+    for layer in sorted({_layer_of(k) for k in weights}, key=lambda x: -1 if x is None else x):
+        subset = {k: v for k, v in weights.items() if _layer_of(k) == layer}
+        out = normalize_weights(family, raw, subset)
+        assert not set(out) & set(parts)
+        parts.update(out)
+    assert set(parts) == set(whole)
+    for k in whole:
+        assert mx.array_equal(parts[k], whole[k]), k
+
+    model, _ = build_model(raw)
+    model.load_weights(list(model.sanitize(parts).items()), strict=True)
+
+
+def test_normalize_weights_needs_whole_layers(hf_checkpoint):
+    weights = load_hf_weights(hf_checkpoint("mixtral"))
+    subset = {k: v for k, v in weights.items() if ".layers.1." in k and ".experts.7." not in k}
+    with pytest.raises(ValueError, match="experts"):
+        normalize_weights("mixtral", load_config(hf_checkpoint("mixtral")), subset)
+
+
+def test_check_supported():
+    assert check_supported({"model_type": "qwen3_moe"}) == "qwen3_moe"
+    with pytest.raises(ValueError) as e:
+        check_supported({"model_type": "llama"})
+    msg = str(e.value)
+    assert "'llama'" in msg and "SwitchGLU" in msg and all(f in msg for f in SUPPORTED_FAMILIES)
+    for remote in ({"auto_map": {"AutoModelForCausalLM": "m.M"}}, {"model_file": "m.py"}):
+        with pytest.raises(ValueError, match="remote code"):
+            check_supported({"model_type": "mixtral", **remote})
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        check_supported({"model_type": "qwen2_moe", "norm_topk_prob": True})
