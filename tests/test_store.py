@@ -455,3 +455,64 @@ def test_writer_validation(tmp_path):
 
 def test_dtypes_table_has_no_object_types():
     assert all(dt.kind in "uif" for dt in DTYPES.values())
+
+
+def test_concurrent_reads_and_readahead_hint(built, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from d2moe_mlx.store import reader
+
+    out, blocks = built
+    calls = []
+    real = reader._disable_readahead
+    monkeypatch.setattr(reader, "_disable_readahead", lambda fd: calls.append(fd) or real(fd))
+    with Store.open(out) as s:
+        keys = [(l, c, e) for (l, c) in blocks for e in range(EXPERTS)] * 4
+
+        def one(k):
+            got = s.read_block(*k)
+            return all(np.array_equal(got[n], v) for n, v in blocks[k[:2]][k[2]].items())
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(one, keys))
+        assert len(calls) == len(blocks)  # one descriptor per expert file, opened once
+
+
+def test_file_truncated_after_open(store):
+    out, _ = store
+    with Store.open(out) as s:
+        path = s.expert_file(1, 0)
+        os.truncate(path, path.stat().st_size - BLOCK_ALIGN + 10)
+        with pytest.raises(StoreError, match=r"L001\.c0\.bin: truncated"):
+            s.read_block(1, 0, EXPERTS - 1)
+        buf = np.empty(s.block_bytes(1, 0), np.uint8)
+        with pytest.raises(StoreError, match="truncated"):
+            s.read_block_into(1, 0, EXPERTS - 1, buf)
+        s.read_block(1, 0, 0)
+
+
+def test_store_without_calib_or_dense(tmp_path):
+    with StoreWriter(tmp_path / "s") as w:
+        w.write_expert_file(2, 0, [{"x": np.arange(4, dtype=np.uint32)}])
+        w.write_json("config.json", {"a": 1})
+        w.finalize({"num_experts": 1})
+    with Store.open(tmp_path / "s") as s:
+        assert s.calib_stats() is None and s.dense_files() == []
+        assert s.moe_layers == [2] and s.num_experts == 1 and s.verify() == []
+        assert s.read_block(2, 0, 0)["x"].tolist() == [0, 1, 2, 3]
+        with pytest.raises(KeyError):
+            s.num_components(0)
+
+
+def test_clean_stale_tmp_keeps_live_writers(tmp_path):
+    from d2moe_mlx.store import clean_stale_tmp
+
+    out = tmp_path / "store"
+    live = tmp_path / f"store.d2moe-tmp-{os.getppid()}-aaaa"
+    dead = tmp_path / "store.d2moe-tmp-2147483600-bbbb"
+    old = tmp_path / "store.d2moe-old-2147483600-cccc"
+    other = tmp_path / "other.d2moe-tmp-2147483600-dddd"
+    for d in (live, dead, old, other):
+        d.mkdir()
+    assert sorted(clean_stale_tmp(out)) == sorted([dead, old])
+    assert live.exists() and other.exists() and not dead.exists() and not old.exists()
