@@ -4,7 +4,7 @@ Built with transformers' own config and model classes and written with
 ``save_pretrained`` (safetensors + config.json, float32), so they look like
 real hub checkpoints of that family, only small. Weights are re-drawn with
 larger spreads than transformers' init so that routing and logits are
-non-trivial.
+non-trivial. A 256-token byte-level tokenizer is written alongside.
 
     python scripts/make_test_checkpoints.py mixtral /tmp/ckpt
     python scripts/make_test_checkpoints.py --all /tmp/ckpts   # one dir per family
@@ -193,6 +193,31 @@ def randomize_(model, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's printable stand-in for each byte (what ByteLevel BPE vocabularies use).
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_byte_tokenizer(out_dir: Path) -> None:
+    """A 256-token byte-level tokenizer (token id = byte value, no merges);
+    bos/eos/pad are bytes 1/2/0, matching the configs' token ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    b2u = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=b2u[1], eos_token=b2u[2], pad_token=b2u[0])
+    fast.save_pretrained(out_dir)
+
+
 def make_checkpoint(
     family: str,
     out_dir: Path,
@@ -200,6 +225,7 @@ def make_checkpoint(
     *,
     max_shard_size: str | int | None = None,
     fused_experts: bool = False,
+    tokenizer: bool = True,
     **overrides,
 ) -> Path:
     """Write a tiny random float32 HF checkpoint of ``family`` to ``out_dir``.
@@ -208,7 +234,8 @@ def make_checkpoint(
     passed to ``save_pretrained`` to get a multi-shard checkpoint.
     ``fused_experts=True`` saves transformers-5's in-memory expert layout
     (``experts.gate_up_proj`` / ``experts.down_proj``) instead of the original
-    per-expert hub layout. Returns ``out_dir``.
+    per-expert hub layout. ``tokenizer`` adds a byte-level tokenizer (when the
+    vocabulary has >= 256 ids). Returns ``out_dir``.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -224,6 +251,8 @@ def make_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
+    if tokenizer and config.vocab_size >= 256:
+        write_byte_tokenizer(out_dir)
     return out_dir
 
 
@@ -235,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default=None)
     p.add_argument("--fused-experts", action="store_true")
+    p.add_argument("--no-tokenizer", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="config override, e.g. --set num_hidden_layers=3")
     args = p.parse_args(argv)
@@ -248,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     for fam in families:
         out = args.out / fam if args.all else args.out
         make_checkpoint(fam, out, args.seed, max_shard_size=args.max_shard_size,
-                        fused_experts=args.fused_experts, **overrides)
+                        fused_experts=args.fused_experts, tokenizer=not args.no_tokenizer, **overrides)
         print(f"{fam}: {out}")
 
 

@@ -143,3 +143,12 @@ def test_check_supported():
             check_supported({"model_type": "mixtral", **remote})
     with pytest.raises(ValueError, match="norm_topk_prob"):
         check_supported({"model_type": "qwen2_moe", "norm_topk_prob": True})
+
+
+def test_checkpoint_tokenizer(hf_checkpoint):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(hf_checkpoint("qwen3_moe"))
+    ids = tok.encode("Hi, wörld")
+    assert ids == list("Hi, wörld".encode()) and tok.decode(ids) == "Hi, wörld"
+    assert tok.eos_token_ids == {load_config(hf_checkpoint("qwen3_moe"))["eos_token_id"]}
