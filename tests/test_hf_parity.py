@@ -58,8 +58,17 @@ def test_logits_match_transformers(hf_checkpoint, family, fused):
     [
         ("mixtral", dict(max_shard_size="100KB")),  # multi-shard checkpoint
         ("phimoe", dict(attention_bias=False, lm_head_bias=False)),  # zero biases filled in
+        # mlx-lm's deepseek_v2 needs rope_scaling even for plain rope
+        ("deepseek_v2", dict(rope_parameters={"rope_type": "default", "rope_theta": 25000.0})),
+        # longrope keys + top-level original_max_position_embeddings. Factors are
+        # equal because mlx-lm always uses long_factor while transformers 5.23
+        # always uses short_factor (its mscale does switch at the original length).
+        ("phimoe", dict(rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
+            "short_factor": [1 + 0.1 * i for i in range(8)], "long_factor": [1 + 0.1 * i for i in range(8)],
+            "short_mscale": 1.1, "long_mscale": 1.3})),
     ],
-    ids=["mixtral-sharded", "phimoe-nobias"],
+    ids=["mixtral-sharded", "phimoe-nobias", "deepseek_v2-plain-rope", "phimoe-longrope"],
 )
 def test_logits_match_transformers_variants(hf_checkpoint, family, kw):
     ckpt = hf_checkpoint(family, **kw)
