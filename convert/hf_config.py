@@ -276,9 +276,15 @@ def load_config(hf_dir: str | Path) -> dict:
         return json.load(f)
 
 
-def _fix_untruncated_yarn(model, cfg: dict) -> None:
-    """mlx-lm's yarn ropes always round the correction range; HF honours
-    ``truncate: false`` (gpt-oss sets it). Recompute their frequencies."""
+def apply_mlx_lm_fixes(model, config: dict) -> None:
+    """Post-build fixes so an mlx-lm model matches transformers (in place).
+
+    Call on any model built from mlx-lm's classes (``build_model`` does).
+    Raw or normalised config. Today: mlx-lm's yarn ropes always round the
+    correction range, transformers honours ``truncate: false`` (gpt-oss sets
+    it; 7e-4 logit error at 16 tokens, growing with position).
+    """
+    cfg = normalize_config(config)
     rs = cfg.get("rope_scaling") or {}
     if rs.get("rope_type", rs.get("type")) != "yarn" or rs.get("truncate", True):
         return
@@ -316,7 +322,7 @@ def build_model(config: dict):
     cfg = normalize_config(config)
     model_class, args_class = _get_classes(cfg)
     model = model_class(args_class.from_dict(cfg))
-    _fix_untruncated_yarn(model, cfg)
+    apply_mlx_lm_fixes(model, cfg)
     return model, cfg
 
 

@@ -11,6 +11,7 @@ from make_test_checkpoints import FAMILIES
 
 from d2moe_mlx.convert.hf_config import (
     SUPPORTED_FAMILIES,
+    apply_mlx_lm_fixes,
     build_model,
     check_supported,
     load_config,
@@ -94,6 +95,25 @@ def test_normalisation_matters(hf_checkpoint):
     assert "num_experts" not in raw and "rope_theta" not in raw
     with pytest.raises(TypeError):
         _get_classes(raw)[1].from_dict(raw)
+
+
+def test_untruncated_yarn_fix_matters(hf_checkpoint):
+    """gpt-oss sets yarn ``truncate: false``; mlx-lm's rope ignores it unless
+    ``apply_mlx_lm_fixes`` runs (build_model / load_mlx_reference do)."""
+    from mlx_lm.utils import _get_classes
+
+    ckpt = hf_checkpoint("gpt_oss")
+    raw = load_config(ckpt)
+    assert raw["rope_parameters"]["truncate"] is False
+    cfg = normalize_config(raw)
+    model_class, args_class = _get_classes(cfg)
+    model = model_class(args_class.from_dict(cfg))
+    model.load_weights(list(model.sanitize(normalize_weights("gpt_oss", raw, load_hf_weights(ckpt))).items()))
+    ref = hf_logits(ckpt)
+    unfixed = np.abs(mlx_logits(model) - ref).max()
+    apply_mlx_lm_fixes(model, raw)
+    fixed = np.abs(mlx_logits(model) - ref).max()
+    assert unfixed > 1e-4 and fixed <= ATOL, (unfixed, fixed)
 
 
 def test_normalize_config_pure_and_idempotent(hf_checkpoint):
