@@ -348,6 +348,8 @@ def _entry(m, i=0):
     (lambda m: m["files"]["config.json"].update(size=2**60), "size"),
     (lambda m: m["files"]["config.json"].update(crc32=-1), "crc32"),
     (lambda m: m.update(dense_files=["/etc/passwd"]), "dense_files"),
+    (lambda m: m.update(dense_files=[["x"]]), "dense_files"),
+    (lambda m: m.update(dense_files="config.json"), "dense_files"),
     (lambda m: m.update(files=[]), "'files'"),
 ])
 def test_absurd_manifest_refused_before_allocation(store, monkeypatch, mutate, match):

@@ -1,0 +1,343 @@
+"""``d2moe convert``: stream a Hugging Face MoE checkpoint into an MWQ expert store.
+
+Data path, one decoder layer at a time (peak memory ~ one layer's experts):
+read the layer's tensors (lazy ``mx.load``) -> normalise + mlx-lm ``sanitize``
+-> run the layer on the calibration hidden states, recording each expert's
+inputs -> MWQ-quantise every expert with its own Hessian -> write one expert
+file per component -> quantise the layer's dense weights with mlx-lm's own
+quantisation -> write a dense shard -> drop the layer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from d2moe_mlx import __version__, mwq
+from d2moe_mlx.load import DTYPES
+from d2moe_mlx.memory import peak_rss_bytes
+from d2moe_mlx.moe import layer_of, projection_names, switch_modules
+from d2moe_mlx.store.writer import StoreWriter
+
+from . import calibrate, source
+from .hf_config import build_model, normalize_weights
+
+DENSE_BITS = (0, 2, 3, 4, 5, 6, 8)
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion did."""
+
+    path: Path
+    seconds: float
+    peak_rss: int
+    expert_bytes: int
+    dense_bytes: int
+    layers: int
+    calibration: str
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    spec: mwq.MWQSpec | None = None,
+    method: str | None = None,
+    dense_bits: int = 8,
+    dense_group_size: int = 64,
+    dtype: str | None = None,
+    calib_text: str | None = None,
+    calib_tokens: int = 2048,
+    seq_len: int = 256,
+    overwrite: bool = False,
+    revision: str | None = None,
+    progress: Callable[[int, int], object] | None = None,
+    workers: int | None = None,
+) -> ConvertReport:
+    """Convert the checkpoint at ``src`` (local dir or hub id) into a store at ``out``.
+
+    ``spec`` sets the MWQ levels (default ``mwq.DEFAULT_SPEC``); ``dense_bits``
+    quantises the non-expert weights with mlx-lm's affine quantisation (0 keeps
+    them in ``dtype``). ``progress(done, total)`` is called after each layer.
+    """
+    start = time.perf_counter()
+    spec = spec or mwq.DEFAULT_SPEC
+    if dense_bits not in DENSE_BITS:
+        raise ValueError(f"--dense-bits must be one of {DENSE_BITS} (0 = not quantized), got {dense_bits}")
+    path = source.resolve_source(src, revision=revision)
+    hf_config = source.read_config(path)
+    model, config = build_model(hf_config)  # mlx-lm's model, lazy random init, never evaluated
+    store_dtype = _store_dtype(dtype, config)
+    weights = source.open_weights(path)
+    switches = {layer_of(p): p for p, _ in switch_modules(model)}
+    if not switches:
+        raise source.SourceError(
+            f"model type {config['model_type']!r} has no mlx-lm SwitchGLU experts; d2moe converts MoE models only"
+        )
+    num_experts = _check_dims(model, switches, spec)
+    layers = calibrate.decoder_layers(model)
+    by_layer, rest = source.split_by_layer(weights)
+    expected = set(range(len(layers)))
+    if set(by_layer) != expected:
+        raise source.SourceError(
+            f"{path}: checkpoint has tensors for layers {sorted(by_layer)[:8]}..., "
+            f"the config describes {len(layers)} layers"
+        )
+
+    quantization = {"group_size": dense_group_size, "bits": dense_bits, "mode": "affine"} if dense_bits else None
+    with StoreWriter(out, overwrite=overwrite) as writer:
+        # Embeddings, final norm and head: needed first for the calibration inputs.
+        _load_subset(model, config, {n: weights[n] for n in rest}, prefix=None)
+        model.set_dtype(mx.float32)
+        tokens, calib_note = calibrate.calibration_tokens(
+            path, calib_text, calib_tokens, seq_len, config["vocab_size"]
+        )
+        h, calls = calibrate.layer_calls(model, tokens)
+        _quantize_dense(model, quantization, lambda p: layer_of(p) is None, config)
+        writer.write_dense_shard(_dense_params(model, store_dtype))
+
+        stats: dict[str, np.ndarray] = {}
+        shapes: dict[str, list[int]] = {}
+        for l in range(len(layers)):
+            names = by_layer[l]
+            _load_subset(model, config, {n: weights[n] for n in names}, prefix=f"model.layers.{l}")
+            layer = layers[l]
+            layer.set_dtype(mx.float32)
+            sw_path = switches.get(l)
+            h_next, seen = calibrate.run_layer(model, l, h, calls[l], [sw_path] if sw_path else [])
+            if sw_path:
+                x, idx = seen[sw_path]
+                x = np.array(x.reshape(-1, x.shape[-1]).astype(mx.float32))
+                idx = np.array(idx.reshape(-1, idx.shape[-1]))
+                switch = calibrate._get_module(model, sw_path)
+                scores = calibrate.router_scores(model, sw_path, mx.array(x), config)
+                for k, v in calibrate.layer_statistics(idx, scores, num_experts).items():
+                    stats[f"layer{l}.{k}"] = v
+                shapes = _write_experts(writer, l, switch, x, idx, spec, method, workers)
+                _replace_with_empty(switch)
+            layer_path = f"model.layers.{l}"
+            _quantize_dense(model, quantization, lambda p, li=l: layer_of(p) == li, config)
+            writer.write_dense_shard(_dense_params(layer, store_dtype, prefix=layer_path))
+            layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
+            h = h_next
+            if progress:
+                progress(l + 1, len(layers))
+
+        writer.write_calib_stats(stats)
+        out_config = dict(config)
+        out_config.pop("quantization_config", None)
+        if quantization:
+            out_config["quantization"] = quantization
+        writer.write_json("config.json", out_config)
+        for name in source.TOKENIZER_FILES:
+            if (path / name).is_file():
+                writer.copy_file(path / name, name)
+        manifest = {
+            "model_type": config["model_type"],
+            "converter": f"d2moe-mlx {__version__}",
+            "source": str(src),
+            "mwq": spec.to_dict(),
+            "num_experts": num_experts,
+            "switch_modules": {str(l): p for l, p in sorted(switches.items())},
+            "projections": shapes,
+            "dense": {"bits": dense_bits, "group_size": dense_group_size, "dtype": _dtype_name(store_dtype)},
+            "calibration": {"tokens": int(tokens.size), "seq_len": int(tokens.shape[1]), "source": calib_note},
+        }
+        store_path = writer.finalize(manifest)
+    sizes = _store_sizes(store_path)
+    return ConvertReport(
+        path=store_path,
+        seconds=time.perf_counter() - start,
+        peak_rss=peak_rss_bytes(),
+        expert_bytes=sizes[0],
+        dense_bytes=sizes[1],
+        layers=len(layers),
+        calibration=calib_note,
+    )
+
+
+def _store_dtype(dtype: str | None, config: dict) -> mx.Dtype:
+    name = dtype or config.get("torch_dtype") or config.get("dtype") or "float16"
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def _check_dims(model: nn.Module, switches: dict[int, str], spec: mwq.MWQSpec) -> int:
+    """Every expert projection's input width must split into MWQ groups; returns the expert count."""
+    counts = set()
+    for path in switches.values():
+        switch = calibrate._get_module(model, path)
+        for name in projection_names(switch):
+            e, _, in_dims = getattr(switch, name).weight.shape
+            counts.add(e)
+            if in_dims % spec.group_size:
+                raise ValueError(
+                    f"{path}.{name} has input width {in_dims}, not a multiple of the MWQ group size "
+                    f"{spec.group_size}; pass --group-size 32 (or a divisor of {in_dims})"
+                )
+    if len(counts) != 1:
+        raise source.SourceError(f"MoE layers have different expert counts {sorted(counts)}; not supported")
+    return counts.pop()
+
+
+def _load_subset(model: nn.Module, config: dict, subset: dict[str, mx.array], prefix: str | None) -> None:
+    """Normalise + sanitize one layer's (or the top-level) tensors and load them into ``model``.
+
+    mlx-lm's ``sanitize`` functions look for layer 0's keys to decide whether
+    to restack experts, so a layer's tensors are renamed to layer 0 for the
+    call and back afterwards.
+    """
+    model_type = config["model_type"]
+    if prefix is not None:
+        layer0 = "model.layers.0"
+        subset = {layer0 + k[len(prefix):]: v for k, v in subset.items()}
+    subset = normalize_weights(model_type, config, subset)
+    if hasattr(model, "sanitize"):
+        subset = model.sanitize(dict(subset))
+    if prefix is not None:
+        subset = {(prefix + k[len(layer0):] if k.startswith(layer0 + ".") else k): v for k, v in subset.items()}
+    params = dict(tree_flatten(model.parameters()))
+    if prefix is None:
+        wanted = {k for k in params if layer_of(k) is None}
+    else:
+        wanted = {k for k in params if k.startswith(prefix + ".")}
+    extra = sorted(set(subset) - set(params))
+    missing = sorted(wanted - set(subset))
+    if extra or missing:
+        where = prefix or "the non-layer weights"
+        raise source.SourceError(
+            f"checkpoint tensors for {where} do not match the {model_type} architecture: "
+            f"missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for k, v in subset.items():
+        if v.shape != params[k].shape:
+            raise source.SourceError(f"tensor {k} has shape {v.shape}, the config implies {params[k].shape}")
+    model.load_weights(list(subset.items()), strict=False)
+
+
+def _quantize_dense(model: nn.Module, quantization: dict | None, select: Callable[[str], bool], config: dict) -> None:
+    """Quantise the selected dense modules with mlx-lm's own rules (model.quant_predicate)."""
+    if not quantization:
+        return
+    group_size = quantization["group_size"]
+    family_predicate = getattr(model, "quant_predicate", None)
+
+    def predicate(path, module):
+        if not select(path) or not hasattr(module, "to_quantized") or isinstance(module, SwitchLinear):
+            return False
+        if module.weight.shape[-1] % group_size:
+            return False
+        decision = family_predicate(path, module) if family_predicate else True
+        if isinstance(decision, dict):
+            quantization[path] = decision
+        return decision
+
+    nn.quantize(model, group_size, quantization["bits"], mode="affine", class_predicate=predicate)
+
+
+def _dense_params(module: nn.Module, dtype: mx.Dtype, prefix: str | None = None) -> dict[str, mx.array]:
+    """The module's parameters (float ones cast to ``dtype``), named as in the whole model."""
+    out = {}
+    for name, value in tree_flatten(module.parameters()):
+        if value.size == 0:
+            continue  # emptied expert stacks and dropped layers
+        full = f"{prefix}.{name}" if prefix else name
+        if prefix is None and layer_of(full) is not None:
+            continue
+        if mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        out[full] = value
+    return out
+
+
+def _replace_with_empty(switch: nn.Module) -> None:
+    """Free a switch module's full-precision expert stacks once they are quantised."""
+    for name in projection_names(switch):
+        proj = getattr(switch, name)
+        for key in ("weight", "bias"):
+            if key in proj:
+                proj[key] = mx.zeros((0,), dtype=proj[key].dtype)
+
+
+def _expert_inputs(switch: nn.Module, x: np.ndarray, rows: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Per projection, each expert's calibration input rows (the down projection sees the activation)."""
+    names = projection_names(switch)
+    first, last = names[:-1], names[-1]
+    inputs = {n: [x[r] for r in rows] for n in first}
+    acts = []
+    for e, r in enumerate(rows):
+        xe = mx.array(x[r])
+        outs = []
+        for n in first:
+            proj = getattr(switch, n)
+            y = xe @ proj.weight[e].astype(mx.float32).T
+            if "bias" in proj:
+                y = y + proj.bias[e].astype(mx.float32)
+            outs.append(y)
+        acts.append(np.array(switch.activation(*outs[::-1]) if len(outs) == 2 else switch.activation(outs[0])))
+    inputs[last] = acts
+    return inputs
+
+
+def _write_experts(
+    writer: StoreWriter,
+    layer: int,
+    switch: nn.Module,
+    x: np.ndarray,
+    indices: np.ndarray,
+    spec: mwq.MWQSpec,
+    method: str | None,
+    workers: int | None,
+) -> dict[str, dict]:
+    """MWQ-quantise every expert of one switch module and write one file per component."""
+    names = projection_names(switch)
+    num_experts = getattr(switch, names[0]).weight.shape[0]
+    rows = calibrate.expert_rows(indices, num_experts)
+    inputs = _expert_inputs(switch, x, rows)
+    hessians = {n: calibrate.shrunk_hessians(inputs[n]) for n in names}
+    kwargs = {"method": method} if method else {}
+    stacks = {n: np.array(getattr(switch, n).weight.astype(mx.float32)) for n in names}
+    biases = {
+        n: np.array(getattr(switch, n).bias.astype(mx.float32)) for n in names if "bias" in getattr(switch, n)
+    }
+
+    def quantize_expert(e: int) -> list[dict[str, np.ndarray]]:
+        blocks = [dict() for _ in range(spec.num_levels)]
+        for n in names:
+            comps = mwq.quantize_mwq(stacks[n][e], spec, hessians[n][e], **kwargs)
+            for c, comp in enumerate(comps):
+                for key, value in mwq.pack_component(comp).items():
+                    blocks[c][f"{n}.{key}"] = value
+            if n in biases:
+                blocks[0][f"{n}.bias"] = biases[n][e].astype(np.float32)
+        return blocks
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        per_expert = list(pool.map(quantize_expert, range(num_experts)))
+    for c in range(spec.num_levels):
+        writer.write_expert_file(layer, c, [blocks[c] for blocks in per_expert])
+    return {
+        n: {"shape": list(stacks[n].shape[1:]), "bias": n in biases} for n in names
+    }
+
+
+def _store_sizes(path: Path) -> tuple[int, int]:
+    experts = sum(f.stat().st_size for f in (path / "experts").glob("*"))
+    dense = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return experts, dense

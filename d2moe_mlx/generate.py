@@ -1,0 +1,65 @@
+"""Text generation: mlx-lm's own generation loop over a d2moe model.
+
+``generate`` and ``stream_generate`` take the same arguments as mlx-lm's
+(sampler, logits processors, prompt cache, ...). ``format_prompt`` applies the
+tokenizer's chat template when it has one.
+"""
+
+from __future__ import annotations
+
+from typing import Generator, List, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import stream_generate as _mlx_stream_generate
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: Union[str, mx.array, List[int]],
+    max_tokens: int = 256,
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Yield a :class:`mlx_lm.generate.GenerationResponse` per generated token (mlx-lm's signature)."""
+    yield from _mlx_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: Union[str, List[int]],
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate a complete response (mlx-lm's signature); ``verbose`` prints tokens and speed."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print(format_stats(response))
+    return text
+
+
+def format_prompt(tokenizer: TokenizerWrapper, messages: list[dict] | str, use_chat_template: bool = True) -> str:
+    """Apply the tokenizer's chat template to ``messages`` (a string is one user message)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
+def format_stats(response: GenerationResponse) -> str:
+    """One line: prompt and generation speed, and MLX's peak memory."""
+    return (
+        f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
+        f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
+        f"peak memory: {response.peak_memory:.3f} GB"
+    )

@@ -1,0 +1,149 @@
+"""Load a d2moe store as an mlx-lm model whose experts run from MWQ components.
+
+mlx-lm builds the model (its own code, config and sanitize) and loads the
+dense weights; before any weight is loaded we replace the expert projections
+of every switch module with :class:`~d2moe_mlx.moe.MWQSwitchLinear`, so the
+full-precision expert stacks are never materialised.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import _get_classes, load_tokenizer
+from mlx_lm.utils import load_model as mlx_load_model
+
+from . import mwq
+from .convert.hf_config import apply_mlx_lm_fixes
+from .moe import MWQSwitchLinear, layer_of, projection_names, switch_modules
+from .store.format import MANIFEST_NAME, StoreError
+from .store.reader import Store
+
+# Files that make a tokenizer loadable (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def load(
+    path: str | os.PathLike,
+    tokenizer_config: dict[str, Any] | None = None,
+    *,
+    level: int | None = None,
+    dtype: str | None = None,
+    return_config: bool = False,
+):
+    """Load the store at ``path``; returns ``(model, tokenizer)`` like ``mlx_lm.load``.
+
+    ``level`` picks the MWQ level every expert computes at (0 = base only;
+    default: the highest). ``dtype`` overrides the activation dtype (e.g.
+    ``"float32"``; default: the dtype the store was converted with). The
+    model works with mlx-lm's own ``generate`` and ``stream_generate``.
+    """
+    model, config = load_model(path, level=level, dtype=dtype)
+    store_path = Path(path).expanduser()
+    if not any((store_path / name).exists() for name in TOKENIZER_FILES):
+        raise StoreError(
+            f"{store_path} has no tokenizer files (its source checkpoint had none); "
+            "use d2moe_mlx.load_model(path) for the model alone"
+        )
+    tokenizer = load_tokenizer(store_path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    if return_config:
+        return model, tokenizer, config
+    return model, tokenizer
+
+
+def load_model(
+    path: str | os.PathLike, *, level: int | None = None, dtype: str | None = None
+) -> tuple[nn.Module, dict]:
+    """Build the mlx-lm model of the store at ``path`` with MWQ experts; returns ``(model, config)``."""
+    store = open_store(path)
+    spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+    level = spec.num_levels - 1 if level is None else level
+    if not 0 <= level < spec.num_levels:
+        raise ValueError(
+            f"level {level} does not exist in {store.path}: it has levels 0..{spec.num_levels - 1} "
+            f"({', '.join(f'{spec.level_bits(i)} bits' for i in range(spec.num_levels))})"
+        )
+    act_dtype = _dtype(dtype or store.manifest["dense"]["dtype"])
+
+    def get_classes(config: dict):
+        model_class, args_class = _get_classes(config)
+
+        def build(args):
+            model = model_class(args)
+            apply_mlx_lm_fixes(model, config)
+            install_experts(model, store, spec, level, act_dtype)
+            return model
+
+        return build, args_class
+
+    with store:
+        model, config = mlx_load_model(store.path, lazy=False, strict=True, get_model_classes=get_classes)
+    if dtype is not None:
+        model.set_dtype(act_dtype, lambda t: mx.issubdtype(t, mx.floating))
+    model.eval()
+    return model, config
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a store, with a hint when ``path`` is a plain Hugging Face checkpoint."""
+    path = Path(path).expanduser()
+    if path.is_dir() and not (path / MANIFEST_NAME).exists() and (path / "config.json").exists():
+        raise StoreError(
+            f"{path} is a Hugging Face checkpoint, not a d2moe store (no {MANIFEST_NAME}); "
+            f"convert it first: d2moe convert {path} -o STORE"
+        )
+    return Store.open(path)
+
+
+def install_experts(model: nn.Module, store: Store, spec: mwq.MWQSpec, level: int, dtype: mx.Dtype) -> None:
+    """Replace each switch module's projections by MWQ layers read from ``store`` (levels 0..level)."""
+    expected = store.manifest["switch_modules"]
+    found = {str(layer_of(p)): (p, m) for p, m in switch_modules(model)}
+    if sorted(found) != sorted(expected) or any(found[k][0] != expected[k] for k in expected):
+        raise StoreError(
+            f"{store.path / MANIFEST_NAME}: expert modules {sorted(expected.values())[:3]}... do not match "
+            f"the {store.manifest['model_type']} model built from config.json; re-run d2moe convert"
+        )
+    for key, (path, switch) in sorted(found.items(), key=lambda kv: int(kv[0])):
+        layer = int(key)
+        stacks = [store.read_expert_stack(layer, c) for c in range(level + 1)]
+        for name in projection_names(switch):
+            old = getattr(switch, name)
+            comps = []
+            for c, stack in enumerate(stacks):
+                packed = {k.split(".", 1)[1]: v for k, v in stack.items() if k.startswith(name + ".")}
+                packed.pop("bias", None)
+                bits = spec.base_bits if c == 0 else spec.plane_bits[c - 1]
+                comps.append(mwq.component_to_mlx(packed, bits, dtype))
+            bias = stacks[0].get(f"{name}.bias")
+            bias = mx.array(bias).astype(dtype) if bias is not None else None
+            new = MWQSwitchLinear(comps, spec.group_size, old.weight.shape[-1], bias=bias)
+            _check_shapes(store, path, name, old, new)
+            mx.eval(list(new.arrays()))
+            setattr(switch, name, new)
+        del stacks
+
+
+def _check_shapes(store: Store, path: str, name: str, old: nn.Module, new: MWQSwitchLinear) -> None:
+    want = tuple(old.weight.shape[:2])
+    got = (new.num_experts, new.output_dims)
+    if want != got:
+        raise StoreError(
+            f"{store.path}: {path}.{name} holds {got[0]} experts x {got[1]} outputs, "
+            f"the model's config needs {want[0]} x {want[1]}; the store does not belong to this config"
+        )
+
+
+def _dtype(name: str) -> mx.Dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+__all__ = ["load", "load_model", "open_store", "install_experts", "TokenizerWrapper"]
