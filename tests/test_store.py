@@ -518,3 +518,42 @@ def test_clean_stale_tmp_keeps_live_writers(tmp_path):
         d.mkdir()
     assert sorted(clean_stale_tmp(out)) == sorted([dead, old])
     assert live.exists() and other.exists() and not dead.exists() and not old.exists()
+
+
+def test_fuzzed_manifests_raise_only_store_error(store):
+    """Random type/value mutations of a valid manifest: StoreError or a clean open, nothing else."""
+    import random
+
+    out, _ = store
+    base = json.loads((out / MANIFEST_NAME).read_text())
+    values = [None, True, -1, 0, 1, 2**70, 1.5, "x", "../x", "float16", [], {}, [1], [[1]],
+              {"a": 1}, "config.json", "experts/L001.c0.bin", BLOCK_ALIGN, "\x00"]
+
+    def paths(o, pre=()):
+        if pre:
+            yield pre
+        items = o.items() if isinstance(o, dict) else enumerate(o[:3]) if isinstance(o, list) else ()
+        for k, v in items:
+            yield from paths(v, pre + (k,))
+
+    all_paths = list(paths(base))
+    rng = random.Random(0)
+    for _ in range(400):
+        m = json.loads(json.dumps(base))
+        for _ in range(rng.randint(1, 3)):
+            *parents, key = rng.choice(all_paths)
+            o = m
+            try:
+                for k in parents:
+                    o = o[k]
+                if isinstance(o, dict) and rng.random() < 0.2:
+                    del o[key]
+                else:
+                    o[key] = rng.choice(values)
+            except (KeyError, IndexError, TypeError):
+                pass  # an earlier mutation changed the structure
+        (out / MANIFEST_NAME).write_text(json.dumps(m))
+        try:
+            Store.open(out).close()
+        except StoreError:
+            pass

@@ -130,9 +130,9 @@ class Store:
             if not (isinstance(info, dict) and _int(info.get("size"), 0, 1 << 50)
                     and _int(info.get("crc32"), 0, 0xFFFFFFFF)):
                 raise bad(f"file entry {name!r} needs integer 'size' and 'crc32'")
-            cls._stat(p, info["size"], exact=True)
+            cls._stat(p, info["size"])
         dense = m.get("dense_files", [])
-        if not isinstance(dense, list) or any(d not in files for d in dense):
+        if not isinstance(dense, list) or not all(isinstance(d, str) and d in files for d in dense):
             raise bad("'dense_files' must list files of the 'files' section")
         if F.CONFIG_NAME not in files:
             raise bad(f"{F.CONFIG_NAME} is not listed in 'files'")
@@ -158,7 +158,7 @@ class Store:
         return p
 
     @staticmethod
-    def _stat(p: Path, size: int, exact: bool) -> None:
+    def _stat(p: Path, size: int) -> None:
         try:
             st = os.stat(p)
         except FileNotFoundError:
@@ -190,7 +190,7 @@ class Store:
                 raise bad(f"expert file entry {i} is not an object")
             layer, comp, nb = e.get("layer"), e.get("component"), e.get("num_blocks")
             bb, stride = e.get("block_bytes"), e.get("block_stride")
-            if not (_int(layer, 0, F.MAX_LAYERS) and _int(comp, 0, F.MAX_COMPONENTS - 1)
+            if not (_int(layer, 0, F.MAX_LAYERS - 1) and _int(comp, 0, F.MAX_COMPONENTS - 1)
                     and _int(nb, 1, F.MAX_EXPERTS) and _int(bb, 0, F.MAX_BLOCK_BYTES)
                     and _int(stride, F.BLOCK_ALIGN, F.MAX_BLOCK_BYTES)):
                 raise bad(f"expert file entry {i}: layer/component/num_blocks/block_bytes/"
@@ -210,7 +210,7 @@ class Store:
                 raise bad(f"{where}: 'crc32' must list {nb} unsigned 32-bit integers")
             specs = cls._validate_layout(e.get("tensors"), bb, where, bad)
             p = cls._safe(root, e["file"], mpath)
-            cls._stat(p, nb * stride, exact=True)
+            cls._stat(p, nb * stride)
             entries[(layer, comp)] = {**e, "specs": specs, "path": p}
         layers = {k[0] for k in entries}
         for layer in layers:
@@ -237,7 +237,7 @@ class Store:
             name, dt, shape, off = t.get("name"), t.get("dtype"), t.get("shape"), t.get("offset")
             if not isinstance(name, str) or not name or len(name) > F.MAX_NAME_LEN or name in names:
                 raise bad(f"{where}: bad or duplicate tensor name {name!r}")
-            if dt not in F.DTYPES:
+            if not isinstance(dt, str) or dt not in F.DTYPES:
                 raise bad(f"{where}: tensor {name!r} has dtype {dt!r}, allowed {sorted(F.DTYPES)}")
             if not (isinstance(shape, list) and len(shape) <= F.MAX_NDIM
                     and all(_int(d, 0, F.MAX_BLOCK_BYTES) for d in shape)):
