@@ -124,7 +124,14 @@ def test_read_block_into_numpy_and_mlx_buffer(built):
         with pytest.raises(ValueError):
             s.read_block_into(3, 1, 0, np.zeros(bb - 1, np.uint8))
         with pytest.raises(ValueError):
-            s.read_block_into(3, 1, 0, np.zeros(bb, np.float32))
+            s.read_block_into(3, 1, 0, np.zeros(2 * bb, np.uint8)[::2])
+        ro = np.zeros(bb, np.uint8)
+        ro.flags.writeable = False
+        with pytest.raises(ValueError):
+            s.read_block_into(3, 1, 0, ro)
+        words = np.zeros((2, (bb + 7) // 8), np.uint32)  # any dtype/shape, bytes in order
+        s.read_block_into(3, 1, 2, words)
+        assert np.array_equal(words.reshape(-1).view(np.uint8)[:bb], ref)
         with pytest.raises(IndexError):
             s.read_block(3, 1, EXPERTS)
         with pytest.raises(KeyError):

@@ -325,13 +325,14 @@ class Store:
 
     def read_block_into(self, layer: int, component: int, expert: int, out: np.ndarray,
                         verify: bool = True) -> None:
-        """Read one block (block_bytes) into out[:block_bytes], a writable uint8 buffer."""
+        """Read one block into the first block_bytes bytes of `out`, a writable
+        C-contiguous array (e.g. np.asarray of an evaluated MLX uint8 slot: zero copy)."""
         e, off = self._locate(layer, component, expert)
         bb = e["block_bytes"]
-        if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 1
-                and out.flags.c_contiguous and out.flags.writeable and out.size >= bb):
-            raise ValueError(f"out must be a writable contiguous 1-D uint8 array of >= {bb} bytes")
-        dst = out[:bb]
+        if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
+                and out.flags.writeable and out.nbytes >= bb):
+            raise ValueError(f"out must be a writable C-contiguous numpy array of >= {bb} bytes")
+        dst = out.reshape(-1).view(np.uint8)[:bb]
         _preadv_full(self._fd((layer, component)), [memoryview(dst)], off, e["path"])
         if verify:
             self._check_crc(e, int(expert), off, zlib.crc32(dst))
