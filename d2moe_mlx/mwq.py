@@ -24,7 +24,7 @@ from .packing import component_to_mlx, pack_component, unpack_component  # noqa:
 
 MLX_BITS = (2, 3, 4, 5, 6, 8)  # affine widths mx.quantize / gather_qmm support
 GROUP_SIZES = (32, 64, 128)
-METHODS = ("rtn", "ls", "gptq")
+METHODS = ("rtn", "greedy", "nested", "ls", "gptq")
 DEFAULT_METHOD = "ls"
 _DAMP = 0.01  # hessian dampening, fraction of the mean diagonal (as GPTQ)
 _SHRINK = (1.0, 0.9, 0.8, 0.7)  # range-clipping candidates for the affine init
@@ -175,12 +175,12 @@ def _codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, bits: int) -> np.ndarray
     return np.clip(q, 0, 2**bits - 1)
 
 
-def _affine_fit(w: np.ndarray, hb: np.ndarray | None, bits: int, method: str):
+def _affine_fit(w: np.ndarray, hb: np.ndarray | None, bits: int, method: str, init=None):
     """Per-group affine quantizer of w [out, G, gs] -> (codes, s, z) (float32)."""
     qmax = 2**bits - 1
     lo, hi = w.min(-1), w.max(-1)
-    best = None
-    for shrink in _SHRINK if method != "rtn" else (1.0,):
+    best = None if init is None else _keep_best(None, init, w, hb)
+    for shrink in _SHRINK if method != "rtn" else (1.0,):  # "greedy"/"ls": search
         mid, half = (hi + lo) / 2, (hi - lo) / 2 * shrink
         s = _f16((2 * half) / qmax)
         z = _f16(mid - half)
@@ -318,9 +318,13 @@ def quantize_mwq(
 ) -> list[Component]:
     """Quantize ``w`` [out, in] into ``spec.num_levels`` components.
 
-    method: "rtn" (min/max, no fit), "ls" (output-aware least-squares fit of
-    scales/biases per group, with range search; default), "gptq" ("ls" planes
-    on a GPTQ-compensated base; needs a hessian, ~10x slower).
+    method: "rtn" (min/max grid, no fit); "greedy" (each component in turn gets
+    the least-squares (scale, bias) fit with range search on the residual);
+    "nested" (one fitted grid at the top level, sliced: each level is the top-b
+    bits of that code, binary planes are sign(R) with half the cell width);
+    "ls" (default: per group, whichever of greedy / nested has the smaller
+    product of level errors); "gptq" (every component GPTQ-compensated; needs a
+    hessian, ~10x slower).  Errors are output errors with a hessian.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: use one of {METHODS}")
@@ -332,28 +336,64 @@ def quantize_mwq(
         hessian = None  # all-zero hessian: weight error only
     wg = w.reshape(out, n // gs, gs)
 
-    hinv = _gptq_hinv(hessian) if method == "gptq" and hb is not None else None
-    comps, recon = [], np.zeros_like(wg)
-    for bits in (spec.base_bits, *spec.plane_bits):
-        r = wg - recon
-        if hinv is not None:
-            q, s, z = _gptq(r.reshape(out, n), hinv, hb, bits, gs)
-        elif bits == 1:
-            q, s = _binary_fit(r, hb)
-            z = np.zeros_like(s)
-        else:
-            q, s, z = _affine_fit(r, hb, bits, method)
-        if comps and hinv is None:  # a plane must never make its group worse
-            worse = _err(r - (s[..., None] * q + z[..., None]), hb) > _err(r, hb)
-            s, z = np.where(worse, 0.0, s), np.where(worse, 0.0, z)
-            if bits != 1:
-                q = np.where(worse[..., None], 0.0, q)
-        recon = recon + (s[..., None] * q + z[..., None])
+    if method == "ls" and spec.plane_bits:  # per group, greedy or nested, by all levels
+        ga, ea = _fit_levels(wg, spec, hb, None, "greedy")
+        gb, eb = _fit_levels(wg, spec, hb, None, "nested")
+        take = (np.log(eb + 1e-30) - np.log(ea + 1e-30)).sum(0) < 0  # [out, G]
+        fits = [tuple(np.where(take[..., None] if x.ndim == 3 else take, y, x)
+                      for x, y in zip(fa, fb)) for fa, fb in zip(ga, gb)]
+    else:
+        hinv = _gptq_hinv(hessian) if method == "gptq" and hb is not None else None
+        fits, _ = _fit_levels(wg, spec, hb, hinv, method)
+    comps = []
+    for bits, (q, s, z) in zip((spec.base_bits, *spec.plane_bits), fits):
         if bits == 1:
             comps.append(_component(1, (q + 1) / 2, s, None, out, n))
         else:
             comps.append(_component(bits, q, s, z, out, n))
     return comps
+
+
+def _fit_levels(wg, spec: MWQSpec, hb, hinv, method: str):
+    """All components as (codes, s, z) [out, G, gs] / [out, G] (binary codes ±1),
+    and each level's weighted error [levels, out, G]."""
+    out, g, gs = wg.shape
+    nested = method in ("nested", "nested-ls")
+    if nested:  # one fitted grid at the top level, sliced into components
+        top = spec.level_bits(spec.num_levels - 1)
+        _, st, zt = _affine_fit(wg, hb, top, "ls")
+    fits, errs, recon, rem = [], [], np.zeros_like(wg), None
+    for j, bits in enumerate((spec.base_bits, *spec.plane_bits)):
+        r = wg - recon
+        if nested:
+            prev, rem = rem, top - spec.level_bits(j)
+            s = _f16(st * 2.0**rem)
+            if j == 0:
+                z = _f16(zt + st * (2.0**rem - 1) / 2)
+            else:
+                z = _f16(st * (2.0**rem - 2.0**prev) / 2)
+            if bits == 1:
+                q, s, z = np.where(r >= 0, 1.0, -1.0), _f16(st * 2.0 ** (rem - 1)), 0 * s
+            else:
+                q = _codes(r, s, z, bits)
+        elif hinv is not None:
+            q, s, z = _gptq(r.reshape(out, g * gs), hinv, hb, bits, gs)
+        elif bits == 1:
+            q, s = _binary_fit(r, hb)
+            z = np.zeros_like(s)
+        else:
+            q, s, z = _affine_fit(r, hb, bits, method)
+        e = _err(r - (s[..., None] * q + z[..., None]), hb)
+        if fits and hinv is None:  # a plane must never make its group worse
+            e0 = _err(r, hb)
+            worse = e > e0
+            s, z, e = np.where(worse, 0.0, s), np.where(worse, 0.0, z), np.where(worse, e0, e)
+            if bits != 1:
+                q = np.where(worse[..., None], 0.0, q)
+        recon = recon + (s[..., None] * q + z[..., None])
+        fits.append((q, s, z))
+        errs.append(e)
+    return fits, np.stack(errs)
 
 
 def _component(bits, q, s, z, out, n) -> Component:
