@@ -98,7 +98,8 @@ def convert(
     quantization = {"group_size": dense_group_size, "bits": dense_bits, "mode": "affine"} if dense_bits else None
     with StoreWriter(out, overwrite=overwrite) as writer:
         # Embeddings, final norm and head: needed first for the calibration inputs.
-        _load_subset(model, config, {n: weights[n] for n in rest}, prefix=None)
+        # Tensors are popped as they are used: an evaluated lazy array keeps its data.
+        _load_subset(model, config, {n: weights.pop(n) for n in rest}, prefix=None)
         model.set_dtype(mx.float32)
         tokens, calib_note = calibrate.calibration_tokens(
             path, calib_text, calib_tokens, seq_len, config["vocab_size"]
@@ -111,7 +112,7 @@ def convert(
         shapes: dict[str, list[int]] = {}
         for l in range(len(layers)):
             names = by_layer[l]
-            _load_subset(model, config, {n: weights[n] for n in names}, prefix=f"model.layers.{l}")
+            _load_subset(model, config, {n: weights.pop(n) for n in names}, prefix=f"model.layers.{l}")
             layer = layers[l]
             layer.set_dtype(mx.float32)
             sw_path = switches.get(l)
@@ -131,6 +132,7 @@ def convert(
             writer.write_dense_shard(_dense_params(layer, store_dtype, prefix=layer_path))
             layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
             h = h_next
+            mx.clear_cache()  # hand freed buffers back so peak memory stays at one layer
             if progress:
                 progress(l + 1, len(layers))
 

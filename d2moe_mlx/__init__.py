@@ -2,11 +2,24 @@
 
 The Python API mirrors mlx-lm: ``model, tokenizer = load(store)``, then
 ``generate`` / ``stream_generate`` (mlx-lm's own functions accept the model too).
+They are imported on first use: importing mlx-lm (and transformers) takes seconds.
 """
 
 __version__ = "0.1.0"
 
-from .generate import generate, stream_generate  # noqa: E402
-from .load import load, load_model  # noqa: E402
+_LAZY = {
+    "load": ".load",
+    "load_model": ".load",
+    "generate": ".generate",
+    "stream_generate": ".generate",
+}
 
-__all__ = ["__version__", "load", "load_model", "generate", "stream_generate"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'd2moe_mlx' has no attribute {name!r}")

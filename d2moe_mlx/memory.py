@@ -33,6 +33,18 @@ def format_bytes(n: float) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (ru_maxrss; KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set size so far.
+
+    On Linux this is VmHWM of /proc/self/status: ``ru_maxrss`` there also counts
+    the parent's memory at the time of fork+exec, so a small child of a big
+    parent would report the parent's size. Elsewhere ``ru_maxrss`` (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
