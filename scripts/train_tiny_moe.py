@@ -5,8 +5,9 @@ Two steps, each a subcommand:
   prepare  (here, CPU)  train the byte-level BPE tokenizer on .train/train.txt
                         (from scripts/build_corpus.py), write it to --out, and
                         pre-tokenize train/valid/heldout into uint16 .npy in .train/.
-  train    (GPU)        train transformers' Qwen3MoeForCausalLM with the router aux
-                        loss, time-limited, keeping the best weights by valid loss;
+  train    (GPU)        train transformers' Qwen3MoeForCausalLM with a per-layer
+                        load-balancing loss, time-limited, keeping the best weights
+                        by valid loss;
                         writes model.safetensors (bf16, per-expert hub layout),
                         config.json, generation_config.json and loss.json to --out;
                         copy the first three into d2moe_mlx/assets/tiny-moe/.
@@ -14,7 +15,8 @@ Two steps, each a subcommand:
 Example:
   python scripts/build_corpus.py
   python scripts/train_tiny_moe.py prepare
-  python scripts/train_tiny_moe.py train --out $OUT --minutes 8     # on the GPU
+  python scripts/train_tiny_moe.py train --out /tmp/a --aux-coef 0.05   # on the GPU
+  python scripts/train_tiny_moe.py select /tmp/a /tmp/b ...           # pick one run
 """
 
 import argparse
@@ -40,7 +42,7 @@ ARCH = dict(
     num_key_value_heads=2, head_dim=32, intermediate_size=512, moe_intermediate_size=128,
     num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1,
     mlp_only_layers=[], max_position_embeddings=1024, rope_theta=10000.0,
-    rms_norm_eps=1e-6, tie_word_embeddings=True, router_aux_loss_coef=0.01,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, router_aux_loss_coef=0.0,
     bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_act="silu",
     attention_bias=False, use_sliding_window=False,
 )
@@ -130,11 +132,11 @@ def unfuse_state_dict(sd: dict, cfg: dict) -> dict:
     return out
 
 
-def write_checkpoint(model, out: Path):
+def write_checkpoint(model, out: Path, aux_coef: float):
     """Save bf16 safetensors in the hub layout plus a config mlx-lm reads as is."""
     from safetensors.torch import save_file
 
-    cfg = dict(ARCH)
+    cfg = dict(ARCH, router_aux_loss_coef=aux_coef)
     sd = unfuse_state_dict(model.state_dict(), cfg)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
@@ -148,6 +150,24 @@ def write_checkpoint(model, out: Path):
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
+def layer_balance_loss(router_logits, k: int):
+    """Switch-style load-balancing loss per layer (1.0 when balanced), mean over layers.
+
+    transformers' own aux loss pools all layers' router logits, so it lets each layer
+    starve experts as long as another layer uses them; this one balances each layer.
+    """
+    import torch
+
+    losses = []
+    for g in router_logits:
+        p = torch.softmax(g.float(), dim=-1)  # [tokens, E]
+        E = p.shape[-1]
+        f = torch.zeros(E, device=p.device).scatter_add_(
+            0, p.topk(k, dim=-1).indices.reshape(-1), torch.ones(p.shape[0] * k, device=p.device))
+        losses.append(E * ((f / f.sum()) * p.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def train(args):
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -157,7 +177,8 @@ def train(args):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen3MoeConfig(**ARCH, output_router_logits=True)
+    # the model's own (layer-pooled) aux loss is off: layer_balance_loss replaces it
+    cfg = Qwen3MoeConfig(**{**ARCH, "router_aux_loss_coef": 0.0}, output_router_logits=True)
     model = Qwen3MoeForCausalLM(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params} (expected {param_counts()['total']}) device {dev}")
@@ -185,17 +206,25 @@ def train(args):
         x = data[split]
         n = min(max_windows, (x.numel() - 1) // T)
         tot, cnt = 0.0, 0
+        counts = torch.zeros(ARCH["num_hidden_layers"], ARCH["num_experts"], device=dev)
         for i in range(0, n, 32):
             idx = torch.arange(i, min(n, i + 32), device=dev)[:, None] * T
             win = x[idx + torch.arange(T + 1, device=dev)]
             with torch.autocast(dev, dtype=torch.bfloat16):
-                logits = model(input_ids=win[:, :-1], output_router_logits=False).logits
+                o = model(input_ids=win[:, :-1], output_router_logits=True)
+            logits = o.logits
             ce = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1), reduction="sum")
             tot += ce.item()
             cnt += win[:, 1:].numel()
+            for l, g in enumerate(o.router_logits):
+                top = g.float().topk(ARCH["num_experts_per_tok"], dim=-1).indices.reshape(-1)
+                counts[l] += torch.bincount(top, minlength=ARCH["num_experts"])
         model.train()
-        return tot / cnt
+        share = (counts / counts.sum(1, keepdim=True) * ARCH["num_experts"]).cpu()
+        util = {"share_min": round(float(share.min()), 4), "share_max": round(float(share.max()), 4),
+                "starved": int((share < 0.25).sum())}  # experts under 1/4 of a fair share
+        return tot / cnt, util
 
     log = {"args": vars(args), "params": n_params, "train_tokens_available": n_train,
            "steps_per_epoch": steps_per_epoch, "curve": []}
@@ -210,21 +239,22 @@ def train(args):
             g["lr"] = lr_at(step)
         with torch.autocast(dev, dtype=torch.bfloat16):  # HF shifts the labels itself
             o = model(input_ids=win, labels=win)
-        loss = o.loss
+            aux = layer_balance_loss(o.router_logits, ARCH["num_experts_per_tok"])
+        loss = o.loss + args.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         if step % args.log_every == 0 or step == 1:
-            aux = o.aux_loss.item() if o.aux_loss is not None else float("nan")
             rec = {"step": step, "tokens": step * B * T, "time_s": round(time.time() - t0, 1),
-                   "lr": lr_at(step), "loss": loss.item(), "aux_loss": aux,
-                   "ce": loss.item() - ARCH["router_aux_loss_coef"] * aux}
+                   "lr": lr_at(step), "loss": loss.item(), "aux_loss": aux.item(),
+                   "ce": o.loss.item()}
             if step % args.eval_every == 0:
-                rec["valid_ce"] = evaluate("valid")
+                rec["valid_ce"], rec["valid_util"] = evaluate("valid")
                 if rec["valid_ce"] < best - 1e-4:
                     best, bad = rec["valid_ce"], 0
+                    log["best_step"], log["best_util"] = step, rec["valid_util"]
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     rec["best"] = True
                 else:
@@ -242,11 +272,20 @@ def train(args):
     log["wall_s"] = round(time.time() - t0, 1)
     model.to(torch.bfloat16)  # what ships
     model.float()
-    log["heldout_ce_bf16_weights"] = evaluate("heldout", max_windows=10_000)
+    log["heldout_ce_bf16_weights"], log["heldout_util"] = evaluate("heldout", max_windows=args.heldout_windows)
     log["heldout_ppl_bf16_weights"] = math.exp(log["heldout_ce_bf16_weights"])
-    write_checkpoint(model, out)
+    write_checkpoint(model, out, args.aux_coef)
     (out / "loss.json").write_text(json.dumps(log, indent=1) + "\n")
     print(json.dumps({k: v for k, v in log.items() if k != "curve"}, indent=1))
+
+
+def select(args):
+    """Print the run dir with the lowest best valid loss among runs without starved
+    experts at their best step (else the fewest starved)."""
+    logs = {d: json.loads((Path(d) / "loss.json").read_text()) for d in args.runs}
+    best = min(logs, key=lambda d: (logs[d].get("best_util", {}).get("starved", 99),
+                                    logs[d]["best_valid_ce"]))
+    print(best)
 
 
 def main():
@@ -257,18 +296,22 @@ def main():
     t = sub.add_parser("train")
     t.add_argument("--out", required=True)
     t.add_argument("--minutes", type=float, default=8.0)
-    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--seq", type=int, default=512)
     t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--wd", type=float, default=0.1)
+    t.add_argument("--wd", type=float, default=0.3)
     t.add_argument("--warmup", type=int, default=200)
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--patience", type=int, default=6)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--heldout-windows", type=int, default=10_000)
+    t.add_argument("--aux-coef", type=float, default=0.05, help="layer_balance_loss weight")
+    c = sub.add_parser("select")
+    c.add_argument("runs", nargs="+")
     args = ap.parse_args()
-    {"prepare": prepare, "train": train}[args.cmd](args)
+    {"prepare": prepare, "train": train, "select": select}[args.cmd](args)
 
 
 if __name__ == "__main__":
