@@ -101,19 +101,21 @@ def binary_to_2bit(words: np.ndarray) -> np.ndarray:
 
 
 def component_to_mlx(
-    packed: dict[str, np.ndarray], bits: int, dtype=mx.float32
+    packed: dict[str, np.ndarray], bits: int, dtype=mx.float32, *, native_1bit: bool = False
 ) -> tuple[mx.array, mx.array, mx.array, int]:
     """(weight, scales, biases, bits) for ``mx.gather_qmm`` / ``mx.quantized_matmul``
     (transpose=True).  Leading batch dims ([E, out, words]) pass through.  A binary
-    plane becomes MLX 2-bit: code b keeps b, scale 2s, bias -s (exact in float16)."""
+    plane becomes MLX 2-bit: code b keeps b, scale 2s, bias -s (exact in float16).
+    ``native_1bit``: keep it 1-bit (MLX's 1-bit layout is ours; half the memory;
+    checked on the CPU backend of mlx 0.32.4 only)."""
     w = np.asarray(packed["weight"])
     s = np.asarray(packed["scales"]).astype(np.float32)
     if bits == 1:
         return (
-            mx.array(binary_to_2bit(w)),
+            mx.array(w.astype(np.uint32) if native_1bit else binary_to_2bit(w)),
             mx.array(2 * s).astype(dtype),
             mx.array(-s).astype(dtype),
-            2,
+            1 if native_1bit else 2,
         )
     return (
         mx.array(w.astype(np.uint32)),

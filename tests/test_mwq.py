@@ -187,6 +187,14 @@ def test_component_to_mlx_matmul(bits):
     y = np.array(y)[:, :, 0, :]
     ref = np.einsum("tn,tkon->tko", x, dense[idx])
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    if bits == 1:  # MLX's own 1-bit format, same packed words
+        w1, s1, b1, one = component_to_mlx(stacked, 1, native_1bit=True)
+        assert one == 1 and w1.shape == (E, out, n // 32)
+        y1 = mx.gather_qmm(
+            mx.array(x)[:, None, None, :], w1, s1, b1, rhs_indices=mx.array(idx),
+            transpose=True, group_size=gs, bits=1,
+        )
+        assert np.abs(np.array(y1)[:, :, 0, :] - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_spec_parse_and_validation():
