@@ -45,7 +45,9 @@ def calibration_tokens(
 
         tokenizer = load_tokenizer(source)
         text = text if text is not None else default_calibration_text()
-        ids = [i for i in tokenizer.encode(text) if 0 <= i < vocab_size]
+        # Paragraph by paragraph: the tokenizer warns about texts longer than the model's context.
+        ids = [i for part in text.split("\n\n") if part.strip() for i in tokenizer.encode(part + "\n\n")]
+        ids = [i for i in ids if 0 <= i < vocab_size]
         note = f"{len(ids)} tokens of text"
     if len(ids) < batch * seq_len:
         rng = np.random.default_rng(seed)

@@ -1,0 +1,278 @@
+"""The ``d2moe`` command line: convert, generate, chat, inspect, trace, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _device_dtype(dtype: str | None) -> str | None:
+    """float32 activations on the CPU backend (its quantized matmul is lossy in fp16/bf16)."""
+    import mlx.core as mx
+
+    if dtype is None and mx.default_device() == mx.cpu:
+        return "float32"
+    return dtype
+
+
+def _load(store: str, level: int | None, dtype: str | None):
+    from .load import load
+    from .store.format import StoreError
+
+    try:
+        return load(store, level=level, dtype=_device_dtype(dtype))
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def _sampler(temp: float, top_p: float):
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=temp, top_p=top_p)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="d2moe")
+def main() -> None:
+    """Run Mixture-of-Experts LLMs larger than memory on MLX.
+
+    Convert a Hugging Face MoE checkpoint into a nested-bit (MWQ) expert store
+    with `d2moe convert`, then `d2moe chat STORE` or `d2moe generate STORE`.
+    `d2moe demo` does both on the small MoE that ships with the package.
+    """
+
+
+@main.command()
+@click.argument("src")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Store directory to create.")
+@click.option("--levels", default=None, help="Bits per MWQ level, e.g. 2,3,4 (base 2 bits + two 1-bit planes). Default: the measured default of docs/QUANTIZATION.md.")
+@click.option("--planes", type=click.Choice(["binary", "affine"]), default="binary", show_default=True, help="Residual planes: D²MoE binary ±1 planes, or affine residual planes.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Weights per quantization group (scales/zeros per group).")
+@click.option("--method", default=None, help="MWQ fitting method (see docs/QUANTIZATION.md); default: the measured default.")
+@click.option("--dense-bits", type=click.Choice(["0", "2", "3", "4", "5", "6", "8"]), default="8", show_default=True, help="mlx-lm affine quantization of the non-expert weights; 0 keeps them in --dtype.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None, help="dtype of unquantized weights. Default: the checkpoint's.")
+@click.option("--calib", "calib", type=click.Path(exists=True, dir_okay=False), default=None, help="Calibration text file. Default: the text shipped with d2moe.")
+@click.option("--calib-tokens", type=click.IntRange(16), default=2048, show_default=True, help="Calibration tokens.")
+@click.option("--seq-len", type=click.IntRange(8), default=256, show_default=True, help="Calibration sequence length.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a hub id.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+def convert(src, out, levels, planes, group_size, method, dense_bits, dtype, calib, calib_tokens, seq_len, revision, overwrite):
+    """Convert SRC (a Hugging Face MoE checkpoint directory or hub id) into an MWQ store.
+
+    Streams one layer at a time, so peak memory stays near one layer's experts.
+    Works offline from the local Hugging Face cache with HF_HUB_OFFLINE=1.
+    Refuses pickle (.bin/.pt) checkpoints and remote code.
+    """
+    from .convert.convert import convert as run_convert
+    from .convert.source import SourceError
+    from .mwq import DEFAULT_SPEC, MWQSpec
+    from .store.format import StoreError
+
+    try:
+        spec = MWQSpec.parse(levels, int(group_size), planes) if levels else DEFAULT_SPEC
+        if not levels and int(group_size) != spec.group_size:
+            spec = MWQSpec(spec.base_bits, spec.plane_bits, int(group_size))
+        text = Path(calib).read_text(encoding="utf-8", errors="replace") if calib else None
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    levels_text = ", ".join(f"{spec.level_bits(i)}" for i in range(spec.num_levels))
+    click.echo(f"converting {src} -> {out}  (MWQ levels: {levels_text} bits, group {spec.group_size})", err=True)
+    with click.progressbar(length=1, label="layers", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        try:
+            report = run_convert(
+                src, out, spec=spec, method=method, dense_bits=int(dense_bits), dtype=dtype,
+                calib_text=text, calib_tokens=calib_tokens, seq_len=seq_len, overwrite=overwrite,
+                revision=revision, progress=progress,
+            )
+        except (SourceError, StoreError, ValueError, FileExistsError) as e:
+            _fail(str(e))
+    from .memory import format_bytes
+
+    click.echo(
+        f"wrote {report.path}: experts {format_bytes(report.expert_bytes)}, dense {format_bytes(report.dense_bytes)}, "
+        f"{report.layers} layers in {report.seconds:.1f} s, peak RSS {format_bytes(report.peak_rss)}; "
+        f"calibration: {report.calibration}"
+    )
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("-p", "--prompt", default="The", show_default=True, help="Prompt text ('-' reads stdin).")
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
+@click.option("--level", type=click.IntRange(0), default=None, help="MWQ level for every expert (0 = base only). Default: highest.")
+@click.option("--temp", type=click.FloatRange(0), default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat-template/--no-chat-template", default=False, show_default=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None, help="Activation dtype (default: float32 on CPU, else the store's).")
+def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template, dtype):
+    """Generate text from STORE and print speed and memory."""
+    import mlx.core as mx
+
+    from .generate import format_prompt, format_stats, stream_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    mx.random.seed(seed)
+    model, tokenizer = _load(store, level, dtype)
+    text = format_prompt(tokenizer, prompt, use_chat_template=chat_template)
+    response = None
+    for response in stream_generate(model, tokenizer, text, max_tokens=max_tokens, sampler=_sampler(temp, top_p)):
+        click.echo(response.text, nl=False)
+    click.echo()
+    if response is not None:
+        click.echo(format_stats(response), err=True)
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
+@click.option("--level", type=click.IntRange(0), default=None, help="MWQ level for every expert. Default: highest.")
+@click.option("--temp", type=click.FloatRange(0), default=0.7, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--system", "system_prompt", default=None, help="System prompt.")
+@click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after each reply.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None)
+def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype):
+    """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .generate import format_stats, stream_generate
+
+    mx.random.seed(seed)
+    model, tokenizer = _load(store, level, dtype)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if not has_template:
+        click.echo("(this tokenizer has no chat template: turns are sent as plain text)", err=True)
+    sampler = _sampler(temp, top_p)
+    cache = make_prompt_cache(model)
+    first = True
+    while True:
+        try:
+            query = click.prompt(">>", prompt_suffix=" ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            click.echo()
+            return
+        if query.strip() == "q":
+            return
+        if query.strip() == "r":
+            cache, first = make_prompt_cache(model), True
+            continue
+        messages = []
+        if first and system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
+        messages.append({"role": "user", "content": query})
+        if has_template:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n".join(m["content"] for m in messages) + "\n"
+        first = False
+        response = None
+        for response in stream_generate(model, tokenizer, text, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache):
+            click.echo(response.text, nl=False)
+        click.echo()
+        if stats and response is not None:
+            click.echo(format_stats(response), err=True)
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check every block's checksum.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(store, verify, as_json):
+    """Show a store's family, levels and sizes, and check its integrity."""
+    from .inspect import describe
+
+    try:
+        summary, problems = describe(store, verify=verify, progress=not as_json)
+    except Exception as e:  # StoreError and friends: one readable line
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps({**summary, "problems": problems}, indent=2))
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key:>18}: {value}")
+        if verify:
+            click.echo("     integrity: OK" if not problems else "     integrity: FAILED")
+            for p in problems:
+                click.echo(f"  - {p}")
+    if problems:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(exists=True, file_okay=False))
+@click.argument("text_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Trace file to write.")
+@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Stop after this many tokens of text.")
+def trace(model_path, text_file, out, max_tokens):
+    """Record per-layer top-k expert ids and gate scores of MODEL_PATH over TEXT_FILE.
+
+    MODEL_PATH is a d2moe store or a Hugging Face checkpoint directory. The
+    streaming and scheduling benchmarks replay such traces.
+    """
+    from .store.format import MANIFEST_NAME
+    from .trace import record_trace
+
+    if (Path(model_path) / MANIFEST_NAME).exists():
+        model, tokenizer = _load(model_path, None, None)
+    else:
+        from mlx_lm.utils import load_tokenizer
+
+        from .convert.hf_config import load_mlx_reference
+
+        try:
+            model, config = load_mlx_reference(model_path)
+            tokenizer = load_tokenizer(Path(model_path), eos_token_ids=config.get("eos_token_id"))
+        except (ValueError, FileNotFoundError, OSError) as e:
+            _fail(f"cannot load {model_path}: {e}")
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+    try:
+        meta = record_trace(model, tokenizer, text, out, max_tokens=max_tokens)["meta"]
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(
+        f"wrote {out}: {meta['num_tokens']} tokens x {len(meta['layers'])} MoE layers, "
+        f"top-{meta['k']} of {meta['num_experts']} experts ({meta['scoring']} scores)"
+    )
+
+
+@main.command()
+@click.option("-p", "--prompt", default=None, help="Prompt (default: a sentence in the style of the training text).")
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--level", type=click.IntRange(0), default=None, help="MWQ level (default: highest).")
+@click.option("--fresh", is_flag=True, help="Convert again even if a cached demo store exists.")
+def demo(prompt, max_tokens, level, fresh):
+    """Convert the bundled tiny MoE into an MWQ store and generate from it.
+
+    Prints the store's size, then generated text, tokens/s and memory. The
+    store is cached under ~/.cache/d2moe (or $D2MOE_CACHE).
+    """
+    from .demo import run_demo
+
+    try:
+        run_demo(prompt=prompt, max_tokens=max_tokens, level=level, fresh=fresh, echo=click.echo)
+    except Exception as e:
+        _fail(f"demo failed: {e}")
+
+
+if __name__ == "__main__":
+    main()

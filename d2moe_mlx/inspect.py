@@ -1,0 +1,52 @@
+"""``d2moe inspect``: what a store holds and whether it is intact."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import mwq
+from .load import open_store
+from .memory import format_bytes
+
+
+def describe(path: str, verify: bool = True, progress: bool = False) -> tuple[dict, list[str]]:
+    """A readable summary of the store at ``path`` and its integrity problems (empty = OK)."""
+    store = open_store(path)
+    with store:
+        m = store.manifest
+        spec = mwq.MWQSpec.from_dict(m["mwq"])
+        raw = store.summary()
+        levels = []
+        for level in range(spec.num_levels):
+            size = raw["level_bytes"].get(level, 0)
+            levels.append(
+                f"L{level}: {spec.level_bits(level)} bits ({spec.stored_bits(level):.2f} stored b/w), "
+                f"{format_bytes(size)}"
+            )
+        dense = m.get("dense", {})
+        calib = m.get("calibration", {})
+        summary = {
+            "store": str(store.path),
+            "format": f"{raw['format']} v{raw['version']}",
+            "model_type": m.get("model_type"),
+            "source": m.get("source"),
+            "moe_layers": raw["moe_layers"],
+            "experts/layer": raw["num_experts"],
+            "levels": "; ".join(levels),
+            "group_size": spec.group_size,
+            "dense": f"{format_bytes(raw['dense_bytes'])}, "
+            + (f"{dense.get('bits')}-bit (mlx-lm affine)" if dense.get("bits") else f"{dense.get('dtype')} unquantized"),
+            "expert files": format_bytes(raw["expert_file_bytes"]),
+            "total": f"{format_bytes(raw['total_bytes'])} in {raw['num_files']} files",
+            "calibration": f"{calib.get('tokens')} tokens ({calib.get('source')})",
+        }
+        problems: list[str] = []
+        if verify:
+            if progress:
+                with click.progressbar(length=raw["total_bytes"], label="verifying", file=sys.stderr) as bar:
+                    problems = store.verify(progress=lambda done, total: bar.update(done - bar.pos))
+            else:
+                problems = store.verify()
+    return summary, problems

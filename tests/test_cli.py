@@ -1,0 +1,101 @@
+"""The `d2moe` command line, end to end in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+D2MOE = [sys.executable, "-m", "d2moe_mlx.cli"]
+FAST = ["--dense-bits", "0", "--dtype", "float32", "--calib-tokens", "128", "--seq-len", "32"]
+
+
+def run(*args, input=None, env=None, timeout=600):
+    return subprocess.run(D2MOE + [str(a) for a in args], capture_output=True, text=True,
+                          input=input, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def store(hf_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "store"
+    res = run("convert", hf_checkpoint("qwen3_moe"), "-o", out, *FAST)
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and "peak RSS" in res.stdout
+    return out
+
+
+def test_help_for_every_command():
+    res = run("--help")
+    assert res.returncode == 0
+    for cmd in ("convert", "generate", "chat", "inspect", "trace", "demo"):
+        assert cmd in res.stdout
+        sub = run(cmd, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "Usage:" in sub.stdout and len(sub.stdout) > 200
+
+
+def test_generate_prints_text_and_stats(store):
+    res = run("generate", store, "-p", "hello", "-m", "8")
+    assert res.returncode == 0, res.stderr
+    assert "tokens/s" in res.stderr and "peak memory" in res.stderr
+    res0 = run("generate", store, "-p", "hello", "-m", "8", "--level", "0")
+    assert res0.returncode == 0, res0.stderr
+    bad = run("generate", store, "--level", "9")
+    assert bad.returncode == 1 and "level 9 does not exist" in bad.stderr
+
+
+def test_chat_reads_turns_until_q(store):
+    res = run("chat", store, "-m", "6", "--temp", "0", input="hello\nhow are you\nq\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("generation:") == 2  # one stats line per reply
+
+
+def test_inspect_reports_and_detects_corruption(store, tmp_path):
+    res = run("inspect", store)
+    assert res.returncode == 0, res.stderr
+    assert "qwen3_moe" in res.stdout and "integrity: OK" in res.stdout
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
+    victim = copy / "experts" / "L000.c0.bin"
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 1
+    victim.write_bytes(bytes(data))
+    bad = run("inspect", copy)
+    assert bad.returncode == 1
+    assert "L000.c0.bin" in bad.stdout and "FAILED" in bad.stdout
+
+
+def test_convert_errors_are_one_clear_line(tmp_path, hf_checkpoint):
+    res = run("convert", tmp_path / "missing", "-o", tmp_path / "o")
+    assert res.returncode == 1
+    assert "Error:" in res.stderr and "Traceback" not in res.stderr
+    res = run("convert", hf_checkpoint("qwen3_moe"), "-o", tmp_path / "o", "--levels", "2,2")
+    assert res.returncode == 1 and "strictly increase" in res.stderr
+    res = run("generate", hf_checkpoint("qwen3_moe"))
+    assert res.returncode == 1 and "d2moe convert" in res.stderr
+
+
+def test_trace_writes_routing(store, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, this is routing text " * 4)
+    out = tmp_path / "trace.npz"
+    res = run("trace", store, text, "-o", out)
+    assert res.returncode == 0, res.stderr
+    data = np.load(out, allow_pickle=False)
+    assert data["ids"].ndim == 3 and data["ids"].shape[2] == 2
+
+
+def test_demo_end_to_end(tmp_path):
+    env = {"D2MOE_CACHE": str(tmp_path)}
+    res = run("demo", "-m", "12", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "tokens/s" in res.stdout and "peak RSS" in res.stdout
+    stores = list(tmp_path.glob("tiny-moe-*"))
+    assert len(stores) == 1
+    again = run("demo", "-m", "4", env=env)  # reuses the cached store
+    assert again.returncode == 0 and "using cached store" in again.stdout
+    gen = run("generate", stores[0], "-p", "The", "-m", "8")
+    assert gen.returncode == 0, gen.stderr
