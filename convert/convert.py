@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from d2moe_mlx import __version__, mwq
-from d2moe_mlx.load import DTYPES
+from d2moe_mlx.model import DTYPES
 from d2moe_mlx.memory import peak_rss_bytes
 from d2moe_mlx.moe import layer_of, projection_names, switch_modules
 from d2moe_mlx.store.writer import StoreWriter

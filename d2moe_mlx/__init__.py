@@ -8,10 +8,10 @@ They are imported on first use: importing mlx-lm (and transformers) takes second
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ".load",
-    "load_model": ".load",
-    "generate": ".generate",
-    "stream_generate": ".generate",
+    "load": ".model",
+    "load_model": ".model",
+    "generate": ".generation",
+    "stream_generate": ".generation",
 }
 
 __all__ = ["__version__", *_LAZY]

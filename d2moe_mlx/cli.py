@@ -27,7 +27,7 @@ def _device_dtype(dtype: str | None) -> str | None:
 
 
 def _load(store: str, level: int | None, dtype: str | None):
-    from .load import load
+    from .model import load
     from .store.format import StoreError
 
     try:
@@ -125,7 +125,7 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
     """Generate text from STORE and print speed and memory."""
     import mlx.core as mx
 
-    from .generate import format_prompt, format_stats, stream_generate
+    from .generation import format_prompt, format_stats, stream_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -155,7 +155,7 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from .generate import format_stats, stream_generate
+    from .generation import format_stats, stream_generate
 
     mx.random.seed(seed)
     model, tokenizer = _load(store, level, dtype)

@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 def demo_store(fresh: bool = False, echo: Callable[..., object] = click.echo) -> Path:
     """Convert the bundled model once (cached); returns the store path."""
     from .convert.convert import convert
-    from .load import open_store
+    from .model import open_store
     from .memory import format_bytes
     from .store.format import StoreError
 
@@ -63,8 +63,8 @@ def run_demo(
     """Convert (once), load and generate; prints text, tokens/s and memory. Returns the text."""
     import mlx.core as mx
 
-    from .generate import format_stats, stream_generate
-    from .load import load
+    from .generation import format_stats, stream_generate
+    from .model import load
     from .memory import format_bytes, peak_rss_bytes
 
     store = demo_store(fresh=fresh, echo=echo)

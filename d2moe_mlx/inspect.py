@@ -7,7 +7,7 @@ import sys
 import click
 
 from . import mwq
-from .load import open_store
+from .model import open_store
 from .memory import format_bytes
 
 
