@@ -103,3 +103,45 @@ def test_trace_matches_router_topk(mlx_model, tmp_path):
                            tr["scores"][i], atol=1e-5)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     assert np.all(np.diff(tr["scores"], axis=-1) <= 0)  # highest score first
+
+
+_BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=64, rope_theta=10000.0,
+             max_position_embeddings=256, tie_word_embeddings=False)
+_FAMILIES = {  # tiny random mlx-lm models: (extra args, MoE layers, scoring)
+    "mixtral": (dict(num_local_experts=8, num_experts_per_tok=2), [0, 1], "softmax"),
+    "deepseek_v3": (dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                         n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                         q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=16,
+                         qk_nope_head_dim=8, n_group=1, topk_group=1,
+                         routed_scaling_factor=1.0, norm_topk_prob=True,
+                         topk_method="noaux_tc", scoring_func="sigmoid",
+                         num_hidden_layers=3), [1, 2], "sigmoid"),
+    "gpt_oss": (dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=32,
+                     layer_types=["sliding_attention", "full_attention"]), [0, 1], "softmax"),
+}
+
+
+class _CharTok:
+    def encode(self, s):
+        return [ord(c) % 64 for c in s]
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_trace_other_families(family):
+    import importlib
+
+    from d2moe_mlx.trace import record_trace
+
+    extra, layers, scoring = _FAMILIES[family]
+    mod = importlib.import_module(f"mlx_lm.models.{family}")
+    mx.random.seed(0)
+    model = mod.Model(mod.ModelArgs.from_dict({**_BASE, **extra, "model_type": family}))
+    model.set_dtype(mx.float32)
+    x = mx.array(_CharTok().encode("routing test text " * 3))[None]
+    before = np.array(model(x))
+    tr = record_trace(model, _CharTok(), "routing test text " * 3, chunk=20)
+    assert tr["meta"]["layers"] == layers and tr["meta"]["scoring"] == scoring
+    assert tr["ids"].shape == (len(layers), x.shape[1], 2)
+    assert ((tr["ids"] >= 0) & (tr["ids"] < 8)).all()
+    assert np.array_equal(before, np.array(model(x)))  # hooks removed
