@@ -115,7 +115,8 @@ class _SwitchProbe(nn.Module):
         return self.inner(x, indices)
 
 
-def _get_module(root: nn.Module, path: str) -> nn.Module:
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule of ``root`` at a dotted path (list indices allowed)."""
     module = root
     for part in path.split("."):
         module = module[int(part)] if isinstance(module, list) else getattr(module, part)
@@ -124,7 +125,7 @@ def _get_module(root: nn.Module, path: str) -> nn.Module:
 
 def _set_module(root: nn.Module, path: str, value: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
-    parent = _get_module(root, parent_path) if parent_path else root
+    parent = get_module(root, parent_path) if parent_path else root
     setattr(parent, name, value)
 
 
@@ -134,7 +135,7 @@ def run_layer(
     """Apply decoder layer ``layer_idx`` to ``h``; return the output and each switch module's inputs."""
     probes = {}
     for path in switch_paths:
-        probe = _SwitchProbe(_get_module(model, path))
+        probe = _SwitchProbe(get_module(model, path))
         _set_module(model, path, probe)
         probes[path] = probe
     try:
@@ -160,8 +161,8 @@ def router_scores(model: nn.Module, switch_path: str, x: mx.array, config: dict)
     family scores with it (DeepSeek-V3 ``scoring_func``).
     """
     block_path = switch_path.rpartition(".")[0]
-    block = _get_module(model, block_path)
-    switch = _get_module(model, switch_path)
+    block = get_module(model, block_path)
+    switch = get_module(model, switch_path)
     num_experts = getattr(switch, projection_names(switch)[0]).weight.shape[0]
     for path, module in block.named_modules():
         if module is switch or "shared" in path or path.startswith(switch_path.rpartition(".")[2]):

@@ -105,34 +105,19 @@ def convert(
             path, calib_text, calib_tokens, seq_len, config["vocab_size"]
         )
         h, calls = calibrate.layer_calls(model, tokens)
-        _quantize_dense(model, quantization, lambda p: layer_of(p) is None, config)
+        _quantize_dense(model, quantization, lambda p: layer_of(p) is None)
         writer.write_dense_shard(_dense_params(model, store_dtype))
 
         stats: dict[str, np.ndarray] = {}
-        shapes: dict[str, list[int]] = {}
+        shapes: dict[str, dict] = {}
         for l in range(len(layers)):
-            names = by_layer[l]
-            _load_subset(model, config, {n: weights.pop(n) for n in names}, prefix=f"model.layers.{l}")
-            layer = layers[l]
-            layer.set_dtype(mx.float32)
-            sw_path = switches.get(l)
-            h_next, seen = calibrate.run_layer(model, l, h, calls[l], [sw_path] if sw_path else [])
-            if sw_path:
-                x, idx = seen[sw_path]
-                x = np.array(x.reshape(-1, x.shape[-1]).astype(mx.float32))
-                idx = np.array(idx.reshape(-1, idx.shape[-1]))
-                switch = calibrate._get_module(model, sw_path)
-                scores = calibrate.router_scores(model, sw_path, mx.array(x), config)
-                for k, v in calibrate.layer_statistics(idx, scores, num_experts).items():
-                    stats[f"layer{l}.{k}"] = v
-                shapes = _write_experts(writer, l, switch, x, idx, spec, method, workers)
-                _replace_with_empty(switch)
-            layer_path = f"model.layers.{l}"
-            _quantize_dense(model, quantization, lambda p, li=l: layer_of(p) == li, config)
-            writer.write_dense_shard(_dense_params(layer, store_dtype, prefix=layer_path))
-            layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
-            h = h_next
-            mx.clear_cache()  # hand freed buffers back so peak memory stays at one layer
+            subset = {n: weights.pop(n) for n in by_layer[l]}
+            h, layer_stats, layer_shapes = _convert_layer(
+                writer, model, config, l, subset, h, calls[l], switches.get(l), spec, method,
+                quantization, store_dtype, workers,
+            )
+            stats.update(layer_stats)
+            shapes = layer_shapes or shapes
             if progress:
                 progress(l + 1, len(layers))
 
@@ -169,6 +154,34 @@ def convert(
     )
 
 
+def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, method, quantization,
+                   store_dtype, workers) -> tuple[mx.array, dict[str, np.ndarray], dict]:
+    """Load, calibrate, quantise and write decoder layer ``l``; returns the next hidden state."""
+    layer_path = f"model.layers.{l}"
+    _load_subset(model, config, subset, prefix=layer_path)
+    layers = calibrate.decoder_layers(model)
+    layer = layers[l]
+    layer.set_dtype(mx.float32)
+    h_next, seen = calibrate.run_layer(model, l, h, call, [sw_path] if sw_path else [])
+    stats, shapes = {}, {}
+    if sw_path:
+        x, idx = seen[sw_path]
+        x = np.array(x.reshape(-1, x.shape[-1]).astype(mx.float32))
+        idx = np.array(idx.reshape(-1, idx.shape[-1]))
+        switch = calibrate.get_module(model, sw_path)
+        scores = calibrate.router_scores(model, sw_path, mx.array(x), config)
+        num_experts = getattr(switch, projection_names(switch)[0]).weight.shape[0]
+        for k, v in calibrate.layer_statistics(idx, scores, num_experts).items():
+            stats[f"layer{l}.{k}"] = v
+        shapes = _write_experts(writer, l, switch, x, idx, spec, method, workers)
+        _replace_with_empty(switch)
+    _quantize_dense(model, quantization, lambda p: layer_of(p) == l)
+    writer.write_dense_shard(_dense_params(layer, store_dtype, prefix=layer_path))
+    layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
+    mx.clear_cache()  # hand freed buffers back so peak memory stays at one layer
+    return h_next, stats, shapes
+
+
 def _store_dtype(dtype: str | None, config: dict) -> mx.Dtype:
     name = dtype or config.get("torch_dtype") or config.get("dtype") or "float16"
     if name not in DTYPES:
@@ -184,7 +197,7 @@ def _check_dims(model: nn.Module, switches: dict[int, str], spec: mwq.MWQSpec) -
     """Every expert projection's input width must split into MWQ groups; returns the expert count."""
     counts = set()
     for path in switches.values():
-        switch = calibrate._get_module(model, path)
+        switch = calibrate.get_module(model, path)
         for name in projection_names(switch):
             e, _, in_dims = getattr(switch, name).weight.shape
             counts.add(e)
@@ -233,7 +246,7 @@ def _load_subset(model: nn.Module, config: dict, subset: dict[str, mx.array], pr
     model.load_weights(list(subset.items()), strict=False)
 
 
-def _quantize_dense(model: nn.Module, quantization: dict | None, select: Callable[[str], bool], config: dict) -> None:
+def _quantize_dense(model: nn.Module, quantization: dict | None, select: Callable[[str], bool]) -> None:
     """Quantise the selected dense modules with mlx-lm's own rules (model.quant_predicate)."""
     if not quantization:
         return
