@@ -105,6 +105,20 @@ def _run(model, tokens: list[int], chunk: int):
         yield out
 
 
+def _topk_scores(logits: np.ndarray, idx: np.ndarray, kind: str):
+    """Flatten to [n, E] / [n, k]; scores of the dispatched ids, highest first."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    idx = idx.reshape(-1, idx.shape[-1]).astype(np.int64)
+    if kind == "softmax":
+        prob = np.exp(logits - logits.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+    else:
+        prob = 1.0 / (1.0 + np.exp(-logits))
+    sc = np.take_along_axis(prob, idx, -1)
+    order = np.argsort(-sc, axis=-1, kind="stable")
+    return np.take_along_axis(idx, order, -1), np.take_along_axis(sc, order, -1)
+
+
 def record_trace(model: nn.Module, tokenizer: Any, text: str,
                  out_path: Optional[Union[str, Path]] = None,
                  max_tokens: Optional[int] = None, chunk: int = 512,
@@ -131,7 +145,9 @@ def record_trace(model: nn.Module, tokenizer: Any, text: str,
          "meta":   {"format", "model_type", "num_experts", "k", "layers", "num_tokens",
                     "scoring"}}
 
-    The model's modules are restored before returning, also on error.
+    The model's modules are restored before returning, also on error. Memory is
+    O(tokens x k) per layer: router logits are reduced after each chunk. On MLX's CPU
+    backend call ``model.set_dtype(mx.float32)`` first (its gather_mm is float32 only).
     """
     tokens = list(tokenizer.encode(text))
     if max_tokens is not None:
@@ -142,44 +158,42 @@ def record_trace(model: nn.Module, tokenizer: Any, text: str,
     if not blocks:
         raise ValueError("record_trace: no MoE block (router 'gate'/'router' next to "
                          "'switch_mlp'/'experts') found in model.layers")
-    logit_sinks = [[] for _ in blocks]
-    index_sinks = [[] for _ in blocks]
     kinds = {scoring or _scoring(model, b, r) for _, b, r, _ in blocks}
     if len(kinds) != 1 or not kinds <= {"softmax", "sigmoid"}:
         raise ValueError(f"record_trace: bad scoring {kinds}")
     kind = kinds.pop()
+    logit_sinks = [[] for _ in blocks]
+    index_sinks = [[] for _ in blocks]
+    ids_l = [[] for _ in blocks]
+    scores_l = [[] for _ in blocks]
+    num_experts = 0
     originals = [(b, r, b[r], e, b[e]) for _, b, r, e in blocks]
     try:
         for (b, r, rmod, e, emod), ls, isk in zip(originals, logit_sinks, index_sinks):
             setattr(b, r, _RouterTap(rmod, ls))
             setattr(b, e, _ExpertTap(emod, isk))
         for out in _run(model, tokens, chunk):
-            mx.eval(out, [s[-1] for s in logit_sinks if s], [s[-1] for s in index_sinks if s])
+            mx.eval(out, logit_sinks, index_sinks)
+            for j, (li, *_) in enumerate(blocks):  # reduce each chunk to [n, k] at once
+                ls, isk = logit_sinks[j], index_sinks[j]
+                if len(ls) != 1 or len(isk) != 1:
+                    raise RuntimeError(f"record_trace: layer {li}: {len(ls)} router and "
+                                       f"{len(isk)} expert calls for one forward pass")
+                logits = np.array(ls.pop())
+                num_experts = logits.shape[-1]
+                ids, sc = _topk_scores(logits, np.array(isk.pop()), kind)
+                ids_l[j].append(ids)
+                scores_l[j].append(sc)
     finally:
         for b, r, rmod, e, emod in originals:
             setattr(b, r, rmod)
             setattr(b, e, emod)
     n = len(tokens)
-    ids_l, scores_l = [], []
-    for (li, *_), ls, isk in zip(blocks, logit_sinks, index_sinks):
-        if len(ls) != len(isk):
-            raise RuntimeError(f"record_trace: layer {li}: {len(ls)} router calls but "
-                               f"{len(isk)} expert calls")
-        logits = np.concatenate([np.array(a).reshape(-1, a.shape[-1]) for a in ls])
-        idx = np.concatenate([np.array(a).reshape(-1, a.shape[-1]) for a in isk])
-        if logits.shape[0] != n or idx.shape[0] != n:
-            raise RuntimeError(f"record_trace: layer {li}: got {idx.shape[0]} rows for {n} tokens")
-        if kind == "softmax":
-            z = logits - logits.max(-1, keepdims=True)
-            prob = np.exp(z)
-            prob /= prob.sum(-1, keepdims=True)
-        else:
-            prob = 1.0 / (1.0 + np.exp(-logits))
-        sc = np.take_along_axis(prob, idx.astype(np.int64), -1)
-        order = np.argsort(-sc, axis=-1, kind="stable")
-        ids_l.append(np.take_along_axis(idx, order, -1))
-        scores_l.append(np.take_along_axis(sc, order, -1))
-    num_experts = int(logits.shape[-1])
+    ids_l = [np.concatenate(a) for a in ids_l]
+    scores_l = [np.concatenate(a) for a in scores_l]
+    for (li, *_), a in zip(blocks, ids_l):
+        if a.shape[0] != n:
+            raise RuntimeError(f"record_trace: layer {li}: got {a.shape[0]} rows for {n} tokens")
     ids = np.stack(ids_l).astype(np.int16 if num_experts < 2**15 else np.int32)
     args = getattr(model, "args", None)
     meta = {"format": FORMAT,
