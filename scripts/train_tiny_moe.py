@@ -22,7 +22,6 @@ Example:
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
