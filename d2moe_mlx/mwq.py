@@ -27,8 +27,8 @@ GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "greedy", "nested", "ls", "gptq")
 DEFAULT_METHOD = "ls"
 _DAMP = 0.01  # hessian dampening, fraction of the mean diagonal (as GPTQ)
-_SHRINK = (1.0, 0.9, 0.8, 0.7)  # range-clipping candidates for the affine init
-_ITERS = 3  # alternating code / (scale, bias) refits
+_SHRINK = (1.0, 0.85, 0.7)  # range-clipping candidates for the affine init
+_ITERS = 2  # alternating code / (scale, bias) refits
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,11 @@ class MWQSpec:
         return cls(lv[0], tuple(steps), group_size)
 
 
-DEFAULT_SPEC = MWQSpec(2, (1, 1), 64)  # provisional; see docs/QUANTIZATION.md
+# 2 -> 4 -> 8 bits with affine planes: measured best error per stored bit among
+# the nested layouts that MLX runs natively (docs/QUANTIZATION.md): level 1 costs
+# ~0.5 b over a single-level 4-bit fit, level 2 matches 8-bit, and in memory a
+# level costs what it stores (binary planes must be expanded to 2-bit for MLX).
+DEFAULT_SPEC = MWQSpec(2, (2, 4), 64)
 
 
 @dataclass
@@ -175,53 +179,57 @@ def _codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, bits: int) -> np.ndarray
     return np.clip(q, 0, 2**bits - 1)
 
 
-def _affine_fit(w: np.ndarray, hb: np.ndarray | None, bits: int, method: str, init=None):
+def _affine_fit(w: np.ndarray, hb: np.ndarray | None, bits: int, method: str):
     """Per-group affine quantizer of w [out, G, gs] -> (codes, s, z) (float32)."""
     qmax = 2**bits - 1
     lo, hi = w.min(-1), w.max(-1)
-    best = None if init is None else _keep_best(None, init, w, hb)
+    h1 = np.ones(w.shape[1:], np.float32) if hb is None else hb.sum(-1)  # H·1 [G, gs]
+    hw = _hmul(w, hb)
+    best = None
     for shrink in _SHRINK if method != "rtn" else (1.0,):  # "greedy"/"ls": search
         mid, half = (hi + lo) / 2, (hi - lo) / 2 * shrink
         s = _f16((2 * half) / qmax)
         z = _f16(mid - half)
         q = _codes(w, s, z, bits)
-        best = _keep_best(best, (q, s, z), w, hb)
+        best = _keep_best(best, (q, s, z, _hmul(q, hb)), w, hw, h1)
     if method == "rtn":
         return best[:3]
-    h1 = np.ones(w.shape[1:], np.float32) if hb is None else hb.sum(-1)  # H·1 [G, gs]
-    one_h_one = h1.sum(-1)  # [G]
-    hw = _hmul(w, hb)
-    one_h_w = hw.sum(-1)  # [out, G]
+    c = h1.sum(-1)[None, :]  # 1'H1 [1, G]
+    rz = hw.sum(-1)  # 1'Hw [out, G]
     for _ in range(_ITERS):
-        q = best[0]
-        hq = _hmul(q, hb)
+        q, hq = best[0], best[3]
         a = np.einsum("rga,rga->rg", q, hq)
         b = np.einsum("rga,ga->rg", q, h1)
-        c = one_h_one[None, :]
-        rs, rz = np.einsum("rga,rga->rg", q, hw), one_h_w
+        rs = np.einsum("rga,rga->rg", q, hw)
         det = a * c - b * b
         ok = det > 1e-9 * np.maximum(a * c, 1e-30)
         dsafe = np.where(ok, det, 1.0)
         s = np.where(ok, (c * rs - b * rz) / dsafe, best[1])
         z = np.where(ok, (a * rz - b * rs) / dsafe, (rz - best[1] * b) / c)
         s, z = _f16(s), _f16(z)
-        best = _keep_best(best, (q, s, z), w, hb)  # refit on the same codes
-        best = _keep_best(best, (_codes(w, s, z, bits), s, z), w, hb)
+        best = _keep_best(best, (q, s, z, hq), w, hw, h1)  # refit on the same codes
+        q = _codes(w, s, z, bits)
+        best = _keep_best(best, (q, s, z, _hmul(q, hb)), w, hw, h1)
     return best[:3]
 
 
-def _keep_best(best, cand, w, hb):
-    """Per group, keep whichever of best/cand has the smaller weighted error."""
-    q, s, z = cand
-    err = _err(w - (s[..., None] * q + z[..., None]), hb)
+def _keep_best(best, cand, w, hw, h1):
+    """Per group, keep whichever of best/cand (codes, s, z, H·codes) has the
+    smaller weighted error e'He, with He = Hw - s·Hq - z·H1 (no extra matmul)."""
+    q, s, z, hq = cand
+    e = w - (s[..., None] * q + z[..., None])
+    he = hw - (s[..., None] * hq + z[..., None] * h1)
+    err = np.einsum("rga,rga->rg", e, he)
     if best is None:
-        return q, s, z, err
-    take = err < best[3]
+        return q, s, z, hq, err
+    take = err < best[4]
+    t3 = take[..., None]
     return (
-        np.where(take[..., None], q, best[0]),
+        np.where(t3, q, best[0]),
         np.where(take, s, best[1]),
         np.where(take, z, best[2]),
-        np.where(take, err, best[3]),
+        np.where(t3, hq, best[3]),
+        np.where(take, err, best[4]),
     )
 
 
