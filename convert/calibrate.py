@@ -199,19 +199,22 @@ def expert_rows(indices: np.ndarray, num_experts: int) -> list[np.ndarray]:
     return [np.nonzero((indices == e).any(axis=1))[0] for e in range(num_experts)]
 
 
-def shrunk_hessians(inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """H_e = X_e^T X_e / n_e for each expert's input rows, shrunk towards the layer's H.
-
-    Experts that saw few or no calibration tokens fall back smoothly to the
-    Hessian of all rows entering the layer's experts.
-    """
-    grams = []
+def layer_hessian(inputs: list[np.ndarray]) -> np.ndarray:
+    """X^T X / n over the input rows of all of a layer's experts (float64)."""
+    width = inputs[0].shape[1]
+    gram = np.zeros((width, width))
     for a in inputs:
         a64 = a.astype(np.float64)
-        grams.append(a64.T @ a64)
-    total = sum(len(a) for a in inputs)
-    layer_h = sum(grams) / max(total, 1)
-    return [
-        ((g + HESSIAN_PRIOR_TOKENS * layer_h) / (len(a) + HESSIAN_PRIOR_TOKENS)).astype(np.float32)
-        for g, a in zip(grams, inputs)
-    ]
+        gram += a64.T @ a64
+    return gram / max(sum(len(a) for a in inputs), 1)
+
+
+def shrunk_hessian(x: np.ndarray, layer_h: np.ndarray) -> np.ndarray:
+    """H_e = X_e^T X_e / n_e for one expert's input rows, shrunk towards the layer's H.
+
+    An expert that saw few or no calibration tokens falls back smoothly to the
+    Hessian of all rows entering the layer's experts.
+    """
+    x64 = x.astype(np.float64)
+    h = (x64.T @ x64 + HESSIAN_PRIOR_TOKENS * layer_h) / (len(x64) + HESSIAN_PRIOR_TOKENS)
+    return h.astype(np.float32)

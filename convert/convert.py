@@ -159,6 +159,7 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
     """Load, calibrate, quantise and write decoder layer ``l``; returns the next hidden state."""
     layer_path = f"model.layers.{l}"
     _load_subset(model, config, subset, prefix=layer_path)
+    subset.clear()  # the model holds what it needs; drop the checkpoint's arrays
     layers = calibrate.decoder_layers(model)
     layer = layers[l]
     layer.set_dtype(mx.float32)
@@ -174,7 +175,6 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
         for k, v in calibrate.layer_statistics(idx, scores, num_experts).items():
             stats[f"layer{l}.{k}"] = v
         shapes = _write_experts(writer, l, switch, x, idx, spec, method, workers)
-        _replace_with_empty(switch)
     _quantize_dense(model, quantization, lambda p: layer_of(p) == l)
     writer.write_dense_shard(_dense_params(layer, store_dtype, prefix=layer_path))
     layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
@@ -281,7 +281,7 @@ def _dense_params(module: nn.Module, dtype: mx.Dtype, prefix: str | None = None)
     return out
 
 
-def _replace_with_empty(switch: nn.Module) -> None:
+def _free_experts(switch: nn.Module) -> None:
     """Free a switch module's full-precision expert stacks once they are quantised."""
     for name in projection_names(switch):
         proj = getattr(switch, name)
@@ -294,7 +294,8 @@ def _expert_inputs(switch: nn.Module, x: np.ndarray, rows: list[np.ndarray]) -> 
     """Per projection, each expert's calibration input rows (the down projection sees the activation)."""
     names = projection_names(switch)
     first, last = names[:-1], names[-1]
-    inputs = {n: [x[r] for r in rows] for n in first}
+    routed = [x[r] for r in rows]
+    inputs = {n: routed for n in first}
     acts = []
     for e, r in enumerate(rows):
         xe = mx.array(x[r])
@@ -324,32 +325,37 @@ def _write_experts(
     names = projection_names(switch)
     num_experts = getattr(switch, names[0]).weight.shape[0]
     rows = calibrate.expert_rows(indices, num_experts)
-    inputs = _expert_inputs(switch, x, rows)
-    hessians = {n: calibrate.shrunk_hessians(inputs[n]) for n in names}
+    inputs = _expert_inputs(switch, x, rows)  # gate and up share one list
+    priors = {id(inputs[n]): calibrate.layer_hessian(inputs[n]) for n in names}
     kwargs = {"method": method} if method else {}
     stacks = {n: np.array(getattr(switch, n).weight.astype(mx.float32)) for n in names}
     biases = {
         n: np.array(getattr(switch, n).bias.astype(mx.float32)) for n in names if "bias" in getattr(switch, n)
     }
+    shapes = {n: {"shape": list(stacks[n].shape[1:]), "bias": n in biases} for n in names}
+    _free_experts(switch)  # numpy holds them now
 
     def quantize_expert(e: int) -> list[dict[str, np.ndarray]]:
         blocks = [dict() for _ in range(spec.num_levels)]
+        hessians: dict[int, np.ndarray] = {}  # per distinct input (gate/up share theirs)
         for n in names:
-            comps = mwq.quantize_mwq(stacks[n][e], spec, hessians[n][e], **kwargs)
+            key = id(inputs[n])
+            if key not in hessians:
+                hessians[key] = calibrate.shrunk_hessian(inputs[n][e], priors[key])
+            comps = mwq.quantize_mwq(stacks[n][e], spec, hessians[key], **kwargs)
             for c, comp in enumerate(comps):
-                for key, value in mwq.pack_component(comp).items():
-                    blocks[c][f"{n}.{key}"] = value
+                for name, value in mwq.pack_component(comp).items():
+                    blocks[c][f"{n}.{name}"] = value
             if n in biases:
                 blocks[0][f"{n}.bias"] = biases[n][e].astype(np.float32)
         return blocks
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         per_expert = list(pool.map(quantize_expert, range(num_experts)))
+    del stacks
     for c in range(spec.num_levels):
         writer.write_expert_file(layer, c, [blocks[c] for blocks in per_expert])
-    return {
-        n: {"shape": list(stacks[n].shape[1:]), "bias": n in biases} for n in names
-    }
+    return shapes
 
 
 def _store_sizes(path: Path) -> tuple[int, int]:

@@ -17,21 +17,12 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-def _device_dtype(dtype: str | None) -> str | None:
-    """float32 activations on the CPU backend (its quantized matmul is lossy in fp16/bf16)."""
-    import mlx.core as mx
-
-    if dtype is None and mx.default_device() == mx.cpu:
-        return "float32"
-    return dtype
-
-
 def _load(store: str, level: int | None, dtype: str | None):
     from .model import load
     from .store.format import StoreError
 
     try:
-        return load(store, level=level, dtype=_device_dtype(dtype))
+        return load(store, level=level, dtype=dtype)
     except (StoreError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -68,9 +68,8 @@ def run_demo(
     from .memory import format_bytes, peak_rss_bytes
 
     store = demo_store(fresh=fresh, echo=echo)
-    dtype = "float32" if mx.default_device() == mx.cpu else None
     t0 = time.perf_counter()
-    model, tokenizer = load(store, level=level, dtype=dtype)
+    model, tokenizer = load(store, level=level)
     echo(f"loaded in {time.perf_counter() - t0:.2f} s (level {'top' if level is None else level}, {mx.default_device()})")
     prompt = prompt or DEFAULT_PROMPT
     echo(f"\n{prompt}", nl=False)

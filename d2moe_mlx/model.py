@@ -40,8 +40,8 @@ def load(
     """Load the store at ``path``; returns ``(model, tokenizer)`` like ``mlx_lm.load``.
 
     ``level`` picks the MWQ level every expert computes at (0 = base only;
-    default: the highest). ``dtype`` overrides the activation dtype (e.g.
-    ``"float32"``; default: the dtype the store was converted with). The
+    default: the highest). ``dtype`` overrides the activation dtype (default:
+    float32 on the CPU backend, else the dtype the store was converted with). The
     model works with mlx-lm's own ``generate`` and ``stream_generate``.
     """
     model, config = load_model(path, level=level, dtype=dtype)
@@ -69,6 +69,8 @@ def load_model(
             f"level {level} does not exist in {store.path}: it has levels 0..{spec.num_levels - 1} "
             f"({', '.join(f'{spec.level_bits(i)} bits' for i in range(spec.num_levels))})"
         )
+    if dtype is None and mx.default_device() == mx.cpu:
+        dtype = "float32"  # MLX's CPU quantized matmul is lossy in fp16/bf16
     act_dtype = _dtype(dtype or store.manifest["dense"]["dtype"])
 
     def get_classes(config: dict):
