@@ -5,11 +5,14 @@ with its own per-group scale (and bias for affine planes).  Level k is
 ``base + planes[0..k-1]``; every component is an MLX-native quantized matrix,
 so each level runs as one ``gather_qmm`` call per component.
 
-Fitting (D²MoE): with a hessian H = X^T X / n the scales/biases minimise the
-layer-output error ||(W - Ŵ) X^T||² restricted to each group's diagonal block
-of H (``method="ls"``); ``method="gptq"`` adds GPTQ error compensation for the
-base.  Scales and biases are rounded to float16 while fitting, so each plane
-fits the residual of exactly what the runtime reconstructs.
+Fitting (D²MoE): with a hessian H = X^T X / n, scales/biases minimise the
+layer-output error ||(W - Ŵ) X^T||² restricted to each group's diagonal block of
+H; without one, the weight error.  The default ``method="ls"`` picks per group
+between a greedy fit (each component fitted to the residual of the levels below)
+and a nested one (one top-level grid sliced into components), by the product of
+all level errors; ``"gptq"`` adds GPTQ error compensation (10x slower).  Scales
+and biases are rounded to float16 while fitting, so each plane fits the residual
+of exactly what the runtime reconstructs.
 
 Pure maths, no file I/O.  Packing lives in :mod:`d2moe_mlx.packing`.
 """
@@ -366,7 +369,7 @@ def _fit_levels(wg, spec: MWQSpec, hb, hinv, method: str):
     """All components as (codes, s, z) [out, G, gs] / [out, G] (binary codes ±1),
     and each level's weighted error [levels, out, G]."""
     out, g, gs = wg.shape
-    nested = method in ("nested", "nested-ls")
+    nested = method == "nested"
     if nested:  # one fitted grid at the top level, sliced into components
         top = spec.level_bits(spec.num_levels - 1)
         _, st, zt = _affine_fit(wg, hb, top, "ls")
