@@ -176,10 +176,11 @@ def _err(e: np.ndarray, hb: np.ndarray | None) -> np.ndarray:
 
 
 def _codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, bits: int) -> np.ndarray:
-    safe = np.where(s == 0, 1.0, s)
-    q = np.rint((w - z[..., None]) / safe[..., None])
-    q = np.where(s[..., None] == 0, 0.0, q)
-    return np.clip(q, 0, 2**bits - 1)
+    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)  # s = 0: code 0
+    q = w - z[..., None]
+    q *= inv[..., None]
+    np.rint(q, out=q)
+    return np.clip(q, 0, 2**bits - 1, out=q)
 
 
 def _affine_fit(w: np.ndarray, hb: np.ndarray | None, bits: int, method: str):
@@ -220,20 +221,20 @@ def _keep_best(best, cand, w, hw, h1):
     """Per group, keep whichever of best/cand (codes, s, z, H·codes) has the
     smaller weighted error e'He, with He = Hw - s·Hq - z·H1 (no extra matmul)."""
     q, s, z, hq = cand
-    e = w - (s[..., None] * q + z[..., None])
-    he = hw - (s[..., None] * hq + z[..., None] * h1)
+    e = q * s[..., None]
+    e += z[..., None]
+    np.subtract(w, e, out=e)
+    he = hq * s[..., None]
+    he += z[..., None] * h1
+    np.subtract(hw, he, out=he)
     err = np.einsum("rga,rga->rg", e, he)
     if best is None:
-        return q, s, z, hq, err
+        return [q.copy(), s.copy(), z.copy(), hq.copy(), err]
     take = err < best[4]
-    t3 = take[..., None]
-    return (
-        np.where(t3, q, best[0]),
-        np.where(take, s, best[1]),
-        np.where(take, z, best[2]),
-        np.where(t3, hq, best[3]),
-        np.where(take, err, best[4]),
-    )
+    t3 = np.broadcast_to(take[..., None], q.shape)
+    for dst, src, m in zip(best, (q, s, z, hq, err), (t3, take, take, t3, take)):
+        np.copyto(dst, src, where=m)
+    return best
 
 
 def _binary_fit(r: np.ndarray, hb: np.ndarray | None):
