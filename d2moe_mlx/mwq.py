@@ -417,6 +417,20 @@ def _component(bits, q, s, z, out, n) -> Component:
     )
 
 
+def blend_hessian(
+    h: np.ndarray | None, n: int, prior: np.ndarray, prior_tokens: int = 256
+) -> np.ndarray:
+    """(n·H + k·prior) / (n + k): for rarely routed experts, lean on a prior such as
+    the layer's pooled hessian (H of a few tokens over-fits the scales; see
+    docs/QUANTIZATION.md).  ``h`` may be None when n == 0."""
+    if n < 0 or prior_tokens < 0 or n + prior_tokens == 0:
+        raise ValueError("need n >= 0, prior_tokens >= 0 and n + prior_tokens > 0")
+    prior = np.asarray(prior, np.float64)
+    if n == 0 or h is None:
+        return prior.astype(np.float32)
+    return ((n * np.asarray(h, np.float64) + prior_tokens * prior) / (n + prior_tokens)).astype(np.float32)
+
+
 def dequantize(c: Component, group_size: int) -> np.ndarray:
     """float32 [out, in] values of one component (what MLX computes)."""
     out, n = c.codes.shape

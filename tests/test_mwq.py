@@ -11,6 +11,7 @@ from d2moe_mlx.mwq import (
     DEFAULT_SPEC,
     Component,
     MWQSpec,
+    blend_hessian,
     component_to_mlx,
     dequantize,
     pack_component,
@@ -243,3 +244,20 @@ def test_bad_input():
         quantize_mwq(w, spec, method="magic")
     with pytest.raises(ValueError):
         reconstruct(quantize_mwq(w, spec), 64, 2)
+
+
+def test_blend_hessian_rescues_rare_experts():
+    rng = np.random.default_rng(7)
+    w = heavy_weight(64, 256, seed=7)
+    h_layer = correlated_hessian(seed=8)
+    x = rng.standard_normal((2, 256)).astype(np.float32)  # an expert that saw 2 tokens
+    h_few = x.T @ x / 2
+    np.testing.assert_allclose(blend_hessian(h_few, 2, h_layer, 6), (2 * h_few + 6 * h_layer) / 8, rtol=1e-5)
+    np.testing.assert_array_equal(blend_hessian(None, 0, h_layer), h_layer)
+    with pytest.raises(ValueError):
+        blend_hessian(h_few, -1, h_layer)
+    spec = MWQSpec(2, (2, 4))
+    own = quantize_mwq(w, spec, h_few)
+    blended = quantize_mwq(w, spec, blend_hessian(h_few, 2, h_layer))
+    top = spec.num_levels - 1
+    assert out_err(w, reconstruct(blended, 64, top), h_layer) < out_err(w, reconstruct(own, 64, top), h_layer)
