@@ -252,7 +252,8 @@ def test_blend_hessian_rescues_rare_experts():
     h_layer = correlated_hessian(seed=8)
     x = rng.standard_normal((2, 256)).astype(np.float32)  # an expert that saw 2 tokens
     h_few = x.T @ x / 2
-    np.testing.assert_allclose(blend_hessian(h_few, 2, h_layer, 6), (2 * h_few + 6 * h_layer) / 8, rtol=1e-5)
+    ref = (2 * h_few.astype(np.float64) + 6 * h_layer.astype(np.float64)) / 8
+    np.testing.assert_allclose(blend_hessian(h_few, 2, h_layer, 6), ref, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(blend_hessian(None, 0, h_layer), h_layer)
     with pytest.raises(ValueError):
         blend_hessian(h_few, -1, h_layer)
