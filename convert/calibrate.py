@@ -2,26 +2,26 @@
 
 The converter never holds more than one layer: it records what the model's own
 forward pass hands each decoder layer (the hidden state and masks, via probes
-standing in for the layers), then calls the real layers one by one. A probe on
-each switch module records the tokens routed to every expert, from which we
-build per-expert Hessians H = X^T X / n for the output-aware MWQ fit, and the
-calibration statistics (activation counts, mean gate scores).
+standing in for the layers), then calls the real layers one by one. Each switch
+module is computed from numpy copies of its experts (which the quantizer needs
+anyway), recording the rows every expert sees; from those come the per-expert
+Hessians H = X^T X / n of the output-aware MWQ fit and the calibration
+statistics (activation counts, mean gate scores).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from d2moe_mlx import mwq
 from d2moe_mlx.moe import projection_names
-
-# Pseudo-token weight of the layer-wide Hessian mixed into each expert's own.
-HESSIAN_PRIOR_TOKENS = 16.0
-
 
 def default_calibration_text() -> str:
     """The calibration text shipped with the package (held-out text of the tiny model's corpus)."""
@@ -102,17 +102,88 @@ def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tupl
     return h0, [(args, kwargs) for _, args, kwargs in record]
 
 
-class _SwitchProbe(nn.Module):
-    """Wraps a switch module: records (x, indices) of every call, then runs it."""
+@dataclass
+class Experts:
+    """One switch module's expert weights as float32 numpy stacks, and what they saw.
 
-    def __init__(self, inner: nn.Module):
+    ``inputs[p][e]`` holds the rows projection ``p`` of expert ``e`` received
+    during calibration (gate and up share one list; down sees the activation).
+    """
+
+    names: tuple[str, ...]
+    weights: dict[str, np.ndarray]  # [E, out, in]
+    biases: dict[str, np.ndarray]  # [E, out], projections with a bias only
+    activation: Callable
+    x: np.ndarray | None = None  # [N, hidden] the switch's input rows
+    indices: np.ndarray | None = None  # [N, k]
+    inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return self.weights[self.names[0]].shape[0]
+
+
+def take_experts(switch: nn.Module) -> Experts:
+    """Move a switch module's expert stacks into numpy float32, freeing the MLX arrays."""
+    names = projection_names(switch)
+    weights, biases = {}, {}
+    for name in names:
+        proj = getattr(switch, name)
+        for key, store in (("weight", weights), ("bias", biases)):
+            if key not in proj:
+                continue
+            value = proj[key]
+            mx.eval(value)
+            stack = np.empty(value.shape, np.float32)
+            for e in range(value.shape[0]):  # one expert at a time: no second float32 copy in MLX
+                stack[e] = np.array(value[e].astype(mx.float32))
+            store[name] = stack
+            proj[key] = mx.zeros((0,), dtype=value.dtype)
+    return Experts(names, weights, biases, switch.activation)
+
+
+def experts_forward(experts: Experts, x: mx.array, indices: mx.array) -> mx.array:
+    """The switch module's output, computed with numpy on each expert's routed rows.
+
+    Same maths as mlx-lm's SwitchGLU / SwitchMLP (numpy's BLAS is far faster
+    than MLX's CPU matmul), and it records every expert's inputs on the way.
+    """
+    first, last = experts.names[:-1], experts.names[-1]
+    xs = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+    idx = np.array(indices).reshape(-1, indices.shape[-1])
+    out_dims = experts.weights[last].shape[1]
+    out = np.zeros((*idx.shape, out_dims), np.float32)
+    routed, acts = [], []
+    for e in range(experts.num_experts):
+        tok, slot = np.nonzero(idx == e)
+        xe = xs[tok]
+        ys = []
+        for n in first:
+            y = xe @ experts.weights[n][e].T
+            ys.append(y + experts.biases[n][e] if n in experts.biases else y)
+        # SwitchGLU calls activation(x_up, x_gate); its projections are (gate, up, down).
+        a = experts.activation(*[mx.array(y) for y in ys[::-1]])
+        a = np.array(a.astype(mx.float32))
+        y = a @ experts.weights[last][e].T
+        out[tok, slot] = y + experts.biases[last][e] if last in experts.biases else y
+        routed.append(xe)
+        acts.append(a)
+    experts.x, experts.indices = xs, idx
+    experts.inputs = {**{n: routed for n in first}, last: acts}
+    return mx.array(out.reshape(*indices.shape, out_dims)).astype(x.dtype)
+
+
+class _SwitchProbe(nn.Module):
+    """Stands in for a switch module during calibration (see :func:`experts_forward`)."""
+
+    def __init__(self, experts: Experts):
         super().__init__()
-        self.inner = inner
-        self._calls: list[tuple[mx.array, mx.array]] = []
+        self._experts = experts
 
     def __call__(self, x, indices):
-        self._calls.append((x, indices))
-        return self.inner(x, indices)
+        if self._experts.x is not None:
+            raise RuntimeError("a switch module was called twice in one layer forward")
+        return experts_forward(self._experts, x, indices)
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -130,30 +201,29 @@ def _set_module(root: nn.Module, path: str, value: nn.Module) -> None:
 
 
 def run_layer(
-    model: nn.Module, layer_idx: int, h: mx.array, call: tuple[tuple, dict], switch_paths: list[str]
-) -> tuple[mx.array, dict[str, tuple[mx.array, mx.array]]]:
-    """Apply decoder layer ``layer_idx`` to ``h``; return the output and each switch module's inputs."""
-    probes = {}
-    for path in switch_paths:
-        probe = _SwitchProbe(get_module(model, path))
-        _set_module(model, path, probe)
-        probes[path] = probe
+    model: nn.Module, layer_idx: int, h: mx.array, call: tuple[tuple, dict], experts: dict[str, Experts]
+) -> mx.array:
+    """Apply decoder layer ``layer_idx`` to ``h``, its switch modules computed from ``experts``."""
+    saved = {}
+    for path, ex in experts.items():
+        saved[path] = get_module(model, path)
+        _set_module(model, path, _SwitchProbe(ex))
     try:
         args, kwargs = call
         out = decoder_layers(model)[layer_idx](h, *args, **kwargs)
         mx.eval(out)
     finally:
-        for path, probe in probes.items():
-            _set_module(model, path, probe.inner)
-    seen = {}
-    for path, probe in probes.items():
-        if len(probe._calls) != 1:
-            raise RuntimeError(f"{path} was called {len(probe._calls)} times in one layer forward")
-        seen[path] = probe._calls[0]
-    return out, seen
+        for path, module in saved.items():
+            _set_module(model, path, module)
+    for path, ex in experts.items():
+        if ex.x is None:
+            raise RuntimeError(f"{path} was not called in its layer's forward pass")
+    return out
 
 
-def router_scores(model: nn.Module, switch_path: str, x: mx.array, config: dict) -> np.ndarray | None:
+def router_scores(
+    model: nn.Module, switch_path: str, x: mx.array, num_experts: int, config: dict
+) -> np.ndarray | None:
     """Router probabilities [N, E] for inputs ``x`` of the MoE block owning ``switch_path``.
 
     The router is the block's matrix of shape [num_experts, hidden] outside the
@@ -163,7 +233,6 @@ def router_scores(model: nn.Module, switch_path: str, x: mx.array, config: dict)
     block_path = switch_path.rpartition(".")[0]
     block = get_module(model, block_path)
     switch = get_module(model, switch_path)
-    num_experts = getattr(switch, projection_names(switch)[0]).weight.shape[0]
     for path, module in block.named_modules():
         if module is switch or "shared" in path or path.startswith(switch_path.rpartition(".")[2]):
             continue
@@ -194,11 +263,6 @@ def layer_statistics(indices: np.ndarray, scores: np.ndarray | None, num_experts
     return stats
 
 
-def expert_rows(indices: np.ndarray, num_experts: int) -> list[np.ndarray]:
-    """For each expert, the calibration token rows routed to it."""
-    return [np.nonzero((indices == e).any(axis=1))[0] for e in range(num_experts)]
-
-
 def layer_hessian(inputs: list[np.ndarray]) -> np.ndarray:
     """X^T X / n over the input rows of all of a layer's experts (float64)."""
     width = inputs[0].shape[1]
@@ -209,12 +273,15 @@ def layer_hessian(inputs: list[np.ndarray]) -> np.ndarray:
     return gram / max(sum(len(a) for a in inputs), 1)
 
 
-def shrunk_hessian(x: np.ndarray, layer_h: np.ndarray) -> np.ndarray:
-    """H_e = X_e^T X_e / n_e for one expert's input rows, shrunk towards the layer's H.
+def expert_hessian(x: np.ndarray, layer_h: np.ndarray) -> np.ndarray:
+    """H_e = X_e^T X_e / n_e for one expert's rows, blended with the layer's H.
 
-    An expert that saw few or no calibration tokens falls back smoothly to the
-    Hessian of all rows entering the layer's experts.
+    Rarely routed experts lean on the layer's Hessian (``mwq.blend_hessian``):
+    the H of a few tokens over-fits the scales.
     """
-    x64 = x.astype(np.float64)
-    h = (x64.T @ x64 + HESSIAN_PRIOR_TOKENS * layer_h) / (len(x64) + HESSIAN_PRIOR_TOKENS)
-    return h.astype(np.float32)
+    n = len(x)
+    h = None
+    if n:
+        x64 = x.astype(np.float64)
+        h = x64.T @ x64 / n
+    return mwq.blend_hessian(h, n, layer_h)

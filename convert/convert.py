@@ -161,22 +161,17 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
     _load_subset(model, config, subset, prefix=layer_path)
     subset.clear()  # the model holds what it needs; drop the checkpoint's arrays
     layers = calibrate.decoder_layers(model)
-    layer = layers[l]
-    layer.set_dtype(mx.float32)
-    h_next, seen = calibrate.run_layer(model, l, h, call, [sw_path] if sw_path else [])
+    experts = {sw_path: calibrate.take_experts(calibrate.get_module(model, sw_path))} if sw_path else {}
+    layers[l].set_dtype(mx.float32)
+    h_next = calibrate.run_layer(model, l, h, call, experts)
     stats, shapes = {}, {}
-    if sw_path:
-        x, idx = seen[sw_path]
-        x = np.array(x.reshape(-1, x.shape[-1]).astype(mx.float32))
-        idx = np.array(idx.reshape(-1, idx.shape[-1]))
-        switch = calibrate.get_module(model, sw_path)
-        scores = calibrate.router_scores(model, sw_path, mx.array(x), config)
-        num_experts = getattr(switch, projection_names(switch)[0]).weight.shape[0]
-        for k, v in calibrate.layer_statistics(idx, scores, num_experts).items():
+    for path, ex in experts.items():
+        scores = calibrate.router_scores(model, path, mx.array(ex.x), ex.num_experts, config)
+        for k, v in calibrate.layer_statistics(ex.indices, scores, ex.num_experts).items():
             stats[f"layer{l}.{k}"] = v
-        shapes = _write_experts(writer, l, switch, x, idx, spec, method, workers)
+        shapes = _write_experts(writer, l, ex, spec, method, workers)
     _quantize_dense(model, quantization, lambda p: layer_of(p) == l)
-    writer.write_dense_shard(_dense_params(layer, store_dtype, prefix=layer_path))
+    writer.write_dense_shard(_dense_params(layers[l], store_dtype, prefix=layer_path))
     layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
     mx.clear_cache()  # hand freed buffers back so peak memory stays at one layer
     return h_next, stats, shapes
@@ -281,81 +276,39 @@ def _dense_params(module: nn.Module, dtype: mx.Dtype, prefix: str | None = None)
     return out
 
 
-def _free_experts(switch: nn.Module) -> None:
-    """Free a switch module's full-precision expert stacks once they are quantised."""
-    for name in projection_names(switch):
-        proj = getattr(switch, name)
-        for key in ("weight", "bias"):
-            if key in proj:
-                proj[key] = mx.zeros((0,), dtype=proj[key].dtype)
-
-
-def _expert_inputs(switch: nn.Module, x: np.ndarray, rows: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Per projection, each expert's calibration input rows (the down projection sees the activation)."""
-    names = projection_names(switch)
-    first, last = names[:-1], names[-1]
-    routed = [x[r] for r in rows]
-    inputs = {n: routed for n in first}
-    acts = []
-    for e, r in enumerate(rows):
-        xe = mx.array(x[r])
-        outs = []
-        for n in first:
-            proj = getattr(switch, n)
-            y = xe @ proj.weight[e].astype(mx.float32).T
-            if "bias" in proj:
-                y = y + proj.bias[e].astype(mx.float32)
-            outs.append(y)
-        acts.append(np.array(switch.activation(*outs[::-1]) if len(outs) == 2 else switch.activation(outs[0])))
-    inputs[last] = acts
-    return inputs
-
-
 def _write_experts(
     writer: StoreWriter,
     layer: int,
-    switch: nn.Module,
-    x: np.ndarray,
-    indices: np.ndarray,
+    experts: calibrate.Experts,
     spec: mwq.MWQSpec,
     method: str | None,
     workers: int | None,
 ) -> dict[str, dict]:
     """MWQ-quantise every expert of one switch module and write one file per component."""
-    names = projection_names(switch)
-    num_experts = getattr(switch, names[0]).weight.shape[0]
-    rows = calibrate.expert_rows(indices, num_experts)
-    inputs = _expert_inputs(switch, x, rows)  # gate and up share one list
-    priors = {id(inputs[n]): calibrate.layer_hessian(inputs[n]) for n in names}
+    names, inputs = experts.names, experts.inputs
+    priors = {id(inputs[n]): calibrate.layer_hessian(inputs[n]) for n in names}  # gate/up share theirs
     kwargs = {"method": method} if method else {}
-    stacks = {n: np.array(getattr(switch, n).weight.astype(mx.float32)) for n in names}
-    biases = {
-        n: np.array(getattr(switch, n).bias.astype(mx.float32)) for n in names if "bias" in getattr(switch, n)
-    }
-    shapes = {n: {"shape": list(stacks[n].shape[1:]), "bias": n in biases} for n in names}
-    _free_experts(switch)  # numpy holds them now
 
     def quantize_expert(e: int) -> list[dict[str, np.ndarray]]:
         blocks = [dict() for _ in range(spec.num_levels)]
-        hessians: dict[int, np.ndarray] = {}  # per distinct input (gate/up share theirs)
+        hessians: dict[int, np.ndarray] = {}
         for n in names:
             key = id(inputs[n])
             if key not in hessians:
-                hessians[key] = calibrate.shrunk_hessian(inputs[n][e], priors[key])
-            comps = mwq.quantize_mwq(stacks[n][e], spec, hessians[key], **kwargs)
+                hessians[key] = calibrate.expert_hessian(inputs[n][e], priors[key])
+            comps = mwq.quantize_mwq(experts.weights[n][e], spec, hessians[key], **kwargs)
             for c, comp in enumerate(comps):
                 for name, value in mwq.pack_component(comp).items():
                     blocks[c][f"{n}.{name}"] = value
-            if n in biases:
-                blocks[0][f"{n}.bias"] = biases[n][e].astype(np.float32)
+            if n in experts.biases:
+                blocks[0][f"{n}.bias"] = experts.biases[n][e]
         return blocks
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        per_expert = list(pool.map(quantize_expert, range(num_experts)))
-    del stacks
+        per_expert = list(pool.map(quantize_expert, range(experts.num_experts)))
     for c in range(spec.num_levels):
         writer.write_expert_file(layer, c, [blocks[c] for blocks in per_expert])
-    return shapes
+    return {n: {"shape": list(experts.weights[n].shape[1:]), "bias": n in experts.biases} for n in names}
 
 
 def _store_sizes(path: Path) -> tuple[int, int]:

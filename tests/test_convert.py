@@ -34,6 +34,33 @@ def _run_python(code: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], **kwargs)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_numpy_expert_forward_matches_mlx_lm_switch(family, hf_checkpoint):
+    """Calibration computes experts with numpy; it must equal mlx-lm's SwitchGLU (gpt_oss: biases, clamped SwiGLU)."""
+    import mlx.core as mx
+
+    from d2moe_mlx.convert import calibrate
+    from d2moe_mlx.convert.hf_config import load_mlx_reference
+    from d2moe_mlx.moe import switch_modules
+
+    model, _ = load_mlx_reference(hf_checkpoint(family))
+    model.set_dtype(mx.float32)
+    _, switch = switch_modules(model)[0]
+    x = mx.random.normal((2, 40, switch.gate_proj.weight.shape[-1]), key=mx.random.key(1)) * 2
+    num_experts = switch.gate_proj.weight.shape[0]
+    first = mx.random.randint(0, num_experts, (2, 40, 1), key=mx.random.key(2))
+    step = mx.random.randint(1, num_experts, (2, 40, 1), key=mx.random.key(3))
+    idx = mx.concatenate([first, (first + step) % num_experts], axis=-1)  # two distinct experts per token
+    want = switch(x, idx)
+    mx.eval(want)
+    experts = calibrate.take_experts(switch)
+    got = calibrate.experts_forward(experts, x, idx)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4, rtol=1e-4)
+    for e in range(experts.num_experts):
+        routed = experts.inputs["gate_proj"][e]
+        assert len(routed) == int((np.array(idx) == e).sum())
+
+
 def test_calibration_statistics_and_manifest(qwen3, tmp_path):
     report = convert(qwen3, tmp_path / "s", **FAST)
     with Store.open(report.path) as store:
