@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -45,7 +46,13 @@ def demo_store(fresh: bool = False, echo: Callable[..., object] = click.echo) ->
             echo(f"cached store unusable ({e}); converting again")
     out.parent.mkdir(parents=True, exist_ok=True)
     echo(f"converting the bundled tiny MoE into {out} ...")
-    report = convert(bundled_model(), out, overwrite=True)
+    with click.progressbar(length=1, label="layers", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        report = convert(bundled_model(), out, overwrite=True, progress=progress)
     echo(
         f"  experts {format_bytes(report.expert_bytes)} + dense {format_bytes(report.dense_bytes)}, "
         f"{report.seconds:.1f} s, converter peak RSS {format_bytes(report.peak_rss)}"

@@ -1,5 +1,6 @@
 """Shared test setup: CPU MLX, scripts/ importable, cached tiny HF checkpoints."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,13 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-mx.set_default_device(mx.cpu)
+# CPU by default (CI has no GPU). D2MOE_TEST_DEVICE=gpu runs the suite on MLX's
+# GPU backend (CUDA on the lent H100, Metal on a Mac) under a memory limit.
+if os.environ.get("D2MOE_TEST_DEVICE", "cpu") == "gpu":
+    mx.set_default_device(mx.gpu)
+    mx.set_memory_limit(int(os.environ.get("D2MOE_TEST_MEMORY_GB", "24")) << 30)
+else:
+    mx.set_default_device(mx.cpu)
 
 
 @pytest.fixture(scope="session")
