@@ -16,17 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-FAMILIES = (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "gpt_oss",
-    "granitemoe",
-    "phimoe",
-)
+from d2moe_mlx.convert.hf_config import SUPPORTED_FAMILIES as FAMILIES  # one list of families
 
 # Shared by every family: expert input dims (hidden 64, expert intermediate 128)
 # are multiples of the quantizer's group size 64.
