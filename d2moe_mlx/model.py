@@ -121,25 +121,26 @@ def install_experts(model: nn.Module, store: Store, spec: mwq.MWQSpec, level: in
             for c, stack in enumerate(stacks):
                 packed = {k.split(".", 1)[1]: v for k, v in stack.items() if k.startswith(name + ".")}
                 packed.pop("bias", None)
-                bits = spec.base_bits if c == 0 else spec.plane_bits[c - 1]
-                comps.append(mwq.component_to_mlx(packed, bits, dtype))
+                comps.append(mwq.component_to_mlx(packed, spec.component_bits(c), dtype))
             bias = stacks[0].get(f"{name}.bias")
             bias = mx.array(bias).astype(dtype) if bias is not None else None
+            _check_shapes(store, path, name, old, comps)
             new = MWQSwitchLinear(comps, spec.group_size, old.weight.shape[-1], bias=bias)
-            _check_shapes(store, path, name, old, new)
             mx.eval(list(new.arrays()))
             setattr(switch, name, new)
         del stacks
 
 
-def _check_shapes(store: Store, path: str, name: str, old: nn.Module, new: MWQSwitchLinear) -> None:
-    want = tuple(old.weight.shape[:2])
-    got = (new.num_experts, new.output_dims)
-    if want != got:
-        raise StoreError(
-            f"{store.path}: {path}.{name} holds {got[0]} experts x {got[1]} outputs, "
-            f"the model's config needs {want[0]} x {want[1]}; the store does not belong to this config"
-        )
+def _check_shapes(store: Store, path: str, name: str, old: nn.Module, comps: list) -> None:
+    """Each component must hold [experts, out, in] as the model's config implies."""
+    want = tuple(old.weight.shape)
+    for c, (weight, _, _, bits) in enumerate(comps):
+        got = (*weight.shape[:2], weight.shape[2] * 32 // bits)
+        if got != want:
+            raise StoreError(
+                f"{store.path}: {path}.{name} component {c} holds experts x out x in = {got}, "
+                f"the model's config needs {want}; the store does not belong to this config"
+            )
 
 
 def _dtype(name: str) -> mx.Dtype:

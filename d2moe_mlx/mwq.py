@@ -64,6 +64,12 @@ class MWQSpec:
     def num_levels(self) -> int:
         return 1 + len(self.plane_bits)
 
+    def component_bits(self, component: int) -> int:
+        """Bits of stored component ``component`` (0 = base, then each plane)."""
+        if not 0 <= component < self.num_levels:
+            raise ValueError(f"component {component} out of range [0, {self.num_levels})")
+        return self.base_bits if component == 0 else self.plane_bits[component - 1]
+
     def level_bits(self, level: int) -> int:
         """Nominal code bits of ``level`` (0 = base only)."""
         if not 0 <= level < self.num_levels:

@@ -54,3 +54,18 @@ def test_bad_paths_and_levels(store, tmp_path, hf_checkpoint):
         d2moe_mlx.load(tmp_path)
     with pytest.raises(ValueError, match="level 7 does not exist"):
         d2moe_mlx.load(store, level=7)
+
+
+def test_store_config_mismatch_is_refused(store, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    original = (copy / "config.json").read_text()
+    config = json.loads(original)
+    config["moe_intermediate_size"] //= 2
+    text = json.dumps(config)
+    (copy / "config.json").write_text(text + " " * (len(original) - len(text)))  # same size: passes open()
+    with pytest.raises(StoreError, match="does not belong to this config"):
+        d2moe_mlx.load_model(copy)

@@ -55,7 +55,7 @@ def _reference_at_level(ckpt, store_path, level):
                 for e in range(num_experts):
                     comps = []
                     for c, stack in enumerate(stacks):
-                        bits = spec.base_bits if c == 0 else spec.plane_bits[c - 1]
+                        bits = spec.component_bits(c)
                         packed = {k.split(".", 1)[1]: v[e] for k, v in stack.items() if k.startswith(name + ".")}
                         packed.pop("bias", None)
                         comps.append(mwq.unpack_component(packed, bits, (out_dims, in_dims)))
