@@ -104,15 +104,17 @@ def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tupl
 
 @dataclass
 class Experts:
-    """One switch module's expert weights as float32 numpy stacks, and what they saw.
+    """One switch module's expert weights as numpy stacks, and what they saw.
 
-    ``inputs[p][e]`` holds the rows projection ``p`` of expert ``e`` received
-    during calibration (gate and up share one list; down sees the activation).
+    The stacks keep the checkpoint's precision (bfloat16 as its raw uint16
+    words); :meth:`weight` gives one expert in float32. ``inputs[p][e]`` holds
+    the rows projection ``p`` of expert ``e`` received during calibration (gate
+    and up share one list; down sees the activation).
     """
 
     names: tuple[str, ...]
-    weights: dict[str, np.ndarray]  # [E, out, in]
-    biases: dict[str, np.ndarray]  # [E, out], projections with a bias only
+    stacks: dict[str, np.ndarray]  # [E, out, in] float32, float16 or bfloat16 bits (uint16)
+    biases: dict[str, np.ndarray]  # [E, out] float32, projections with a bias only
     activation: Callable
     x: np.ndarray | None = None  # [N, hidden] the switch's input rows
     indices: np.ndarray | None = None  # [N, k]
@@ -120,26 +122,39 @@ class Experts:
 
     @property
     def num_experts(self) -> int:
-        return self.weights[self.names[0]].shape[0]
+        return self.stacks[self.names[0]].shape[0]
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """[out, in] of projection ``name``."""
+        return tuple(self.stacks[name].shape[1:])
+
+    def weight(self, name: str, expert: int) -> np.ndarray:
+        """Expert ``expert``'s ``name`` weight in float32 [out, in]."""
+        w = self.stacks[name][expert]
+        if w.dtype == np.uint16:  # bfloat16: the high half of a float32
+            return (w.astype(np.uint32) << 16).view(np.float32)
+        return w.astype(np.float32)
 
 
 def take_experts(switch: nn.Module) -> Experts:
-    """Move a switch module's expert stacks into numpy float32, freeing the MLX arrays."""
+    """Move a switch module's expert stacks into numpy (same precision), freeing the MLX arrays."""
     names = projection_names(switch)
-    weights, biases = {}, {}
+    stacks, biases = {}, {}
     for name in names:
         proj = getattr(switch, name)
-        for key, store in (("weight", weights), ("bias", biases)):
-            if key not in proj:
-                continue
-            value = proj[key]
-            mx.eval(value)
-            stack = np.empty(value.shape, np.float32)
-            for e in range(value.shape[0]):  # one expert at a time: no second float32 copy in MLX
-                stack[e] = np.array(value[e].astype(mx.float32))
-            store[name] = stack
-            proj[key] = mx.zeros((0,), dtype=value.dtype)
-    return Experts(names, weights, biases, switch.activation)
+        weight = proj.weight
+        mx.eval(weight)
+        if weight.dtype == mx.bfloat16:
+            stacks[name] = np.array(weight.view(mx.uint16))
+        elif weight.dtype in (mx.float16, mx.float32):
+            stacks[name] = np.array(weight)
+        else:
+            stacks[name] = np.array(weight.astype(mx.float32))
+        proj.weight = mx.zeros((0,), dtype=weight.dtype)
+        if "bias" in proj:
+            biases[name] = np.array(proj.bias.astype(mx.float32))
+            proj.bias = mx.zeros((0,), dtype=proj.bias.dtype)
+    return Experts(names, stacks, biases, switch.activation)
 
 
 def experts_forward(experts: Experts, x: mx.array, indices: mx.array) -> mx.array:
@@ -151,7 +166,7 @@ def experts_forward(experts: Experts, x: mx.array, indices: mx.array) -> mx.arra
     first, last = experts.names[:-1], experts.names[-1]
     xs = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
     idx = np.array(indices).reshape(-1, indices.shape[-1])
-    out_dims = experts.weights[last].shape[1]
+    out_dims = experts.shape(last)[0]
     out = np.zeros((*idx.shape, out_dims), np.float32)
     routed, acts = [], []
     for e in range(experts.num_experts):
@@ -159,12 +174,12 @@ def experts_forward(experts: Experts, x: mx.array, indices: mx.array) -> mx.arra
         xe = xs[tok]
         ys = []
         for n in first:
-            y = xe @ experts.weights[n][e].T
+            y = xe @ experts.weight(n, e).T
             ys.append(y + experts.biases[n][e] if n in experts.biases else y)
         # SwitchGLU calls activation(x_up, x_gate); its projections are (gate, up, down).
         a = experts.activation(*[mx.array(y) for y in ys[::-1]])
         a = np.array(a.astype(mx.float32))
-        y = a @ experts.weights[last][e].T
+        y = a @ experts.weight(last, e).T
         out[tok, slot] = y + experts.biases[last][e] if last in experts.biases else y
         routed.append(xe)
         acts.append(a)

@@ -296,7 +296,7 @@ def _write_experts(
             key = id(inputs[n])
             if key not in hessians:
                 hessians[key] = calibrate.expert_hessian(inputs[n][e], priors[key])
-            comps = mwq.quantize_mwq(experts.weights[n][e], spec, hessians[key], **kwargs)
+            comps = mwq.quantize_mwq(experts.weight(n, e), spec, hessians[key], **kwargs)
             for c, comp in enumerate(comps):
                 for name, value in mwq.pack_component(comp).items():
                     blocks[c][f"{n}.{name}"] = value
@@ -308,7 +308,7 @@ def _write_experts(
         per_expert = list(pool.map(quantize_expert, range(experts.num_experts)))
     for c in range(spec.num_levels):
         writer.write_expert_file(layer, c, [blocks[c] for blocks in per_expert])
-    return {n: {"shape": list(experts.weights[n].shape[1:]), "bias": n in experts.biases} for n in names}
+    return {n: {"shape": list(experts.shape(n)), "bias": n in experts.biases} for n in names}
 
 
 def _store_sizes(path: Path) -> tuple[int, int]:

@@ -34,8 +34,8 @@ def _run_python(code: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], **kwargs)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_numpy_expert_forward_matches_mlx_lm_switch(family, hf_checkpoint):
+@pytest.mark.parametrize("family,dtype", [("qwen3_moe", "float32"), ("qwen3_moe", "bfloat16"), ("gpt_oss", "float32")])
+def test_numpy_expert_forward_matches_mlx_lm_switch(family, dtype, hf_checkpoint):
     """Calibration computes experts with numpy; it must equal mlx-lm's SwitchGLU (gpt_oss: biases, clamped SwiGLU)."""
     import mlx.core as mx
 
@@ -44,7 +44,8 @@ def test_numpy_expert_forward_matches_mlx_lm_switch(family, hf_checkpoint):
     from d2moe_mlx.moe import switch_modules
 
     model, _ = load_mlx_reference(hf_checkpoint(family))
-    model.set_dtype(mx.float32)
+    model.set_dtype(getattr(mx, dtype))  # bfloat16 weights reach the quantizer as raw bits
+    model.set_dtype(mx.float32)  # exact: the reference computes on the same values
     _, switch = switch_modules(model)[0]
     x = mx.random.normal((2, 40, switch.gate_proj.weight.shape[-1]), key=mx.random.key(1)) * 2
     num_experts = switch.gate_proj.weight.shape[0]
@@ -53,6 +54,7 @@ def test_numpy_expert_forward_matches_mlx_lm_switch(family, hf_checkpoint):
     idx = mx.concatenate([first, (first + step) % num_experts], axis=-1)  # two distinct experts per token
     want = switch(x, idx)
     mx.eval(want)
+    switch.set_dtype(getattr(mx, dtype))
     experts = calibrate.take_experts(switch)
     got = calibrate.experts_forward(experts, x, idx)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4, rtol=1e-4)
