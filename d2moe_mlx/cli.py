@@ -193,7 +193,7 @@ def inspect(store, verify, as_json):
     from .inspect import describe
 
     try:
-        summary, problems = describe(store, verify=verify, progress=not as_json)
+        summary, problems = describe(store, verify=verify, progress=not as_json and sys.stderr.isatty())
     except Exception as e:  # StoreError and friends: one readable line
         _fail(str(e))
     if as_json:
