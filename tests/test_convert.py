@@ -253,3 +253,16 @@ def test_corrupted_store_never_loads_garbage(qwen3, tmp_path):
     victim.unlink()
     with pytest.raises(StoreError, match="L001.c1.bin"):
         load_model(report.path, dtype="float32")
+
+
+@pytest.mark.parametrize("layout", [{"fused_experts": True}, {"max_shard_size": "200KB"}])
+def test_checkpoint_layouts_convert_to_identical_stores(layout, hf_checkpoint, tmp_path):
+    """transformers-5 fused experts and multi-shard checkpoints give the same store as the hub layout."""
+    family = "mixtral" if "max_shard_size" in layout else "qwen3_moe"
+    reference = convert(hf_checkpoint(family), tmp_path / "hub", **FAST)
+    other = convert(hf_checkpoint(family, **layout), tmp_path / "other", **FAST)
+    if "max_shard_size" in layout:
+        assert len(list(hf_checkpoint(family, **layout).glob("*.safetensors"))) > 1
+    with Store.open(reference.path) as a, Store.open(other.path) as b:
+        assert a.manifest["experts"] == b.manifest["experts"]  # every block's layout and checksum
+        assert a.manifest["files"]["config.json"] == b.manifest["files"]["config.json"]
