@@ -21,11 +21,12 @@ from d2moe_mlx.moe import MWQSwitchLinear, projection_names, switch_modules
 from d2moe_mlx.store.reader import Store
 
 # (a) is the same maths computed two ways (gather_qmm on packed codes vs a
-# dense matmul on numpy-decoded weights): float32 rounding only.
-LEVEL_MATCH_ATOL = 2e-4
-# (b) relative L2 distance of the top level's logits to full precision on
-# random tiny models (2+1+1-bit experts, dense weights unquantized).
-TOP_LEVEL_REL_ERR = 0.25
+# dense matmul on numpy-decoded weights): float32 rounding only (seen: <= 1.1e-6).
+LEVEL_MATCH_ATOL = 2e-5
+# (b) relative L2 distance of the top level's logits to full precision on the
+# random tiny models, default levels 2 -> 4 -> 8 bits, dense weights unquantized
+# (seen: 0.0007 granitemoe .. 0.0048 deepseek_v3 at the top level).
+TOP_LEVEL_REL_ERR = 0.02
 
 TOKENS = mx.array([[3, 17, 42, 99, 5, 63, 120, 7, 88, 31, 2, 77, 19, 54, 101, 11]])
 
