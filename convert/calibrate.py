@@ -48,7 +48,7 @@ def calibration_tokens(
         # Paragraph by paragraph: the tokenizer warns about texts longer than the model's context.
         ids = [i for part in text.split("\n\n") if part.strip() for i in tokenizer.encode(part + "\n\n")]
         ids = [i for i in ids if 0 <= i < vocab_size]
-        note = f"{len(ids)} tokens of text"
+        note = f"text ({len(ids)} tokens available)"
     if len(ids) < batch * seq_len:
         rng = np.random.default_rng(seed)
         missing = batch * seq_len - len(ids)

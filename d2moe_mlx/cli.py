@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .mwq import METHODS
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -47,10 +48,10 @@ def main() -> None:
 @main.command()
 @click.argument("src")
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Store directory to create.")
-@click.option("--levels", default=None, help="Bits per MWQ level, e.g. 2,3,4 (base 2 bits + two 1-bit planes). Default: the measured default of docs/QUANTIZATION.md.")
-@click.option("--planes", type=click.Choice(["binary", "affine"]), default="binary", show_default=True, help="Residual planes: D²MoE binary ±1 planes, or affine residual planes.")
+@click.option("--levels", default=None, help="Total bits per MWQ level, e.g. 2,4,8 (2-bit base + 2- and 4-bit affine planes; the measured default, docs/QUANTIZATION.md) or 2,3,4 (D²MoE: two binary ±1 planes).")
+@click.option("--planes", type=click.Choice(["affine", "binary"]), default="affine", show_default=True, help="Residual planes: a 1-bit step is always a D²MoE binary ±1 plane, wider steps affine planes; 'binary' insists every step is 1 bit.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Weights per quantization group (scales/zeros per group).")
-@click.option("--method", default=None, help="MWQ fitting method (see docs/QUANTIZATION.md); default: the measured default.")
+@click.option("--method", type=click.Choice(METHODS), default=None, help="MWQ fit (docs/QUANTIZATION.md): ls (default) picks greedy or nested per group; rtn is fastest; gptq is 4-10x slower.")
 @click.option("--dense-bits", type=click.Choice(["0", "2", "3", "4", "5", "6", "8"]), default="8", show_default=True, help="mlx-lm affine quantization of the non-expert weights; 0 keeps them in --dtype.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None, help="dtype of unquantized weights. Default: the checkpoint's.")
 @click.option("--calib", "calib", type=click.Path(exists=True, dir_okay=False), default=None, help="Calibration text file. Default: the text shipped with d2moe.")
