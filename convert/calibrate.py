@@ -278,25 +278,30 @@ def layer_statistics(indices: np.ndarray, scores: np.ndarray | None, num_experts
     return stats
 
 
-def layer_hessian(inputs: list[np.ndarray]) -> np.ndarray:
-    """X^T X / n over the input rows of all of a layer's experts (float64)."""
-    width = inputs[0].shape[1]
-    gram = np.zeros((width, width))
-    for a in inputs:
-        a64 = a.astype(np.float64)
-        gram += a64.T @ a64
+def _gram(x: np.ndarray, group_size: int | None) -> np.ndarray:
+    """X^T X (float64): full, or only its diagonal blocks when ``group_size`` is given."""
+    if group_size:
+        return mwq.hessian_blocks(x, group_size) * len(x)
+    x64 = x.astype(np.float64)
+    return x64.T @ x64
+
+
+def layer_hessian(inputs: list[np.ndarray], group_size: int | None = None) -> np.ndarray:
+    """X^T X / n over the input rows of all of a layer's experts (float64).
+
+    With ``group_size``, only the diagonal blocks [G, gs, gs] the MWQ fits read
+    (all but GPTQ): in/gs times cheaper to build and hold.
+    """
+    gram = sum(_gram(a, group_size) for a in inputs)
     return gram / max(sum(len(a) for a in inputs), 1)
 
 
-def expert_hessian(x: np.ndarray, layer_h: np.ndarray) -> np.ndarray:
+def expert_hessian(x: np.ndarray, layer_h: np.ndarray, group_size: int | None = None) -> np.ndarray:
     """H_e = X_e^T X_e / n_e for one expert's rows, blended with the layer's H.
 
     Rarely routed experts lean on the layer's Hessian (``mwq.blend_hessian``):
     the H of a few tokens over-fits the scales.
     """
     n = len(x)
-    h = None
-    if n:
-        x64 = x.astype(np.float64)
-        h = x64.T @ x64 / n
+    h = _gram(x, group_size) / n if n else None
     return mwq.blend_hessian(h, n, layer_h)

@@ -286,7 +286,8 @@ def _write_experts(
 ) -> dict[str, dict]:
     """MWQ-quantise every expert of one switch module and write one file per component."""
     names, inputs = experts.names, experts.inputs
-    priors = {id(inputs[n]): calibrate.layer_hessian(inputs[n]) for n in names}  # gate/up share theirs
+    blocks_of = None if method == "gptq" else spec.group_size  # only GPTQ reads the full H
+    priors = {id(inputs[n]): calibrate.layer_hessian(inputs[n], blocks_of) for n in names}  # gate/up share
     kwargs = {"method": method} if method else {}
 
     def quantize_expert(e: int) -> list[dict[str, np.ndarray]]:
@@ -295,7 +296,7 @@ def _write_experts(
         for n in names:
             key = id(inputs[n])
             if key not in hessians:
-                hessians[key] = calibrate.expert_hessian(inputs[n][e], priors[key])
+                hessians[key] = calibrate.expert_hessian(inputs[n][e], priors[key], blocks_of)
             comps = mwq.quantize_mwq(experts.weight(n, e), spec, hessians[key], **kwargs)
             for c, comp in enumerate(comps):
                 for name, value in mwq.pack_component(comp).items():

@@ -148,21 +148,43 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return np.clip(x, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
 
 
+def hessian_blocks(x: np.ndarray, group_size: int) -> np.ndarray:
+    """The diagonal blocks [G, gs, gs] of X^T X / n for inputs ``x`` [n, in] (float64).
+
+    All the fits but GPTQ read only these blocks, and they cost n·in·gs
+    instead of n·in² to build; ``quantize_mwq`` accepts them as ``hessian``.
+    """
+    n, in_dim = x.shape
+    xg = x.astype(np.float64).reshape(n, in_dim // group_size, group_size)
+    return np.einsum("ngi,ngj->gij", xg, xg) / max(n, 1)
+
+
 def _blocks(h: np.ndarray | None, in_dim: int, gs: int) -> np.ndarray | None:
-    """Dampened diagonal blocks [G, gs, gs] of the hessian (None = identity)."""
+    """Dampened diagonal blocks [G, gs, gs] of the hessian (None = identity).
+
+    ``h`` is the full [in, in] hessian or already its diagonal blocks [G, gs, gs].
+    """
     if h is None:
         return None
     h = np.asarray(h)
-    if h.shape != (in_dim, in_dim):
-        raise ValueError(f"hessian shape {h.shape} does not match in={in_dim}")
+    g = in_dim // gs
+    if h.shape not in ((in_dim, in_dim), (g, gs, gs)):
+        raise ValueError(
+            f"hessian shape {h.shape} does not match in={in_dim}: give [in, in] or its "
+            f"diagonal blocks [{g}, {gs}, {gs}]"
+        )
     if not np.all(np.isfinite(h)):
         raise ValueError("hessian contains NaN or inf")
-    mean = float(np.clip(np.diag(h), 0.0, None).astype(np.float64).mean())
+    if h.ndim == 3:
+        diag = np.diagonal(h, axis1=1, axis2=2)
+        hb = h.astype(np.float32)
+    else:
+        diag = np.diag(h)
+        idx = np.arange(g)
+        hb = h.reshape(g, gs, g, gs)[idx, :, idx, :].astype(np.float32)
+    mean = float(np.clip(diag, 0.0, None).astype(np.float64).mean())
     if not mean > 0:  # no calibration data: plain weight error
         return None
-    g = in_dim // gs
-    idx = np.arange(g)
-    hb = h.reshape(g, gs, g, gs)[idx, :, idx, :].astype(np.float32)
     hb = 0.5 * (hb + hb.transpose(0, 2, 1))
     # Dead channels get the damping floor: their weights still count a little.
     hb += np.eye(gs, dtype=np.float32) * np.float32(_DAMP * mean)
@@ -361,6 +383,8 @@ def quantize_mwq(
         fits = [tuple(np.where(take[..., None] if x.ndim == 3 else take, y, x)
                       for x, y in zip(fa, fb)) for fa, fb in zip(ga, gb)]
     else:
+        if method == "gptq" and hb is not None and np.ndim(hessian) != 2:
+            raise ValueError("method='gptq' needs the full [in, in] hessian, not its diagonal blocks")
         hinv = _gptq_hinv(hessian) if method == "gptq" and hb is not None else None
         fits, _ = _fit_levels(wg, spec, hb, hinv, method)
     comps = []

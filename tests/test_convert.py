@@ -266,3 +266,9 @@ def test_checkpoint_layouts_convert_to_identical_stores(layout, hf_checkpoint, t
     with Store.open(reference.path) as a, Store.open(other.path) as b:
         assert a.manifest["experts"] == b.manifest["experts"]  # every block's layout and checksum
         assert a.manifest["files"]["config.json"] == b.manifest["files"]["config.json"]
+
+
+def test_gptq_conversion_uses_the_full_hessian(qwen3, tmp_path):
+    report = convert(qwen3, tmp_path / "s", method="gptq", **FAST)
+    with Store.open(report.path) as store:
+        assert store.verify() == []

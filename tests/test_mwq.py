@@ -265,3 +265,25 @@ def test_blend_hessian_rescues_rare_experts():
     blended = quantize_mwq(w, spec, blend_hessian(h_few, 2, h_layer))
     top = spec.num_levels - 1
     assert out_err(w, reconstruct(blended, 64, top), h_layer) < out_err(w, reconstruct(own, 64, top), h_layer)
+
+
+def test_hessian_blocks_give_the_same_fit_as_the_full_hessian():
+    """The converter passes only H's diagonal blocks (what every fit but GPTQ reads)."""
+    from d2moe_mlx.mwq import hessian_blocks
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(4, (64, 256)) * 0.02).astype(np.float32)
+    x = (rng.standard_normal((300, 256)) * (1 + 3 * rng.random(256))).astype(np.float32)
+    full = (x.astype(np.float64).T @ x / len(x)).astype(np.float32)
+    blocks = hessian_blocks(x, 64).astype(np.float32)
+    np.testing.assert_allclose(blocks[1], full[64:128, 64:128], rtol=1e-5, atol=1e-6)
+    for method in ("ls", "greedy", "nested"):
+        a = quantize_mwq(w, DEFAULT_SPEC, full, method=method)
+        b = quantize_mwq(w, DEFAULT_SPEC, blocks, method=method)
+        for ca, cb in zip(a, b):
+            np.testing.assert_array_equal(ca.codes, cb.codes)
+            np.testing.assert_array_equal(ca.scales, cb.scales)
+    with pytest.raises(ValueError, match="full"):
+        quantize_mwq(w, DEFAULT_SPEC, blocks, method="gptq")
+    with pytest.raises(ValueError, match="does not match"):
+        quantize_mwq(w, DEFAULT_SPEC, blocks[:2])
