@@ -21,7 +21,8 @@ import mlx.nn as nn
 import numpy as np
 
 from d2moe_mlx import mwq
-from d2moe_mlx.moe import projection_names
+from d2moe_mlx.moe import decoder_layers, projection_names
+from d2moe_mlx.trace import SIGMOID_TYPES
 
 def default_calibration_text() -> str:
     """The calibration text shipped with the package (held-out text of the tiny model's corpus)."""
@@ -68,15 +69,6 @@ class _LayerProbe(nn.Module):
     def __call__(self, x, *args, **kwargs):
         self._record.append((x, args, kwargs))
         return x
-
-
-def decoder_layers(model: nn.Module) -> list:
-    """The model's list of decoder layers (the real list, so it can be edited in place)."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, list):
-        raise ValueError(f"{type(model).__module__} has no model.layers list")
-    return layers
 
 
 def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tuple[tuple, dict]]]:
@@ -257,7 +249,7 @@ def router_scores(
             bias = module.get("bias")
             if isinstance(bias, mx.array) and bias.shape == (num_experts,):
                 logits = logits + bias.astype(mx.float32)
-            if config.get("scoring_func") == "sigmoid":
+            if config.get("scoring_func") == "sigmoid" or config.get("model_type") in SIGMOID_TYPES:
                 probs = mx.sigmoid(logits)
             else:
                 probs = mx.softmax(logits, axis=-1)

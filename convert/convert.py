@@ -26,7 +26,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from d2moe_mlx import __version__, mwq
 from d2moe_mlx.model import DTYPES
 from d2moe_mlx.memory import peak_rss_bytes
-from d2moe_mlx.moe import layer_of, projection_names, switch_modules
+from d2moe_mlx.moe import decoder_layers, layer_of, projection_names, switch_modules
 from d2moe_mlx.store.writer import StoreWriter
 
 from . import calibrate, source
@@ -86,7 +86,7 @@ def convert(
             f"model type {config['model_type']!r} has no mlx-lm SwitchGLU experts; d2moe converts MoE models only"
         )
     num_experts = _check_dims(model, switches, spec)
-    layers = calibrate.decoder_layers(model)
+    layers = decoder_layers(model)
     by_layer, rest = source.split_by_layer(weights)
     expected = set(range(len(layers)))
     if set(by_layer) != expected:
@@ -160,7 +160,7 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
     layer_path = f"model.layers.{l}"
     _load_subset(model, config, subset, prefix=layer_path)
     subset.clear()  # the model holds what it needs; drop the checkpoint's arrays
-    layers = calibrate.decoder_layers(model)
+    layers = decoder_layers(model)
     experts = {sw_path: calibrate.take_experts(calibrate.get_module(model, sw_path))} if sw_path else {}
     layers[l].set_dtype(mx.float32)
     h_next = calibrate.run_layer(model, l, h, call, experts)

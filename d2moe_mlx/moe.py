@@ -126,6 +126,17 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def decoder_layers(model: nn.Module) -> list:
+    """The model's list of decoder layers (the real list, so it can be edited in place)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, list):
+        layers = getattr(model, "layers", None)
+    if not isinstance(layers, list):
+        raise ValueError(f"{type(model).__module__}: no model.layers list of decoder layers")
+    return layers
+
+
 def mwq_layers(model: nn.Module) -> Iterator[MWQSwitchLinear]:
     """Every MWQSwitchLinear installed in ``model``."""
     for _, module in model.named_modules():

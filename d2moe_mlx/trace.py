@@ -20,6 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .moe import decoder_layers
+
 BLOCK_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe", "ffn")
 ROUTER_NAMES = ("gate", "router")
 EXPERT_NAMES = ("switch_mlp", "experts")
@@ -61,19 +63,10 @@ class _ExpertTap(nn.Module):
         return self.inner(x, indices, *args, **kwargs)
 
 
-def _decoder_layers(model: nn.Module) -> list:
-    layers = getattr(model, "layers", None)
-    if layers is None and hasattr(model, "model"):
-        layers = getattr(model.model, "layers", None)
-    if layers is None:
-        raise ValueError("record_trace: model has no .layers or .model.layers")
-    return list(layers)
-
-
 def find_moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module, str, str]]:
     """(layer index, block, router attribute, experts attribute) for each MoE layer."""
     found = []
-    for i, layer in enumerate(_decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model)):
         for name in BLOCK_NAMES:
             block = layer.get(name) if isinstance(layer, dict) else None
             if not isinstance(block, nn.Module):
