@@ -24,6 +24,7 @@ from d2moe_mlx import mwq
 from d2moe_mlx.moe import decoder_layers, projection_names
 from d2moe_mlx.trace import SIGMOID_TYPES
 
+
 def default_calibration_text() -> str:
     """The calibration text shipped with the package (held-out text of the tiny model's corpus)."""
     return resources.files("d2moe_mlx").joinpath("assets/calib.txt").read_text(encoding="utf-8")

@@ -47,19 +47,77 @@ def main() -> None:
 
 @main.command()
 @click.argument("src")
-@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Store directory to create.")
-@click.option("--levels", default=None, help="Total bits per MWQ level, e.g. 2,4,8 (2-bit base + 2- and 4-bit affine planes; the measured default, docs/QUANTIZATION.md) or 2,3,4 (D²MoE: two binary ±1 planes).")
-@click.option("--planes", type=click.Choice(["affine", "binary"]), default="affine", show_default=True, help="Residual planes: a 1-bit step is always a D²MoE binary ±1 plane, wider steps affine planes; 'binary' insists every step is 1 bit.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Weights per quantization group (scales/zeros per group).")
-@click.option("--method", type=click.Choice(METHODS), default=None, help="MWQ fit (docs/QUANTIZATION.md): ls (default) picks greedy or nested per group; rtn is fastest; gptq is 4-10x slower.")
-@click.option("--dense-bits", type=click.Choice(["0", "2", "3", "4", "5", "6", "8"]), default="8", show_default=True, help="mlx-lm affine quantization of the non-expert weights; 0 keeps them in --dtype.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None, help="dtype of unquantized weights. Default: the checkpoint's.")
-@click.option("--calib", "calib", type=click.Path(exists=True, dir_okay=False), default=None, help="Calibration text file. Default: the text shipped with d2moe.")
-@click.option("--calib-tokens", type=click.IntRange(16), default=2048, show_default=True, help="Calibration tokens.")
-@click.option("--seq-len", type=click.IntRange(8), default=256, show_default=True, help="Calibration sequence length.")
+@click.option(
+    "-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Store directory to create."
+)
+@click.option(
+    "--levels",
+    default=None,
+    help="Total bits per MWQ level, e.g. 2,4,8 (2-bit base + 2- and 4-bit affine planes; the measured default, docs/QUANTIZATION.md) or 2,3,4 (D²MoE: two binary ±1 planes).",
+)
+@click.option(
+    "--planes",
+    type=click.Choice(["affine", "binary"]),
+    default="affine",
+    show_default=True,
+    help="Residual planes: a 1-bit step is always a D²MoE binary ±1 plane, wider steps affine planes; 'binary' insists every step is 1 bit.",
+)
+@click.option(
+    "--group-size",
+    type=click.Choice(["32", "64", "128"]),
+    default="64",
+    show_default=True,
+    help="Weights per quantization group (scales/zeros per group).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default=None,
+    help="MWQ fit (docs/QUANTIZATION.md): ls (default) picks greedy or nested per group; rtn is fastest; gptq is 4-10x slower.",
+)
+@click.option(
+    "--dense-bits",
+    type=click.Choice(["0", "2", "3", "4", "5", "6", "8"]),
+    default="8",
+    show_default=True,
+    help="mlx-lm affine quantization of the non-expert weights; 0 keeps them in --dtype.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    default=None,
+    help="dtype of unquantized weights. Default: the checkpoint's.",
+)
+@click.option(
+    "--calib",
+    "calib",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Calibration text file. Default: the text shipped with d2moe.",
+)
+@click.option(
+    "--calib-tokens", type=click.IntRange(16), default=2048, show_default=True, help="Calibration tokens."
+)
+@click.option(
+    "--seq-len", type=click.IntRange(8), default=256, show_default=True, help="Calibration sequence length."
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a hub id.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-def convert(src, out, levels, planes, group_size, method, dense_bits, dtype, calib, calib_tokens, seq_len, revision, overwrite):
+def convert(
+    src,
+    out,
+    levels,
+    planes,
+    group_size,
+    method,
+    dense_bits,
+    dtype,
+    calib,
+    calib_tokens,
+    seq_len,
+    revision,
+    overwrite,
+):
     """Convert SRC (a Hugging Face MoE checkpoint directory or hub id) into an MWQ store.
 
     Streams one layer at a time, so peak memory stays near one layer's experts.
@@ -79,7 +137,9 @@ def convert(src, out, levels, planes, group_size, method, dense_bits, dtype, cal
     except (ValueError, OSError) as e:
         _fail(str(e))
     levels_text = ", ".join(f"{spec.level_bits(i)}" for i in range(spec.num_levels))
-    click.echo(f"converting {src} -> {out}  (MWQ levels: {levels_text} bits, group {spec.group_size})", err=True)
+    click.echo(
+        f"converting {src} -> {out}  (MWQ levels: {levels_text} bits, group {spec.group_size})", err=True
+    )
     with click.progressbar(length=1, label="layers", file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -88,9 +148,18 @@ def convert(src, out, levels, planes, group_size, method, dense_bits, dtype, cal
 
         try:
             report = run_convert(
-                src, out, spec=spec, method=method, dense_bits=int(dense_bits), dtype=dtype,
-                calib_text=text, calib_tokens=calib_tokens, seq_len=seq_len, overwrite=overwrite,
-                revision=revision, progress=progress,
+                src,
+                out,
+                spec=spec,
+                method=method,
+                dense_bits=int(dense_bits),
+                dtype=dtype,
+                calib_text=text,
+                calib_tokens=calib_tokens,
+                seq_len=seq_len,
+                overwrite=overwrite,
+                revision=revision,
+                progress=progress,
             )
         except (SourceError, StoreError, ValueError, FileExistsError) as e:
             _fail(str(e))
@@ -107,12 +176,33 @@ def convert(src, out, levels, planes, group_size, method, dense_bits, dtype, cal
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("-p", "--prompt", default="The", show_default=True, help="Prompt text ('-' reads stdin).")
 @click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
-@click.option("--level", type=click.IntRange(0), default=None, help="MWQ level for every expert (0 = base only). Default: highest.")
-@click.option("--temp", type=click.FloatRange(0), default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option(
+    "--level",
+    type=click.IntRange(0),
+    default=None,
+    help="MWQ level for every expert (0 = base only). Default: highest.",
+)
+@click.option(
+    "--temp",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Sampling temperature (0 = greedy).",
+)
 @click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--chat-template/--no-chat-template", default=False, show_default=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None, help="Activation dtype (default: float32 on CPU, else the store's).")
+@click.option(
+    "--chat-template/--no-chat-template",
+    default=False,
+    show_default=True,
+    help="Wrap the prompt in the tokenizer's chat template.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    default=None,
+    help="Activation dtype (default: float32 on CPU, else the store's).",
+)
 def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template, dtype):
     """Generate text from STORE and print speed and memory."""
     import mlx.core as mx
@@ -125,7 +215,9 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
     model, tokenizer = _load(store, level, dtype)
     text = format_prompt(tokenizer, prompt, use_chat_template=chat_template)
     response = None
-    for response in stream_generate(model, tokenizer, text, max_tokens=max_tokens, sampler=_sampler(temp, top_p)):
+    for response in stream_generate(
+        model, tokenizer, text, max_tokens=max_tokens, sampler=_sampler(temp, top_p)
+    ):
         click.echo(response.text, nl=False)
     click.echo()
     if response is not None:
@@ -135,12 +227,16 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
-@click.option("--level", type=click.IntRange(0), default=None, help="MWQ level for every expert. Default: highest.")
+@click.option(
+    "--level", type=click.IntRange(0), default=None, help="MWQ level for every expert. Default: highest."
+)
 @click.option("--temp", type=click.FloatRange(0), default=0.7, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
-@click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after each reply.")
+@click.option(
+    "--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after each reply."
+)
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None)
 def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype):
     """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets)."""
@@ -178,7 +274,9 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
             text = "\n".join(m["content"] for m in messages) + "\n"
         first = False
         response = None
-        for response in stream_generate(model, tokenizer, text, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache):
+        for response in stream_generate(
+            model, tokenizer, text, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
+        ):
             click.echo(response.text, nl=False)
         click.echo()
         if stats and response is not None:
@@ -213,8 +311,12 @@ def inspect(store, verify, as_json):
 @main.command()
 @click.argument("model_path", type=click.Path(exists=True, file_okay=False))
 @click.argument("text_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Trace file to write.")
-@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Stop after this many tokens of text.")
+@click.option(
+    "-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Trace file to write."
+)
+@click.option(
+    "--max-tokens", type=click.IntRange(1), default=None, help="Stop after this many tokens of text."
+)
 def trace(model_path, text_file, out, max_tokens):
     """Record per-layer top-k expert ids and gate scores of MODEL_PATH over TEXT_FILE.
 
@@ -248,7 +350,9 @@ def trace(model_path, text_file, out, max_tokens):
 
 
 @main.command()
-@click.option("-p", "--prompt", default=None, help="Prompt (default: a sentence in the style of the training text).")
+@click.option(
+    "-p", "--prompt", default=None, help="Prompt (default: a sentence in the style of the training text)."
+)
 @click.option("-m", "--max-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--level", type=click.IntRange(0), default=None, help="MWQ level (default: highest).")
 @click.option("--fresh", is_flag=True, help="Convert again even if a cached demo store exists.")

@@ -430,7 +430,7 @@ def test_overwrite_semantics(tmp_path):
                               blocks[(1, 0)][0]["gate_proj.weight"])
     # a failed overwrite leaves the old store intact
     with pytest.raises(RuntimeError):
-        with StoreWriter(out, overwrite=True) as w:
+        with StoreWriter(out, overwrite=True):
             raise RuntimeError("boom")
     with Store.open(out) as s:
         assert s.config["seed"] == 7 and s.verify() == []
