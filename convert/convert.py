@@ -127,6 +127,7 @@ def convert(
         if quantization:
             out_config["quantization"] = quantization
         writer.write_json("config.json", out_config)
+        writer.copy_file(path / "config.json", source.ORIGINAL_CONFIG)  # as the checkpoint had it
         for name in source.TOKENIZER_FILES:
             if (path / name).is_file():
                 writer.copy_file(path / name, name)

@@ -17,6 +17,9 @@ from d2moe_mlx.moe import layer_of
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# The checkpoint's own config.json is kept verbatim under this name (config.json
+# in the store is the normalised one mlx-lm reads).
+ORIGINAL_CONFIG = "hf_config.json"
 # Files copied verbatim into the store beside the weights.
 TOKENIZER_FILES = (
     "tokenizer.json",

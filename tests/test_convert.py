@@ -76,6 +76,7 @@ def test_calibration_statistics_and_manifest(qwen3, tmp_path):
             mean = stats[f"layer{layer}.mean_score"]
             assert np.isclose(mean.sum(), 1.0, atol=1e-4)  # softmax router probabilities
         assert store.verify() == []
+    assert (report.path / "hf_config.json").read_bytes() == (qwen3 / "config.json").read_bytes()
 
 
 def test_interrupted_conversion_leaves_nothing_loadable(qwen3, tmp_path):
