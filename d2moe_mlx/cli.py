@@ -10,8 +10,10 @@ import click
 
 from . import __version__
 from .mwq import METHODS
+from .progress import progress_bar
 
 DEFAULT_MAX_TOKENS = 256
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 
 def _fail(message: str) -> None:
@@ -84,7 +86,7 @@ def main() -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
+    type=click.Choice(DTYPE_NAMES),
     default=None,
     help="dtype of unquantized weights. Default: the checkpoint's.",
 )
@@ -140,12 +142,7 @@ def convert(
     click.echo(
         f"converting {src} -> {out}  (MWQ levels: {levels_text} bits, group {spec.group_size})", err=True
     )
-    with click.progressbar(length=1, label="layers", file=sys.stderr) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
-
+    with progress_bar("layers") as progress:
         try:
             report = run_convert(
                 src,
@@ -199,7 +196,7 @@ def convert(
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
+    type=click.Choice(DTYPE_NAMES),
     default=None,
     help="Activation dtype (default: float32 on CPU, else the store's).",
 )
@@ -237,7 +234,7 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
 @click.option(
     "--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after each reply."
 )
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None)
 def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype):
     """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets)."""
     import mlx.core as mx

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable
 import click
 
 from . import __version__
+from .progress import progress_bar
 
 DEFAULT_PROMPT = "The Python standard library"
 
@@ -46,12 +46,7 @@ def demo_store(fresh: bool = False, echo: Callable[..., object] = click.echo) ->
             echo(f"cached store unusable ({e}); converting again")
     out.parent.mkdir(parents=True, exist_ok=True)
     echo(f"converting the bundled tiny MoE into {out} ...")
-    with click.progressbar(length=1, label="layers", file=sys.stderr) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
-
+    with progress_bar("layers") as progress:
         report = convert(bundled_model(), out, overwrite=True, progress=progress)
     echo(
         f"  experts {format_bytes(report.expert_bytes)} + dense {format_bytes(report.dense_bytes)}, "

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 
-import click
 
 from . import mwq
 from .model import open_store
 from .memory import format_bytes
+from .progress import progress_bar
 
 
 def describe(path: str, verify: bool = True, progress: bool = False) -> tuple[dict, list[str]]:
@@ -44,9 +43,6 @@ def describe(path: str, verify: bool = True, progress: bool = False) -> tuple[di
         }
         problems: list[str] = []
         if verify:
-            if progress:
-                with click.progressbar(length=raw["total_bytes"], label="verifying", file=sys.stderr) as bar:
-                    problems = store.verify(progress=lambda done, total: bar.update(done - bar.pos))
-            else:
-                problems = store.verify()
+            with progress_bar("verifying", enabled=progress) as tick:
+                problems = store.verify(progress=tick)
     return summary, problems
