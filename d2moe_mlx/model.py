@@ -23,6 +23,10 @@ from .convert.hf_config import apply_mlx_lm_fixes
 from .moe import MWQSwitchLinear, layer_of, projection_names, switch_modules
 from .store.format import MANIFEST_NAME, StoreError
 from .store.reader import Store
+from .budget import plan_budget
+from .memory import parse_size
+from .streaming import install_streaming
+from .system import current_rss_bytes, set_wired_limit
 
 # Files that make a tokenizer loadable (any one of them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -35,16 +39,24 @@ def load(
     *,
     level: int | None = None,
     dtype: str | None = None,
+    memory_budget: str | int | None = None,
     return_config: bool = False,
+    **streaming,
 ):
     """Load the store at ``path``; returns ``(model, tokenizer)`` like ``mlx_lm.load``.
 
     ``level`` picks the MWQ level every expert computes at (0 = base only;
     default: the highest). ``dtype`` overrides the activation dtype (default:
-    float32 on the CPU backend, else the dtype the store was converted with). The
-    model works with mlx-lm's own ``generate`` and ``stream_generate``.
+    float32 on the CPU backend, else the dtype the store was converted with).
+    ``memory_budget`` (``"6GB"``, bytes) streams experts from the store into a
+    cache so that the whole process stays within the budget; the output is the
+    same as with every expert resident. Streaming options (``cache_policy``,
+    ``prefetch``, ``context``, ``prefill_step``, ``loader_threads``, ``mode``)
+    are described in :func:`load_model`. The model works with mlx-lm's own
+    ``generate`` and ``stream_generate``.
     """
-    model, config = load_model(path, level=level, dtype=dtype)
+    model, config = load_model(path, level=level, dtype=dtype, memory_budget=memory_budget,
+                               **streaming)
     store_path = Path(path).expanduser()
     if not any((store_path / name).exists() for name in TOKENIZER_FILES):
         raise StoreError(
@@ -58,9 +70,32 @@ def load(
 
 
 def load_model(
-    path: str | os.PathLike, *, level: int | None = None, dtype: str | None = None
+    path: str | os.PathLike,
+    *,
+    level: int | None = None,
+    dtype: str | None = None,
+    memory_budget: str | int | None = None,
+    cache_policy: str = "lru",
+    policy_options: dict | None = None,
+    prefetch: bool = False,
+    context: int = 4096,
+    prefill_step: int = 512,
+    loader_threads: int = 4,
+    mode: str = "stream",
 ) -> tuple[nn.Module, dict]:
-    """Build the mlx-lm model of the store at ``path`` with MWQ experts; returns ``(model, config)``."""
+    """Build the mlx-lm model of the store at ``path`` with MWQ experts; returns ``(model, config)``.
+
+    Without ``memory_budget`` every expert is read into memory. With it, the
+    budget (process total: interpreter, dense weights, KV cache for ``context``
+    tokens, working memory for ``prefill_step`` tokens, expert cache) is split
+    by :func:`d2moe_mlx.budget.plan_budget` and experts stream from the store:
+    ``cache_policy`` ``lru`` / ``lfu`` / ``score`` (SMoE's lowest mean gate
+    score), ``prefetch`` loads the next layer's likely experts early,
+    ``loader_threads`` read in parallel, ``mode`` ``stream`` / ``sync`` /
+    ``naive`` (see :mod:`d2moe_mlx.scheduler`). A budget too small for one
+    layer's top-k experts raises BudgetError before anything loads.
+    """
+    baseline = current_rss_bytes()
     store = open_store(path)
     spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
     level = spec.num_levels - 1 if level is None else level
@@ -72,6 +107,11 @@ def load_model(
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = "float32"  # MLX's CPU quantized matmul is lossy in fp16/bf16
     act_dtype = _dtype(dtype or store.manifest["dense"]["dtype"])
+    plan = None
+    if memory_budget is not None:
+        plan = plan_budget(parse_size(memory_budget), store, store.config, level, act_dtype.size,
+                           baseline, context=context, prefill_step=prefill_step,
+                           loader_threads=loader_threads)
 
     def get_classes(config: dict):
         model_class, args_class = _get_classes(config)
@@ -79,16 +119,29 @@ def load_model(
         def build(args):
             model = model_class(args)
             apply_mlx_lm_fixes(model, config)
-            install_experts(model, store, spec, level, act_dtype)
+            if plan is None:
+                install_experts(model, store, spec, level, act_dtype)
+            else:
+                install_streaming(model, store, spec, level, act_dtype, plan, policy=cache_policy,
+                                  policy_options=policy_options, mode=mode, prefetch=prefetch,
+                                  loader_threads=loader_threads)
             return model
 
         return build, args_class
 
-    with store:
+    try:
         model, config = mlx_load_model(store.path, lazy=False, strict=True, get_model_classes=get_classes)
+    except BaseException:
+        store.close()
+        raise
+    if plan is None:
+        store.close()
     if dtype is not None:
         model.set_dtype(act_dtype, lambda t: mx.issubdtype(t, mx.floating))
     model.eval()
+    if plan is not None:
+        mx.set_cache_limit(plan.workspace)  # freed temporaries MLX keeps count in the budget
+        set_wired_limit(plan.total)  # macOS: keep the budget wired (no-op elsewhere)
     return model, config
 
 

@@ -166,6 +166,34 @@ class Store:
         if verify:
             self._check_crc(e, int(expert), off, zlib.crc32(dst))
 
+    def read_block_scattered(self, layer: int, component: int, expert: int,
+                             bufs: list[np.ndarray], verify: bool = True) -> int:
+        """Read one block with one preadv into ``bufs``: writable C-contiguous arrays
+        whose sizes add up to block_bytes, filled in order (tensors straight into
+        their destination, padding into scratch). Returns the bytes read.
+
+        Errors name the file and the block: a short file, an I/O error, a checksum
+        mismatch (when ``verify``)."""
+        e, off = self._locate(layer, component, expert)
+        views = [memoryview(b.reshape(-1).view(np.uint8)) for b in bufs]
+        total = sum(v.nbytes for v in views)
+        if total != e["block_bytes"]:
+            raise ValueError(f"buffers hold {total} bytes, the block is {e['block_bytes']}")
+        try:
+            _preadv_full(self._fd((layer, component)), views, off, e["path"])
+        except StoreError as err:
+            raise StoreError(f"{err} (layer {layer} component {component} expert {expert})") from None
+        except OSError as err:
+            raise StoreError(
+                f"{e['path']}: cannot read layer {layer} component {component} expert "
+                f"{expert} (block at offset {off}): {err.strerror or err}") from err
+        if verify:
+            crc = 0
+            for v in views:
+                crc = zlib.crc32(v, crc)
+            self._check_crc(e, int(expert), off, crc)
+        return total
+
     def read_block(self, layer: int, component: int, expert: int,
                    verify: bool = True) -> dict[str, np.ndarray]:
         """Read one expert's block into a fresh buffer; returns a view per tensor."""

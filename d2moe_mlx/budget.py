@@ -1,0 +1,196 @@
+"""Split a memory budget into dense weights, KV cache, working memory and expert slots.
+
+The budget is for the whole process: what the interpreter and libraries hold
+before the model loads (measured), the dense weights (read from the shard
+headers), the KV cache for ``context`` tokens, working memory for one prefill
+step, the loader's staging buffers, and what is left: the expert cache, as a
+number of slots per MoE layer. A budget that cannot hold one layer's top-k
+experts at the running level is refused before anything is loaded, with the
+numbers and the smallest budget that works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+from .memory import format_bytes
+from .store.format import StoreError
+from .store.reader import Store
+
+# Bytes per element of the dtype names used in safetensors headers and stores.
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
+             "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOAT = {"F64", "F32", "F16", "BF16"}
+# Working memory is an estimate; this factor covers MLX temporaries we do not model.
+WORKSPACE_SAFETY = 1.5
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot hold the model's minimum working set."""
+
+
+@dataclass
+class BudgetPlan:
+    """How a budget is spent (bytes); ``slots[c]`` expert slots per layer for component c."""
+
+    total: int
+    baseline: int
+    dense: int
+    kv: int
+    workspace: int
+    staging: int
+    cache: int
+    slot_bytes: dict[int, int]
+    slots: dict[int, int]
+    layers: int
+    num_experts: int
+    top_k: int
+    context: int
+    prefill_step: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cache_used(self) -> int:
+        """Bytes of the expert slot pools (each pool also holds one all-zero slot)."""
+        return self.layers * sum((self.slots[c] + 1) * b for c, b in self.slot_bytes.items())
+
+    @property
+    def expert_fraction(self) -> float:
+        """Fraction of all experts (at the running level) the cache holds."""
+        return min(self.slots.values()) / self.num_experts
+
+    def describe(self) -> str:
+        parts = [
+            f"budget {format_bytes(self.total)}: process baseline {format_bytes(self.baseline)}",
+            f"dense weights {format_bytes(self.dense)}",
+            f"KV cache for {self.context} tokens {format_bytes(self.kv)}",
+            f"working memory {format_bytes(self.workspace + self.staging)}",
+            f"expert cache {format_bytes(self.cache_used)} = {min(self.slots.values())} of "
+            f"{self.num_experts} experts per layer ({100 * self.expert_fraction:.1f}%)",
+        ]
+        return ", ".join(parts)
+
+
+def slot_bytes(store: Store, layer: int, component: int, act_itemsize: int) -> int:
+    """Bytes one expert slot of (layer, component) takes in memory (compute form).
+
+    Packed codes keep their size (1-bit planes run as 2-bit: twice); float tensors
+    take the activation dtype; a binary plane also gets a biases tensor.
+    """
+    specs = store.layout(layer, component)
+    binary = not any(s.name.endswith(".biases") for s in specs)  # 1-bit plane: no biases
+    total = 0
+    for spec in specs:
+        if spec.name.endswith(".weight"):
+            total += spec.nbytes * (2 if binary else 1)
+        else:  # scales (a binary plane also gets biases of the same shape), biases, bias
+            twice = binary and spec.name.endswith(".scales")
+            total += spec.size * act_itemsize * (2 if twice else 1)
+    return total
+
+
+def dense_bytes(store: Store, act_itemsize: int) -> int:
+    """Bytes of the dense weights once loaded (floats at the activation dtype)."""
+    total = 0
+    for path in store.dense_files():
+        for dtype, shape in _safetensors_header(path):
+            n = math.prod(shape)
+            total += n * (act_itemsize if dtype in _FLOAT else _ITEMSIZE.get(dtype, 4))
+    return total
+
+
+def kv_bytes(config: dict, context: int, act_itemsize: int) -> int:
+    """KV-cache bytes for ``context`` tokens (keys and values of every layer)."""
+    heads = config.get("num_attention_heads", 1)
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // max(heads, 1)
+    if config.get("kv_lora_rank"):  # deepseek MLA: mlx-lm caches per-head keys and values
+        kv_heads = heads
+        head_dim = (config.get("qk_nope_head_dim", 0) + config.get("qk_rope_head_dim", 0)
+                    + config.get("v_head_dim", 0)) / 2
+    layers = config.get("num_hidden_layers", 1)
+    return int(2 * layers * kv_heads * head_dim * context * act_itemsize)
+
+
+def workspace_bytes(config: dict, prefill_step: int, act_itemsize: int) -> int:
+    """Estimated peak temporaries of one forward pass over ``prefill_step`` tokens."""
+    hidden = config.get("hidden_size", 0)
+    inter = config.get("moe_intermediate_size") or config.get("intermediate_size", 0)
+    dense_inter = config.get("intermediate_size", inter)
+    heads = config.get("num_attention_heads", 1)
+    k = _top_k(config)
+    per_token = k * (4 * hidden + 6 * inter) + 8 * hidden + 3 * dense_inter + heads * prefill_step
+    logits = config.get("vocab_size", 0) * 4  # one row of float32 logits
+    return int(WORKSPACE_SAFETY * (prefill_step * per_token * max(act_itemsize, 4) + 4 * logits))
+
+
+def plan_budget(
+    total: int,
+    store: Store,
+    config: dict,
+    level: int,
+    act_itemsize: int,
+    baseline: int,
+    *,
+    context: int = 4096,
+    prefill_step: int = 512,
+    loader_threads: int = 4,
+) -> BudgetPlan:
+    """Split ``total`` bytes; BudgetError if the minimum working set does not fit."""
+    layers = store.moe_layers
+    if not layers:
+        raise StoreError(f"{store.path} has no expert layers")
+    first = layers[0]
+    comps = range(level + 1)
+    per_slot = {c: slot_bytes(store, first, c, act_itemsize) for c in comps}
+    staging = loader_threads * max(store.block_bytes(first, c) for c in comps)
+    top_k = _top_k(config)
+    dense = dense_bytes(store, act_itemsize)
+    kv = kv_bytes(config, context, act_itemsize)
+    work = workspace_bytes(config, prefill_step, act_itemsize)
+    fixed = baseline + dense + kv + work + staging
+    one_expert = len(layers) * sum(per_slot.values())  # one slot in every layer's pools
+    cache = total - fixed
+    n = cache // one_expert - 1 if cache > 0 else -1  # -1: every pool's zero slot
+    n = min(n, store.num_experts)
+    if n < top_k:
+        need = fixed + (top_k + 1) * one_expert
+        raise BudgetError(
+            f"a memory budget of {format_bytes(total)} is too small: the process needs "
+            f"{format_bytes(baseline)} (interpreter and libraries) + {format_bytes(dense)} dense "
+            f"weights + {format_bytes(kv)} KV cache ({context} tokens) + "
+            f"{format_bytes(work + staging)} working memory, and at least {top_k} experts per "
+            f"layer at level {level} ({format_bytes((top_k + 1) * one_expert)} over {len(layers)} "
+            f"layers). The smallest budget that works is {format_bytes(need)}; or use a lower "
+            f"level, a shorter context, or a smaller prefill step."
+        )
+    return BudgetPlan(
+        total=total, baseline=baseline, dense=dense, kv=kv, workspace=work, staging=staging,
+        cache=cache, slot_bytes=per_slot, slots={c: int(n) for c in comps}, layers=len(layers),
+        num_experts=store.num_experts, top_k=top_k, context=context, prefill_step=prefill_step,
+    )
+
+
+def _top_k(config: dict) -> int:
+    for key in ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k"):
+        if config.get(key):
+            return int(config[key])
+    raise StoreError("config.json does not say how many experts each token uses "
+                     "(num_experts_per_tok)")
+
+
+def _safetensors_header(path) -> list[tuple[str, list[int]]]:
+    """(dtype, shape) of each tensor in a safetensors file, from its JSON header."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100 << 20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as err:
+        raise StoreError(f"{path}: cannot read the safetensors header ({err}); the store is "
+                         "damaged: re-run d2moe convert") from None
+    return [(v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"]
