@@ -20,14 +20,44 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-def _load(store: str, level: int | None, dtype: str | None):
+def _load(store: str, level: int | None, dtype: str | None, memory: str | None = None,
+          cache_policy: str = "lru", prefetch: bool = False, context: int = 4096):
     from .model import load
     from .store.format import StoreError
 
     try:
-        return load(store, level=level, dtype=dtype)
+        model, tokenizer = load(store, level=level, dtype=dtype, memory_budget=memory,
+                                cache_policy=cache_policy, prefetch=prefetch, context=context)
     except (StoreError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    from .streaming import streaming_of
+
+    streaming = streaming_of(model)
+    if streaming is not None:
+        click.echo(f"streaming experts: {streaming.plan.describe()}", err=True)
+    return model, tokenizer
+
+
+def _streaming_options(f):
+    """--memory, --cache-policy, --prefetch and --context for commands that load a model."""
+    from .policies import POLICIES
+
+    options = [
+        click.option("--memory", default=None, metavar="SIZE",
+                     help="Memory budget for the whole process, e.g. 6GB: experts stream from "
+                          "the store into a cache (same output, slower). Default: all experts "
+                          "in memory."),
+        click.option("--cache-policy", type=click.Choice(POLICIES), default="lru", show_default=True,
+                     help="With --memory: which experts to evict (score = lowest mean gate score)."),
+        click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+                     help="With --memory: load the next layer's likely experts early "
+                          "(docs/BENCHMARKS.md says when it pays)."),
+        click.option("--context", type=click.IntRange(1), default=4096, show_default=True,
+                     help="With --memory: tokens of KV cache the budget reserves."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 def _sampler(temp: float, top_p: float):
@@ -200,7 +230,9 @@ def convert(
     default=None,
     help="Activation dtype (default: float32 on CPU, else the store's).",
 )
-def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template, dtype):
+@_streaming_options
+def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template, dtype,
+             memory, cache_policy, prefetch, context):
     """Generate text from STORE and print speed and memory."""
     import mlx.core as mx
 
@@ -209,7 +241,7 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
     if prompt == "-":
         prompt = sys.stdin.read()
     mx.random.seed(seed)
-    model, tokenizer = _load(store, level, dtype)
+    model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
     text = format_prompt(tokenizer, prompt, use_chat_template=chat_template)
     response = None
     for response in stream_generate(
@@ -218,7 +250,7 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
         click.echo(response.text, nl=False)
     click.echo()
     if response is not None:
-        click.echo(format_stats(response), err=True)
+        click.echo(format_stats(response, model), err=True)
 
 
 @main.command()
@@ -235,15 +267,19 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
     "--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after each reply."
 )
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None)
-def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype):
+@_streaming_options
+def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype,
+         memory, cache_policy, prefetch, context):
     """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
     from .generation import format_stats, stream_generate
+    from .streaming import streaming_of
 
     mx.random.seed(seed)
-    model, tokenizer = _load(store, level, dtype)
+    model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
+    streaming = streaming_of(model)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if not has_template:
         click.echo("(this tokenizer has no chat template: turns are sent as plain text)", err=True)
@@ -271,13 +307,14 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
             text = "\n".join(m["content"] for m in messages) + "\n"
         first = False
         response = None
+        before = streaming.stats.snapshot() if streaming is not None else None
         for response in stream_generate(
             model, tokenizer, text, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
         ):
             click.echo(response.text, nl=False)
         click.echo()
         if stats and response is not None:
-            click.echo(format_stats(response), err=True)
+            click.echo(format_stats(response, model, before), err=True)
 
 
 @main.command()

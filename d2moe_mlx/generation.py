@@ -15,6 +15,10 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .memory import format_bytes, peak_rss_bytes
+from .scheduler import StreamStats
+from .streaming import streaming_of
+
 
 def stream_generate(
     model: nn.Module,
@@ -23,7 +27,13 @@ def stream_generate(
     max_tokens: int = 256,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
-    """Yield a :class:`mlx_lm.generate.GenerationResponse` per generated token (mlx-lm's signature)."""
+    """Yield a :class:`mlx_lm.generate.GenerationResponse` per generated token (mlx-lm's signature).
+
+    A model loaded with a memory budget prefills in steps of the size its budget
+    planned for (``prefill_step_size`` overrides it)."""
+    streaming = streaming_of(model)
+    if streaming is not None:
+        kwargs.setdefault("prefill_step_size", streaming.plan.prefill_step)
     yield from _mlx_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
 
 
@@ -56,10 +66,22 @@ def format_prompt(tokenizer: TokenizerWrapper, messages: list[dict] | str, use_c
     return "\n".join(m["content"] for m in messages)
 
 
-def format_stats(response: GenerationResponse) -> str:
-    """One line: prompt and generation speed, and MLX's peak memory."""
-    return (
+def format_stats(response: GenerationResponse, model: nn.Module | None = None,
+                 since: StreamStats | None = None) -> str:
+    """One line: prompt and generation speed, and MLX's peak memory. For a streaming
+    ``model`` also the expert cache hit rate, MB read per token and peak RSS against
+    the budget, counted from ``since`` (a ``stats.snapshot()`` taken before the reply)."""
+    line = (
         f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
         f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
         f"peak memory: {response.peak_memory:.3f} GB"
+    )
+    streaming = streaming_of(model) if model is not None else None
+    if streaming is None:
+        return line
+    d = streaming.stats if since is None else streaming.stats.delta(since)
+    per_token = d.bytes_read / max(d.tokens, 1) / 1e6
+    return (
+        f"{line} | experts: hit rate {100 * d.hit_rate:.1f}%, {per_token:.1f} MB read/token | "
+        f"peak RSS {format_bytes(peak_rss_bytes())} of {format_bytes(streaming.plan.total)} budget"
     )

@@ -473,8 +473,9 @@ def test_concurrent_reads_and_readahead_hint(built, monkeypatch):
 
     out, blocks = built
     calls = []
-    real = reader._disable_readahead
-    monkeypatch.setattr(reader, "_disable_readahead", lambda fd: calls.append(fd) or real(fd))
+    real = reader.open_for_expert_reads
+    monkeypatch.setattr(reader, "open_for_expert_reads",
+                        lambda path, mode: calls.append((path, mode)) or real(path, mode))
     with Store.open(out) as s:
         keys = [(l, c, e) for (l, c) in blocks for e in range(EXPERTS)] * 4
 
@@ -485,6 +486,7 @@ def test_concurrent_reads_and_readahead_hint(built, monkeypatch):
         with ThreadPoolExecutor(8) as pool:
             assert all(pool.map(one, keys))
         assert len(calls) == len(blocks)  # one descriptor per expert file, opened once
+        assert {mode for _, mode in calls} == {"random"}  # readahead off for random reads
 
 
 def test_file_truncated_after_open(store):

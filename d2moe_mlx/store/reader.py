@@ -16,23 +16,11 @@ import numpy as np
 
 from . import format as F
 from .format import StoreError, TensorSpec
+from ..system import open_for_expert_reads, release_pages
 from .validate import CONVERT_HINT
 from .validate import load_json, validate_store
 
 _CHUNK = 8 << 20
-
-
-def _disable_readahead(fd: int) -> None:
-    """Expert reads are random: turn the kernel's readahead off (best effort)."""
-    try:
-        if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_RANDOM"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        elif os.uname().sysname == "Darwin":
-            import fcntl
-
-            fcntl.fcntl(fd, getattr(fcntl, "F_RDAHEAD", 45), 0)
-    except OSError:
-        pass
 
 
 def _preadv_full(fd: int, bufs: list[memoryview], offset: int, path: Path) -> None:
@@ -74,6 +62,7 @@ class Store:
         self._ncomp = {l: sum(1 for k in entries if k[0] == l) for l in self.moe_layers}
         self.num_experts = next(iter(entries.values()))["num_blocks"] if entries else 0
         self._files = manifest["files"]
+        self.io_mode = "random"  # see d2moe_mlx.system.IO_MODES
 
     # -- opening ---------------------------------------------------------
     @classmethod
@@ -128,8 +117,7 @@ class Store:
             with self._lock:
                 fd = self._fds.get(key)
                 if fd is None:
-                    fd = os.open(self._entries[key]["path"], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    _disable_readahead(fd)
+                    fd = open_for_expert_reads(self._entries[key]["path"], self.io_mode)
                     self._fds[key] = fd
         return fd
 
@@ -192,6 +180,7 @@ class Store:
             for v in views:
                 crc = zlib.crc32(v, crc)
             self._check_crc(e, int(expert), off, crc)
+        release_pages(self._fd((layer, component)), off, total, self.io_mode)
         return total
 
     def read_block(self, layer: int, component: int, expert: int,
