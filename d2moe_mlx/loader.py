@@ -110,8 +110,10 @@ class ExpertLoader:
                 bufs.append(staging[pos:spec.offset])
             dst = pool.views[spec.name][slot]
             field = spec.name.rsplit(".", 1)[1]
-            if dst.dtype == spec.np_dtype and not (pool.binary and field == "weight") \
-                    and dst.nbytes == spec.nbytes:
+            # A binary plane's codes and scales are converted (2-bit codes, scale 2s,
+            # bias -s) even where the stored dtype is the slot's (float16 scales).
+            converted = pool.binary and field in ("weight", "scales")
+            if dst.dtype == spec.np_dtype and not converted and dst.nbytes == spec.nbytes:
                 bufs.append(dst)
             else:
                 bufs.append(staging[spec.offset:spec.offset + spec.nbytes])
