@@ -71,8 +71,8 @@ class ExpertLoader:
         key = (pool.layer, pool.component, int(expert), int(slot), id(pool))
         with self._lock:
             fut = self._inflight.get(key)
-            if fut is not None:
-                return fut
+            if fut is not None and not fut.done():  # a finished read is not in flight:
+                return fut  # the slot may have held another expert since
             if self._pool is None:
                 fut = Future()
                 self._inflight[key] = fut
