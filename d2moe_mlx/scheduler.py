@@ -182,6 +182,9 @@ class Scheduler:
             pool.pin(slots)
             pinned.append((pool, slots))
             new[id(pool)] = dict(placed)
+            for e, slot in zip(experts, have):  # a slot whose load failed or never ran
+                if slot >= 0 and not pool.ready[slot] and int(slot) not in pool.loading:
+                    new[id(pool)][int(e)] = int(slot)  # is loaded again, not read as zeros
         futures = []
         for e in experts:  # HEBF: the hottest expert's planes first, base plane first
             for pool in lc.pools:
