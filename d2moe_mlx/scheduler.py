@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .cache import FREE, LayerCache, PlanePool
+from .cache import FREE, CacheFullError, LayerCache, PlanePool
 from .loader import ExpertLoader
 
 MODES = ("stream", "sync", "naive")
@@ -177,7 +177,13 @@ class Scheduler:
             have = pool.slot_of[experts]
             pool.pin(have[have >= 0])
             pinned.append((pool, have[have >= 0]))
-            placed = lc.place(pool, experts)
+            try:
+                placed = lc.place(pool, experts)
+            except CacheFullError:
+                # Prefetches still in flight (mispredicted ones too) hold the slots this
+                # call needs; they cannot be evicted while loading: let them land.
+                self._wait_loading(pool)
+                placed = lc.place(pool, experts)
             slots = np.array([s for _, s in placed], dtype=np.int64)
             pool.pin(slots)
             pinned.append((pool, slots))
@@ -200,6 +206,12 @@ class Scheduler:
                 elif slot in pool.loading:  # a prefetch in flight
                     futures.append((pool, slot, pool.loading[slot]))
         return futures
+
+    def _wait_loading(self, pool: PlanePool) -> None:
+        start = time.perf_counter()
+        wait(list(pool.loading.values()))
+        self.stats.wait_seconds += time.perf_counter() - start
+        self._settle(pool)
 
     def _timed_load(self, pool: PlanePool, expert: int, slot: int) -> int:
         start = time.perf_counter()
