@@ -13,6 +13,8 @@ resident expert whose slot is not in use. Policies see every step's accesses
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 POLICIES = ("lru", "lfu", "score")
@@ -62,8 +64,8 @@ class LFUPolicy(EvictionPolicy):
 
     def __init__(self, num_experts: int, decay: float = 0.95):
         super().__init__(num_experts)
-        if not 0.0 < decay <= 1.0:
-            raise ValueError(f"LFU decay must be in (0, 1], got {decay}")
+        if not isinstance(decay, numbers.Real) or isinstance(decay, bool) or not 0.0 < decay <= 1.0:
+            raise ValueError(f"LFU decay must be a number in (0, 1], got {decay!r}")
         self.decay = decay
         self.freq = np.zeros(num_experts, dtype=np.float64)
 
@@ -86,8 +88,8 @@ class ScorePolicy(EvictionPolicy):
 
     def __init__(self, num_experts: int, window: int = 16):
         super().__init__(num_experts)
-        if window < 1:
-            raise ValueError(f"score window must be >= 1, got {window}")
+        if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"score window must be an integer >= 1, got {window!r}")
         self.window = window
         self.history = np.zeros((window, num_experts), dtype=np.float64)
         self.filled = 0
@@ -111,4 +113,9 @@ def make_policy(name: str, num_experts: int, **options) -> EvictionPolicy:
     classes = {"lru": LRUPolicy, "lfu": LFUPolicy, "score": ScorePolicy}
     if name not in classes:
         raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
+    allowed = {"lru": (), "lfu": ("decay",), "score": ("window",)}[name]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:  # a ValueError like the other bad options, not the constructor's TypeError
+        raise ValueError(f"cache policy {name!r} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(allowed) or 'none'}")
     return classes[name](num_experts, **options)
