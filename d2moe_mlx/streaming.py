@@ -25,7 +25,7 @@ from .policies import make_policy
 from .scheduler import Scheduler
 from .store.format import MANIFEST_NAME, StoreError
 from .store.reader import Store
-from .trace import _scoring, find_moe_blocks
+from .trace import _scoring, find_moe_blocks, router_logits
 
 
 class PooledSwitchLinear(nn.Module):
@@ -149,13 +149,7 @@ def _routers(model: nn.Module) -> dict:
 
 def _router_fn(block: nn.Module, rname: str, kind: str):
     def route(x: mx.array):
-        router = block[rname]
-        logits = router(x) if isinstance(router, (nn.Linear, nn.QuantizedLinear)) else None
-        if logits is None:  # e.g. deepseek's MoEGate: its weight (and bias) only
-            logits = x @ router["weight"].T
-            if "bias" in router:
-                logits = logits + router["bias"]
-        logits = logits.astype(mx.float32)
+        logits = router_logits(block[rname], x).astype(mx.float32)
         probs = mx.softmax(logits, axis=-1) if kind == "softmax" else mx.sigmoid(logits)
         return logits, probs
 

@@ -40,12 +40,9 @@ class _RouterTap(nn.Module):
 
     def __call__(self, x, *args, **kwargs):
         out = self.inner(x, *args, **kwargs)
-        if isinstance(out, mx.array):  # Linear / QuantizedLinear router: logits
-            logits = out
-        else:  # e.g. deepseek's MoEGate returns (indices, scores): recompute the logits
-            logits = x @ self.inner["weight"].T
-            if "bias" in self.inner:
-                logits = logits + self.inner["bias"]
+        # A Linear router returns the logits; others (deepseek's MoEGate, granitemoe's
+        # gating) return (indices, scores): recompute the logits from their weights.
+        logits = out if isinstance(out, mx.array) else router_logits(self.inner, x)
         self._sink.append(logits.astype(mx.float32))
         return out
 
@@ -61,6 +58,21 @@ class _ExpertTap(nn.Module):
     def __call__(self, x, indices, *args, **kwargs):
         self._sink.append(indices)
         return self.inner(x, indices, *args, **kwargs)
+
+
+def router_logits(router: nn.Module, x: mx.array) -> mx.array:
+    """The router's logits over all experts for ``x``, whatever the family's router returns:
+    a Linear router is called; granitemoe's gating holds its Linear in ``layer``; others
+    (deepseek's MoEGate) hold a ``weight`` (and maybe ``bias``)."""
+    if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
+        return router(x)
+    inner = router.get("layer") if isinstance(router, dict) else None
+    if isinstance(inner, (nn.Linear, nn.QuantizedLinear)):
+        return inner(x)
+    if "weight" not in router:
+        raise ValueError(f"{type(router).__name__}: cannot find the router's weight")
+    logits = x @ router["weight"].T
+    return logits + router["bias"] if "bias" in router else logits
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module, str, str]]:

@@ -199,9 +199,6 @@ def test_prefetch_with_slow_reads(family, stores, resident, fixed_baseline, monk
     assert state.stats.predicted_right < state.stats.predicted  # some prefetches were wrong
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="bug: streaming._router_fn (prefetch, score policy) reads router['weight'] "
-                          "but granitemoe's router is GraniteMoeTopKGating with a Linear in .layer")
 @pytest.mark.parametrize("prefetch,policy", [(True, "lru"), (False, "score")], ids=["prefetch", "score"])
 def test_granitemoe_router_for_prefetch_and_score(prefetch, policy, stores, resident, fixed_baseline):
     path = stores("granitemoe")

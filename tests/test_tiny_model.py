@@ -119,6 +119,10 @@ _FAMILIES = {  # tiny random mlx-lm models: (extra args, MoE layers, scoring)
                          num_hidden_layers=3), [1, 2], "sigmoid"),
     "gpt_oss": (dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=32,
                      layer_types=["sliding_attention", "full_attention"]), [0, 1], "softmax"),
+    # granitemoe's gating returns (indices, gates) and keeps its Linear in .layer
+    "granitemoe": (dict(num_local_experts=8, num_experts_per_tok=2, logits_scaling=1.0,
+                        attention_multiplier=0.25, embedding_multiplier=1.0,
+                        residual_multiplier=1.0, attention_bias=False), [0, 1], "softmax"),
 }
 
 
