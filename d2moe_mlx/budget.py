@@ -26,6 +26,12 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32":
 _FLOAT = {"F64", "F32", "F16", "BF16"}
 # Working memory is an estimate; this factor covers MLX temporaries we do not model.
 WORKSPACE_SAFETY = 1.5
+# MLX keeps freed buffers for reuse: its cache limit is this fraction of the workspace,
+# planned on top of it (live temporaries and cached ones coexist).
+MLX_CACHE_FRACTION = 0.25
+# Memory outside MLX that grows after the baseline is measured: the C allocator's
+# retained arenas (~15 MiB measured in a 128-token prefill), Python objects, thread stacks.
+RUNTIME_SLACK = 24 << 20
 
 
 class BudgetError(ValueError):
@@ -41,6 +47,8 @@ class BudgetPlan:
     dense: int
     kv: int
     workspace: int
+    mlx_cache: int
+    slack: int
     staging: int
     cache: int
     slot_bytes: dict[int, int]
@@ -58,6 +66,11 @@ class BudgetPlan:
         return self.layers * sum((self.slots[c] + 1) * b for c, b in self.slot_bytes.items())
 
     @property
+    def working(self) -> int:
+        """Temporaries, MLX's buffer cache, loader staging and runtime slack."""
+        return self.workspace + self.mlx_cache + self.staging + self.slack
+
+    @property
     def expert_fraction(self) -> float:
         """Fraction of all experts (at the running level) the cache holds."""
         return min(self.slots.values()) / self.num_experts
@@ -67,7 +80,7 @@ class BudgetPlan:
             f"budget {format_bytes(self.total)}: process baseline {format_bytes(self.baseline)}",
             f"dense weights {format_bytes(self.dense)}",
             f"KV cache for {self.context} tokens {format_bytes(self.kv)}",
-            f"working memory {format_bytes(self.workspace + self.staging)}",
+            f"working memory {format_bytes(self.working)}",
             f"expert cache {format_bytes(self.cache_used)} = {min(self.slots.values())} of "
             f"{self.num_experts} experts per layer ({100 * self.expert_fraction:.1f}%)",
         ]
@@ -151,7 +164,8 @@ def plan_budget(
     dense = dense_bytes(store, act_itemsize)
     kv = kv_bytes(config, context, act_itemsize)
     work = workspace_bytes(config, prefill_step, act_itemsize)
-    fixed = baseline + dense + kv + work + staging
+    mlx_cache = int(MLX_CACHE_FRACTION * work)
+    fixed = baseline + dense + kv + work + mlx_cache + staging + RUNTIME_SLACK
     one_expert = len(layers) * sum(per_slot.values())  # one slot in every layer's pools
     cache = total - fixed
     n = cache // one_expert - 1 if cache > 0 else -1  # -1: every pool's zero slot
@@ -162,13 +176,14 @@ def plan_budget(
             f"a memory budget of {format_bytes(total)} is too small: the process needs "
             f"{format_bytes(baseline)} (interpreter and libraries) + {format_bytes(dense)} dense "
             f"weights + {format_bytes(kv)} KV cache ({context} tokens) + "
-            f"{format_bytes(work + staging)} working memory, and at least {top_k} experts per "
+            f"{format_bytes(work + mlx_cache + staging + RUNTIME_SLACK)} working memory, and at least {top_k} experts per "
             f"layer at level {level} ({format_bytes((top_k + 1) * one_expert)} over {len(layers)} "
             f"layers). The smallest budget that works is {format_bytes(need)}; or use a lower "
             f"level, a shorter context, or a smaller prefill step."
         )
     return BudgetPlan(
-        total=total, baseline=baseline, dense=dense, kv=kv, workspace=work, staging=staging,
+        total=total, baseline=baseline, dense=dense, kv=kv, workspace=work, mlx_cache=mlx_cache,
+        slack=RUNTIME_SLACK, staging=staging,
         cache=cache, slot_bytes=per_slot, slots={c: int(n) for c in comps}, layers=len(layers),
         num_experts=store.num_experts, top_k=top_k, context=context, prefill_step=prefill_step,
     )
@@ -194,3 +209,12 @@ def _safetensors_header(path) -> list[tuple[str, list[int]]]:
         raise StoreError(f"{path}: cannot read the safetensors header ({err}); the store is "
                          "damaged: re-run d2moe convert") from None
     return [(v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"]
+
+
+def budget_for_slots(slots: int, store: Store, config: dict, level: int, act_itemsize: int,
+                     baseline: int, **options) -> int:
+    """The smallest total budget whose plan gives ``slots`` expert slots per layer
+    (the inverse of :func:`plan_budget`; ``options`` as for it)."""
+    probe = plan_budget(1 << 60, store, config, level, act_itemsize, baseline, **options)
+    fixed = probe.baseline + probe.dense + probe.kv + probe.working
+    return fixed + (slots + 1) * probe.layers * sum(probe.slot_bytes.values())

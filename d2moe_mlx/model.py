@@ -26,7 +26,7 @@ from .store.reader import Store
 from .budget import plan_budget
 from .memory import parse_size
 from .streaming import install_streaming
-from .system import current_rss_bytes, set_wired_limit
+from .system import IO_MODES, current_rss_bytes, set_wired_limit
 
 # Files that make a tokenizer loadable (any one of them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -82,6 +82,7 @@ def load_model(
     prefill_step: int = 512,
     loader_threads: int = 4,
     mode: str = "stream",
+    io_mode: str = "random",
 ) -> tuple[nn.Module, dict]:
     """Build the mlx-lm model of the store at ``path`` with MWQ experts; returns ``(model, config)``.
 
@@ -92,11 +93,16 @@ def load_model(
     ``cache_policy`` ``lru`` / ``lfu`` / ``score`` (SMoE's lowest mean gate
     score), ``prefetch`` loads the next layer's likely experts early,
     ``loader_threads`` read in parallel, ``mode`` ``stream`` / ``sync`` /
-    ``naive`` (see :mod:`d2moe_mlx.scheduler`). A budget too small for one
+    ``naive`` (see :mod:`d2moe_mlx.scheduler`), ``io_mode`` ``random`` /
+    ``nocache`` / ``default`` (:mod:`d2moe_mlx.system`). A budget too small for one
     layer's top-k experts raises BudgetError before anything loads.
     """
+    mx.eval(mx.zeros(1))  # start the device (a GPU context is memory too) before measuring
     baseline = current_rss_bytes()
+    if io_mode not in IO_MODES:
+        raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
     store = open_store(path)
+    store.io_mode = io_mode
     spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
     level = spec.num_levels - 1 if level is None else level
     if not 0 <= level < spec.num_levels:
@@ -140,7 +146,7 @@ def load_model(
         model.set_dtype(act_dtype, lambda t: mx.issubdtype(t, mx.floating))
     model.eval()
     if plan is not None:
-        mx.set_cache_limit(plan.workspace)  # freed temporaries MLX keeps count in the budget
+        mx.set_cache_limit(plan.mlx_cache)  # freed buffers MLX keeps are planned in the budget
         set_wired_limit(plan.total)  # macOS: keep the budget wired (no-op elsewhere)
     return model, config
 

@@ -93,7 +93,7 @@ def budget_for(store_path, slots: int, **kw) -> int:
     """The smallest budget whose plan gives ``slots`` expert slots per layer (fixed baseline)."""
     p = pieces(store_path, **kw)
     one = p.layers * sum(p.slot_bytes.values())  # one more slot in every pool
-    return p.baseline + p.dense + p.kv + p.workspace + p.staging + (slots + 1) * one
+    return p.baseline + p.dense + p.kv + p.working + (slots + 1) * one
 
 
 def stream_model(store_path, slots: int, **kw):
