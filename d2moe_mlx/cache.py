@@ -102,10 +102,13 @@ class PlanePool:
         ok[ok] = self.ready[slots[ok]]
         return ok
 
-    def table(self) -> mx.array:
-        """expert id -> slot (the zero slot where not ready), as an MLX uint32 array."""
+    def table(self, only: np.ndarray | None = None) -> mx.array:
+        """expert id -> slot as an MLX uint32 array; the zero slot where the expert is not
+        ready, or (with ``only``) not one of ``only``."""
         t = np.full(self.slot_of.shape, self.zero_slot, dtype=np.uint32)
         ok = self.resident(np.arange(self.slot_of.size))
+        if only is not None:
+            ok &= np.isin(np.arange(self.slot_of.size), only)
         t[ok] = self.slot_of[ok]
         return mx.array(t)
 

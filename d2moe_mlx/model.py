@@ -78,6 +78,7 @@ def load_model(
     cache_policy: str = "lru",
     policy_options: dict | None = None,
     prefetch: bool = False,
+    overlap: bool = True,
     context: int = 4096,
     prefill_step: int = 512,
     loader_threads: int = 4,
@@ -92,6 +93,7 @@ def load_model(
     by :func:`d2moe_mlx.budget.plan_budget` and experts stream from the store:
     ``cache_policy`` ``lru`` / ``lfu`` / ``score`` (SMoE's lowest mean gate
     score), ``prefetch`` loads the next layer's likely experts early,
+    ``overlap`` computes a layer's resident experts while its misses load,
     ``loader_threads`` read in parallel, ``mode`` ``stream`` / ``sync`` /
     ``naive`` (see :mod:`d2moe_mlx.scheduler`), ``io_mode`` ``random`` /
     ``nocache`` / ``default`` (:mod:`d2moe_mlx.system`). A budget too small for one
@@ -129,7 +131,7 @@ def load_model(
                 install_experts(model, store, spec, level, act_dtype)
             else:
                 install_streaming(model, store, spec, level, act_dtype, plan, policy=cache_policy,
-                                  policy_options=policy_options, mode=mode, prefetch=prefetch,
+                                  policy_options=policy_options, mode=mode, prefetch=prefetch, overlap=overlap,
                                   loader_threads=loader_threads)
             return model
 

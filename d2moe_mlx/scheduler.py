@@ -70,13 +70,21 @@ class Scheduler:
     """Runs every streaming MoE layer of one model over its layer caches."""
 
     def __init__(self, caches: dict[int, LayerCache], loader: ExpertLoader, *,
-                 mode: str = "stream", prefetch: bool = False, routers: dict | None = None):
+                 mode: str = "stream", prefetch: bool = False, routers: dict | None = None,
+                 overlap: bool = True, same_shapes: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {MODES}, got {mode!r}")
         self.caches = caches
         self.loader = loader
         self.mode = mode
         self.prefetch = prefetch
+        self.overlap = overlap
+        # GPU kernels round differently for different call shapes (measured on CUDA bf16:
+        # 0.008-0.02 logit differences): there, every partial computation keeps the
+        # resident call's shape, other experts routed to the all-zero slot, so the result
+        # is bitwise the resident one at the cost of one extra pass per split. MLX's CPU
+        # kernels give the same rows for sub-batches (tested), so the CPU computes subsets.
+        self.same_shapes = mx.default_device() != mx.cpu if same_shapes is None else same_shapes
         self.routers = routers or {}  # layer -> callable(x) -> (logits, probabilities)
         self.stats = StreamStats()
         self.layers = sorted(caches)
@@ -115,7 +123,7 @@ class Scheduler:
                     self._prefetch(nl, np.array(nxt), idx.shape[-1])
                 y = self._compute(lc, inner, x, indices, idx, futures)
             else:
-                y = self._grouped(lc, inner, x, idx, order, pinned)
+                y = self._grouped(lc, inner, x, indices, idx, order, pinned)
             mx.eval(y)
         finally:
             for pool, slots in pinned:
@@ -130,21 +138,29 @@ class Scheduler:
         ready = np.ones(flat.shape, dtype=bool)
         for pool in lc.pools:
             ready &= pool.resident(flat)
-        if self.mode != "stream" or not ready.any():
+        if self.mode != "stream" or not self.overlap or not ready.any():
             self._wait(futures)
             self._tables(lc)
             return inner(x, indices)
         first = np.flatnonzero(ready)  # resident pairs: compute while the rest load
+        rest = np.flatnonzero(~ready)
+        if self.same_shapes:
+            early = np.unique(flat[first])
+            self._tables(lc, only=early)
+            y_first = inner(x, indices)
+            mx.async_eval(y_first)
+            self._wait(futures)
+            self._tables(lc, only=np.setdiff1d(np.unique(flat), early))
+            return y_first + inner(x, indices)
         self._tables(lc)
         y_first = _pairs(inner, x, flat, idx.shape[-1], first)
         mx.async_eval(y_first)
         self._wait(futures)
-        rest = np.flatnonzero(~ready)
         self._tables(lc)
         y_rest = _pairs(inner, x, flat, idx.shape[-1], rest)
         return _combine([y_first, y_rest], [first, rest], idx.shape)
 
-    def _grouped(self, lc, inner, x, idx, order, pinned) -> mx.array:
+    def _grouped(self, lc, inner, x, indices, idx, order, pinned) -> mx.array:
         """More distinct experts than slots: compute groups of experts that fit."""
         flat = idx.reshape(-1)
         outs, ids = [], []
@@ -154,17 +170,22 @@ class Scheduler:
             mine: list[tuple[PlanePool, np.ndarray]] = []
             try:
                 self._wait(self._ensure(lc, group, mine))
-                self._tables(lc)
-                sel = np.flatnonzero(np.isin(flat, group))
-                y = _pairs(inner, x, flat, idx.shape[-1], sel)
+                if self.same_shapes:  # the whole call, experts outside the group zeroed
+                    self._tables(lc, only=group)
+                    y = inner(x, indices)
+                    y = y if not outs else outs.pop() + y
+                else:
+                    self._tables(lc)
+                    sel = np.flatnonzero(np.isin(flat, group))
+                    y = _pairs(inner, x, flat, idx.shape[-1], sel)
+                    ids.append(sel)
                 mx.eval(y)  # before the next group may evict these slots
             finally:
                 for pool, slots in mine:
                     pool.unpin(slots)
             outs.append(y)
-            ids.append(sel)
         self.stats.groups += 1
-        return _combine(outs, ids, idx.shape)
+        return outs[0] if self.same_shapes else _combine(outs, ids, idx.shape)
 
     # -- residency and loads ------------------------------------------------------
     def _ensure(self, lc: LayerCache, experts: np.ndarray, pinned: list) -> list:
@@ -285,8 +306,8 @@ class Scheduler:
                 self.stats.prefetch_loads += 1
 
     # -- bookkeeping ------------------------------------------------------------
-    def _tables(self, lc: LayerCache) -> None:
-        lc.tables = [pool.table() for pool in lc.pools]
+    def _tables(self, lc: LayerCache, only: np.ndarray | None = None) -> None:
+        lc.tables = [pool.table(only) for pool in lc.pools]
 
     def _account(self, layer: int, lc: LayerCache, idx: np.ndarray, experts: np.ndarray) -> None:
         s = self.stats

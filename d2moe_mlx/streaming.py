@@ -102,6 +102,7 @@ def install_streaming(
     policy_options: dict | None = None,
     mode: str = "stream",
     prefetch: bool = False,
+    overlap: bool = True,
     loader_threads: int = 4,
     verify: str = "first",
 ) -> Streaming:
@@ -115,7 +116,7 @@ def install_streaming(
             f"{store.manifest['model_type']} model built from config.json; re-run d2moe convert")
     caches: dict[int, LayerCache] = {}
     loader = ExpertLoader(store, threads=loader_threads, verify=verify)
-    scheduler = Scheduler(caches, loader, mode=mode, prefetch=prefetch)
+    scheduler = Scheduler(caches, loader, mode=mode, prefetch=prefetch, overlap=overlap)
     for key, (path, switch) in sorted(found.items(), key=lambda kv: int(kv[0])):
         layer = int(key)
         pools = [PlanePool(store, layer, c, spec.component_bits(c), plan.slots[c], act_dtype)
