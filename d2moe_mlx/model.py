@@ -99,7 +99,7 @@ def load_model(
     ``nocache`` / ``default`` (:mod:`d2moe_mlx.system`). A budget too small for one
     layer's top-k experts raises BudgetError before anything loads.
     """
-    mx.eval(mx.zeros(1))  # start the device (a GPU context is memory too) before measuring
+    _start_device()
     baseline = current_rss_bytes()
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
@@ -151,6 +151,17 @@ def load_model(
         mx.set_cache_limit(plan.mlx_cache)  # freed buffers MLX keeps are planned in the budget
         set_wired_limit(plan.total)  # macOS: keep the budget wired (no-op elsewhere)
     return model, config
+
+
+def _start_device() -> None:
+    """Run one small op of each kind the model uses, so that the device context and the
+    kernel libraries a GPU loads on first use are in the baseline the budget measures."""
+    x = mx.ones((2, 64))
+    w, scales, biases = mx.quantize(mx.ones((64, 64)), group_size=64, bits=4)
+    mx.eval(x @ x.T, mx.quantized_matmul(x, w, scales, biases, group_size=64, bits=4),
+            mx.gather_qmm(x[:, None, None], w[None], scales[None], biases[None],
+                          rhs_indices=mx.zeros((2, 1), dtype=mx.uint32), group_size=64, bits=4),
+            mx.softmax(x, axis=-1))
 
 
 def open_store(path: str | os.PathLike) -> Store:

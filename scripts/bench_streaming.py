@@ -170,7 +170,7 @@ def worker(cfg: dict) -> dict:
     from d2moe_mlx import system
     from d2moe_mlx.budget import budget_for_slots, slot_bytes
     from d2moe_mlx.memory import peak_rss_bytes
-    from d2moe_mlx.model import load_model
+    from d2moe_mlx.model import _start_device, load_model
     from d2moe_mlx.store.reader import Store
     from d2moe_mlx.streaming import streaming_of
 
@@ -200,6 +200,7 @@ def worker(cfg: dict) -> dict:
         slots = max(int(round(cfg["fraction"] * store.num_experts)), int(store.config.get("num_experts_per_tok", 1)))
         opts = dict(context=cfg["context"], prefill_step=cfg["prefill_step"])
         itemsize = 2 if gpu else 4
+        _start_device()  # as load_model does before it measures the baseline
         budget = budget_for_slots(slots, store, store.config, cfg["level"], itemsize,
                                   system.current_rss_bytes(), **opts)
         # load_model measures the baseline again a moment later: half a slot of slack.
