@@ -382,11 +382,14 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
                 ax.axhline(r["decode_tps"], linestyle="--", color="gray" if r["kind"] == "resident" else "black",
                            label=r["name"])
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([12.5, 25, 50, 100], ["12.5", "25", "50", "100"])
         ax.set_xlabel("expert cache, % of expert bytes")
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"{store}, {regime} routing, {temp}")
+        device = sel[0]["device"] if sel else "cpu"
+        ax.set_title(f"{store}, {regime} routing, {temp} ({device})")
         ax.legend(fontsize=7)
-        path = out_dir / f"bench_{store}_{regime}_{temp}.png"
+        path = out_dir / f"bench_{device}_{store}_{regime}_{temp}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -463,6 +466,11 @@ def main() -> None:
                   f"{res.get('decode_tps', res.get('error'))} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
             args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial
+    report(rows, disk, meta, args)
+
+
+def report(rows: list[dict], disk: dict, meta, args) -> None:
+    """Ratios and roofline into the rows; JSON, markdown table on stdout, PNG plots."""
     summarize(rows, disk)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table(rows))
@@ -479,12 +487,7 @@ def merge(args) -> None:
         rows += data["rows"]
         metas.append(data["meta"])
         disk.update({(s, t): v for s, t, v in data["meta"]["disk_gbps"]})
-    summarize(rows, disk)
-    args.json.write_text(json.dumps({"meta": metas, "rows": rows}, indent=1))
-    print(table(rows))
-    if args.plots:
-        for path in plot(rows, args.plots):
-            print(f"wrote {path}", file=sys.stderr)
+    report(rows, disk, metas, args)
 
 
 if __name__ == "__main__":
