@@ -53,6 +53,24 @@ def test_chat_reads_turns_until_q(store):
     assert res.stderr.count("generation:") == 2  # one stats line per reply
 
 
+def test_chat_with_a_memory_budget_streams_and_reports(store):
+    """--memory: same reply as resident, and per-reply hit rate, MB/token and peak RSS."""
+    resident = run("generate", store, "-p", "hello", "-m", "8")
+    too_small = run("generate", store, "-p", "hello", "-m", "8", "--memory", "50MB")
+    assert too_small.returncode == 1 and "smallest budget that works is" in too_small.stderr
+    need = too_small.stderr.split("smallest budget that works is ")[1].split(";")[0]
+    value, unit = need.split()
+    budget = f"{float(value) * 1.1:.2f}{unit[0]}B"  # above the smallest (baselines vary a little)
+    res = run("generate", store, "-p", "hello", "-m", "8", "--memory", budget, "--context", "4096")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == resident.stdout  # exact mode: the same text
+    assert "streaming experts: budget" in res.stderr and "hit rate" in res.stderr
+    assert "MB read/token" in res.stderr and "peak RSS" in res.stderr
+    chat = run("chat", store, "-m", "6", "--temp", "0", "--memory", budget, input="hello\nagain\nq\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stderr.count("hit rate") == 2  # one stats line per reply
+
+
 def test_inspect_reports_and_detects_corruption(store, tmp_path):
     res = run("inspect", store)
     assert res.returncode == 0, res.stderr
