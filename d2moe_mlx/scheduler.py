@@ -87,9 +87,15 @@ class Scheduler:
         self.same_shapes = mx.default_device() != mx.cpu if same_shapes is None else same_shapes
         self.routers = routers or {}  # layer -> callable(x) -> (logits, probabilities)
         self.stats = StreamStats()
-        self.layers = sorted(caches)
-        self._next = {a: b for a, b in zip(self.layers, self.layers[1:])}
         self._predicted: dict[int, np.ndarray] = {}
+        self.attach(self.routers)
+
+    def attach(self, routers: dict) -> None:
+        """Take the layer caches as they are now (they may be filled after construction)
+        and the routers (layer -> f(x) -> (logits, probabilities)) for scores and prefetch."""
+        self.routers = routers
+        self.layers = sorted(self.caches)
+        self._next = {a: b for a, b in zip(self.layers, self.layers[1:])}
 
     # -- the layer call ---------------------------------------------------------
     def forward(self, layer: int, inner, x: mx.array, indices: mx.array) -> mx.array:

@@ -130,9 +130,7 @@ def install_streaming(
         parent, attr = _parent(model, path)
         setattr(parent, attr, StreamingSwitch(switch, layer, scheduler))
         caches[layer] = cache
-    scheduler.layers = sorted(caches)
-    scheduler._next = {a: b for a, b in zip(scheduler.layers, scheduler.layers[1:])}
-    scheduler.routers = _routers(model)
+    scheduler.attach(_routers(model))
     state = Streaming(plan=plan, scheduler=scheduler, store=store)
     object.__setattr__(model, "_d2moe_streaming", state)
     weakref.finalize(model, state.close)
