@@ -11,11 +11,12 @@ numbers and the smallest budget that works.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass, field
 
+from safetensors import safe_open
+
+from .cache import slot_tensors
 from .memory import format_bytes
 from .store.format import StoreError
 from .store.reader import Store
@@ -88,21 +89,10 @@ class BudgetPlan:
 
 
 def slot_bytes(store: Store, layer: int, component: int, act_itemsize: int) -> int:
-    """Bytes one expert slot of (layer, component) takes in memory (compute form).
-
-    Packed codes keep their size (1-bit planes run as 2-bit: twice); float tensors
-    take the activation dtype; a binary plane also gets a biases tensor.
-    """
-    specs = store.layout(layer, component)
-    binary = not any(s.name.endswith(".biases") for s in specs)  # 1-bit plane: no biases
-    total = 0
-    for spec in specs:
-        if spec.name.endswith(".weight"):
-            total += spec.nbytes * (2 if binary else 1)
-        else:  # scales (a binary plane also gets biases of the same shape), biases, bias
-            twice = binary and spec.name.endswith(".scales")
-            total += spec.size * act_itemsize * (2 if twice else 1)
-    return total
+    """Bytes one expert slot of (layer, component) takes in memory (see
+    :func:`d2moe_mlx.cache.slot_tensors`: the layout the pools allocate)."""
+    return sum(math.prod(shape) * (act_itemsize if is_float else 4)
+               for _, shape, is_float in slot_tensors(store.layout(layer, component)))
 
 
 def dense_bytes(store: Store, act_itemsize: int) -> int:
@@ -199,23 +189,10 @@ def _top_k(config: dict) -> int:
 
 
 def _safetensors_header(path) -> list[tuple[str, list[int]]]:
-    """(dtype, shape) of each tensor in a safetensors file, from its JSON header."""
+    """(dtype, shape) of each tensor in a safetensors file, without reading the data."""
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100 << 20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, struct.error) as err:
+        with safe_open(str(path), framework="numpy") as f:
+            return [(f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()]
+    except Exception as err:  # safetensors raises its own error type for a bad header
         raise StoreError(f"{path}: cannot read the safetensors header ({err}); the store is "
                          "damaged: re-run d2moe convert") from None
-    return [(v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"]
-
-
-def budget_for_slots(slots: int, store: Store, config: dict, level: int, act_itemsize: int,
-                     baseline: int, **options) -> int:
-    """The smallest total budget whose plan gives ``slots`` expert slots per layer
-    (the inverse of :func:`plan_budget`; ``options`` as for it)."""
-    probe = plan_budget(1 << 60, store, config, level, act_itemsize, baseline, **options)
-    fixed = probe.baseline + probe.dense + probe.kv + probe.working
-    return fixed + (slots + 1) * probe.layers * sum(probe.slot_bytes.values())

@@ -25,6 +25,24 @@ from .store.reader import Store
 FREE = -1
 
 
+def slot_tensors(specs: list) -> list[tuple[str, tuple, bool]]:
+    """(name, shape, is_float) of each tensor one slot holds for a block of ``specs``:
+    packed codes as uint32 (a binary plane, which has no biases, expanded to 2 bits:
+    twice the words, and given a biases tensor), float tensors at the activation dtype."""
+    names = {s.name for s in specs}
+    binary = not any(n.endswith(".biases") for n in names)
+    out = []
+    for spec in sorted(specs, key=lambda s: s.offset):
+        proj, field = spec.name.rsplit(".", 1)
+        if field == "weight":
+            out.append((spec.name, (spec.shape[0], spec.shape[1] * (2 if binary else 1)), False))
+        else:
+            out.append((spec.name, tuple(spec.shape), True))
+            if field == "scales" and binary and f"{proj}.biases" not in names:
+                out.append((f"{proj}.biases", tuple(spec.shape), True))
+    return out
+
+
 class CacheFullError(RuntimeError):
     """Every slot of a pool is pinned: the request needs more slots than the pool has."""
 
@@ -55,16 +73,8 @@ class PlanePool:
     # -- memory -------------------------------------------------------------
     def _allocate(self) -> None:
         n = self.capacity + 1
-        names = [s.name for s in self.specs]
-        for spec in self.specs:
-            proj, field = spec.name.rsplit(".", 1)
-            if field == "weight":
-                shape = (n, spec.shape[0], spec.shape[1] * (2 if self.binary else 1))
-                self._add(spec.name, shape, mx.uint32)
-            else:
-                self._add(spec.name, (n, *spec.shape), self.act_dtype)
-                if field == "scales" and self.binary and f"{proj}.biases" not in names:
-                    self._add(f"{proj}.biases", (n, *spec.shape), self.act_dtype)
+        for name, shape, is_float in slot_tensors(self.specs):
+            self._add(name, (n, *shape), self.act_dtype if is_float else mx.uint32)
         mx.eval(list(self.compute.values()))
         for name, arr in list(self.views.items()):
             self.views[name] = np.asarray(arr)  # writable zero-copy view of MLX memory

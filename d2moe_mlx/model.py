@@ -20,7 +20,7 @@ from mlx_lm.utils import load_model as mlx_load_model
 
 from . import mwq
 from .convert.hf_config import apply_mlx_lm_fixes
-from .moe import MWQSwitchLinear, layer_of, projection_names, switch_modules
+from .moe import MWQSwitchLinear, projection_names, store_switches
 from .store.format import MANIFEST_NAME, StoreError
 from .store.reader import Store
 from .budget import plan_budget
@@ -177,15 +177,7 @@ def open_store(path: str | os.PathLike) -> Store:
 
 def install_experts(model: nn.Module, store: Store, spec: mwq.MWQSpec, level: int, dtype: mx.Dtype) -> None:
     """Replace each switch module's projections by MWQ layers read from ``store`` (levels 0..level)."""
-    expected = store.manifest["switch_modules"]
-    found = {str(layer_of(p)): (p, m) for p, m in switch_modules(model)}
-    if sorted(found) != sorted(expected) or any(found[k][0] != expected[k] for k in expected):
-        raise StoreError(
-            f"{store.path / MANIFEST_NAME}: expert modules {sorted(expected.values())[:3]}... do not match "
-            f"the {store.manifest['model_type']} model built from config.json; re-run d2moe convert"
-        )
-    for key, (path, switch) in sorted(found.items(), key=lambda kv: int(kv[0])):
-        layer = int(key)
+    for layer, path, switch in store_switches(model, store):
         stacks = [store.read_expert_stack(layer, c) for c in range(level + 1)]
         for name in projection_names(switch):
             old = getattr(switch, name)

@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
+from .store.format import MANIFEST_NAME, StoreError
+
 # Names of the projections of each switch module class, in mlx-lm's spelling.
 PROJECTIONS = {SwitchGLU: ("gate_proj", "up_proj", "down_proj"), SwitchMLP: ("fc1", "fc2")}
 
@@ -110,6 +112,19 @@ def switch_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             found.append((path, module))
     # named_modules walks children before parents in reverse; keep model order.
     return sorted(found, key=lambda pm: _path_sort_key(pm[0]))
+
+
+def store_switches(model: nn.Module, store) -> list[tuple[int, str, nn.Module]]:
+    """(layer, path, module) of each switch module of ``model``, in layer order, checked
+    against the ones ``store``'s manifest recorded (StoreError if they differ)."""
+    expected = store.manifest["switch_modules"]
+    found = {str(layer_of(p)): (p, m) for p, m in switch_modules(model)}
+    if sorted(found) != sorted(expected) or any(found[k][0] != expected[k] for k in expected):
+        raise StoreError(
+            f"{store.path / MANIFEST_NAME}: expert modules {sorted(expected.values())[:3]}... do not "
+            f"match the {store.manifest['model_type']} model built from config.json; re-run d2moe convert"
+        )
+    return [(int(k), p, m) for k, (p, m) in sorted(found.items(), key=lambda kv: int(kv[0]))]
 
 
 def projection_names(module: nn.Module) -> tuple[str, ...]:

@@ -20,10 +20,10 @@ from . import mwq
 from .budget import BudgetPlan
 from .cache import LayerCache, PlanePool
 from .loader import ExpertLoader
-from .moe import layer_of, projection_names, switch_modules
+from .moe import projection_names, store_switches
 from .policies import make_policy
 from .scheduler import Scheduler
-from .store.format import MANIFEST_NAME, StoreError
+from .store.format import StoreError
 from .store.reader import Store
 from .trace import _scoring, find_moe_blocks, router_logits
 
@@ -108,17 +108,10 @@ def install_streaming(
 ) -> Streaming:
     """Give every switch module of ``model`` slot pools sized by ``plan`` (components
     0..level) and route its calls through a scheduler; returns the streaming state."""
-    expected = store.manifest["switch_modules"]
-    found = {str(layer_of(p)): (p, m) for p, m in switch_modules(model)}
-    if sorted(found) != sorted(expected) or any(found[k][0] != expected[k] for k in expected):
-        raise StoreError(
-            f"{store.path / MANIFEST_NAME}: expert modules do not match the "
-            f"{store.manifest['model_type']} model built from config.json; re-run d2moe convert")
     caches: dict[int, LayerCache] = {}
     loader = ExpertLoader(store, threads=loader_threads, verify=verify)
     scheduler = Scheduler(caches, loader, mode=mode, prefetch=prefetch, overlap=overlap)
-    for key, (path, switch) in sorted(found.items(), key=lambda kv: int(kv[0])):
-        layer = int(key)
+    for layer, path, switch in store_switches(model, store):
         pools = [PlanePool(store, layer, c, spec.component_bits(c), plan.slots[c], act_dtype)
                  for c in range(level + 1)]
         cache = LayerCache(pools, make_policy(policy, store.num_experts, **(policy_options or {})))
