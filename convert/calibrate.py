@@ -22,7 +22,8 @@ import numpy as np
 
 from d2moe_mlx import mwq
 from d2moe_mlx.moe import decoder_layers, projection_names
-from d2moe_mlx.trace import SIGMOID_TYPES
+from d2moe_mlx.families import Family, router_logits
+from d2moe_mlx.hooks import hooked
 
 
 def default_calibration_text() -> str:
@@ -181,19 +182,6 @@ def experts_forward(experts: Experts, x: mx.array, indices: mx.array) -> mx.arra
     return mx.array(out.reshape(*indices.shape, out_dims)).astype(x.dtype)
 
 
-class _SwitchProbe(nn.Module):
-    """Stands in for a switch module during calibration (see :func:`experts_forward`)."""
-
-    def __init__(self, experts: Experts):
-        super().__init__()
-        self._experts = experts
-
-    def __call__(self, x, indices):
-        if self._experts.x is not None:
-            raise RuntimeError("a switch module was called twice in one layer forward")
-        return experts_forward(self._experts, x, indices)
-
-
 def get_module(root: nn.Module, path: str) -> nn.Module:
     """The submodule of ``root`` at a dotted path (list indices allowed)."""
     module = root
@@ -202,60 +190,35 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _set_module(root: nn.Module, path: str, value: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = get_module(root, parent_path) if parent_path else root
-    setattr(parent, name, value)
+def run_layer(model: nn.Module, family: Family, layer_idx: int, h: mx.array,
+              call: tuple[tuple, dict], experts: Experts | None) -> mx.array:
+    """Apply decoder layer ``layer_idx`` to ``h``; its routed experts (if any) are
+    computed from ``experts`` by :func:`experts_forward`, which records their inputs."""
+    layer = decoder_layers(model)[layer_idx]
+    blocks = [(layer_idx, layer[family.block])] if experts is not None else []
 
+    def make_fn(_layer, _block, _original):
+        def probe(x, indices):
+            if experts.x is not None:
+                raise RuntimeError("a switch module was called twice in one layer forward")
+            return experts_forward(experts, x, indices)
+        return probe
 
-def run_layer(
-    model: nn.Module, layer_idx: int, h: mx.array, call: tuple[tuple, dict], experts: dict[str, Experts]
-) -> mx.array:
-    """Apply decoder layer ``layer_idx`` to ``h``, its switch modules computed from ``experts``."""
-    saved = {}
-    for path, ex in experts.items():
-        saved[path] = get_module(model, path)
-        _set_module(model, path, _SwitchProbe(ex))
-    try:
-        args, kwargs = call
-        out = decoder_layers(model)[layer_idx](h, *args, **kwargs)
+    args, kwargs = call
+    with hooked(blocks, family, make_fn):
+        out = layer(h, *args, **kwargs)
         mx.eval(out)
-    finally:
-        for path, module in saved.items():
-            _set_module(model, path, module)
-    for path, ex in experts.items():
-        if ex.x is None:
-            raise RuntimeError(f"{path} was not called in its layer's forward pass")
+    if experts is not None and experts.x is None:
+        raise RuntimeError(f"layer {layer_idx}: its experts were not called in the layer's forward pass")
     return out
 
 
-def router_scores(
-    model: nn.Module, switch_path: str, x: mx.array, num_experts: int, config: dict
-) -> np.ndarray | None:
-    """Router probabilities [N, E] for inputs ``x`` of the MoE block owning ``switch_path``.
-
-    The router is the block's matrix of shape [num_experts, hidden] outside the
-    switch and shared experts; probabilities use softmax, or sigmoid where the
-    family scores with it (DeepSeek-V3 ``scoring_func``).
-    """
-    block_path = switch_path.rpartition(".")[0]
-    block = get_module(model, block_path)
-    switch = get_module(model, switch_path)
-    for path, module in block.named_modules():
-        if module is switch or "shared" in path or path.startswith(switch_path.rpartition(".")[2]):
-            continue
-        weight = module.get("weight") if isinstance(module, dict) else None
-        if isinstance(weight, mx.array) and weight.shape == (num_experts, x.shape[-1]):
-            logits = x.astype(mx.float32) @ weight.astype(mx.float32).T
-            bias = module.get("bias")
-            if isinstance(bias, mx.array) and bias.shape == (num_experts,):
-                logits = logits + bias.astype(mx.float32)
-            if config.get("scoring_func") == "sigmoid" or config.get("model_type") in SIGMOID_TYPES:
-                probs = mx.sigmoid(logits)
-            else:
-                probs = mx.softmax(logits, axis=-1)
-            return np.array(probs)
-    return None
+def router_scores(model: nn.Module, family: Family, layer_idx: int, x: mx.array) -> np.ndarray:
+    """Router probabilities [N, E] of decoder layer ``layer_idx``'s MoE block for inputs
+    ``x`` (softmax, or sigmoid where the family scores with it), via the family adapter."""
+    block = decoder_layers(model)[layer_idx][family.block]
+    logits = router_logits(block[family.router], x.astype(mx.float32))
+    return np.array(family.gating(model.args).scores(logits))
 
 
 def layer_statistics(indices: np.ndarray, scores: np.ndarray | None, num_experts: int) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from d2moe_mlx import __version__, mwq
+from d2moe_mlx.families import get_family
 from d2moe_mlx.model import DTYPES
 from d2moe_mlx.memory import peak_rss_bytes
 from d2moe_mlx.moe import decoder_layers, layer_of, projection_names, switch_modules
@@ -162,12 +163,13 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
     _load_subset(model, config, subset, prefix=layer_path)
     subset.clear()  # the model holds what it needs; drop the checkpoint's arrays
     layers = decoder_layers(model)
-    experts = {sw_path: calibrate.take_experts(calibrate.get_module(model, sw_path))} if sw_path else {}
+    ex = calibrate.take_experts(calibrate.get_module(model, sw_path)) if sw_path else None
     layers[l].set_dtype(mx.float32)
-    h_next = calibrate.run_layer(model, l, h, call, experts)
+    family = get_family(config["model_type"])
+    h_next = calibrate.run_layer(model, family, l, h, call, ex)
     stats, shapes = {}, {}
-    for path, ex in experts.items():
-        scores = calibrate.router_scores(model, path, mx.array(ex.x), ex.num_experts, config)
+    if ex is not None:
+        scores = calibrate.router_scores(model, family, l, mx.array(ex.x))
         for k, v in calibrate.layer_statistics(ex.indices, scores, ex.num_experts).items():
             stats[f"layer{l}.{k}"] = v
         shapes = _write_experts(writer, l, ex, spec, method, workers)

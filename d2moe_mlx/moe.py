@@ -104,6 +104,11 @@ class MWQSwitchLinear(nn.Module):
         return y
 
 
+def is_switch(module) -> bool:
+    """True for an mlx-lm routed-experts module (``SwitchGLU`` or ``SwitchMLP``)."""
+    return isinstance(module, tuple(PROJECTIONS))
+
+
 def switch_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The (path, module) of every mlx-lm switch (routed-experts) module in ``model``."""
     found = []

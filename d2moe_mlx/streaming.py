@@ -25,7 +25,7 @@ from .policies import make_policy
 from .scheduler import Scheduler
 from .store.format import StoreError
 from .store.reader import Store
-from .trace import _scoring, find_moe_blocks, router_logits
+from .families import family_of, router_logits
 
 
 class PooledSwitchLinear(nn.Module):
@@ -132,20 +132,16 @@ def install_streaming(
 
 def _routers(model: nn.Module) -> dict:
     """layer -> f(x) = (router logits, router probabilities) for every MoE block found."""
-    out = {}
-    for layer, block, rname, _ in find_moe_blocks(model):
-        kind = _scoring(model, block, rname)
-        out[layer] = _router_fn(block, rname, kind)
-    return out
+    family = family_of(model)
+    gating = family.gating(model.args)
 
+    def route_fn(router):
+        def route(x: mx.array):
+            logits = router_logits(router, x).astype(mx.float32)
+            return logits, gating.scores(logits)
+        return route
 
-def _router_fn(block: nn.Module, rname: str, kind: str):
-    def route(x: mx.array):
-        logits = router_logits(block[rname], x).astype(mx.float32)
-        probs = mx.softmax(logits, axis=-1) if kind == "softmax" else mx.sigmoid(logits)
-        return logits, probs
-
-    return route
+    return {layer: route_fn(block[family.router]) for layer, block in family.blocks(model)}
 
 
 def _check_shape(store: Store, path: str, name: str, old: nn.Module, pool: PlanePool) -> None:

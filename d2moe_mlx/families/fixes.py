@@ -1,0 +1,42 @@
+"""Family-specific fixes applied while normalising a Hugging Face checkpoint for mlx-lm.
+
+Each fix is named in its family's entry (:mod:`.registry`) and called by
+``d2moe_mlx.convert.hf_config``; they are the only places a family's quirks live.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+
+
+def qwen3_config(cfg: dict) -> None:
+    """qwen3_moe: mlx-lm needs head_dim and mlp_only_layers spelled out."""
+    if cfg.get("head_dim") is None:
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("mlp_only_layers") is None:
+        cfg["mlp_only_layers"] = []
+
+
+def gpt_oss_config(cfg: dict) -> None:
+    """gpt_oss: alternating sliding/full attention when config.json does not list it."""
+    if cfg.get("layer_types") is None:
+        n = cfg.get("num_hidden_layers", 0)
+        cfg["layer_types"] = ["sliding_attention", "full_attention"] * (n // 2)
+
+
+def deepseek_v2_config(cfg: dict) -> None:
+    """deepseek_v2: mlx-lm always builds a yarn rope from rope_scaling; factor 1 is plain rope."""
+    rs = cfg.get("rope_scaling")
+    if rs is None or rs.get("rope_type", rs.get("type")) == "default":
+        cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": 1.0}
+
+
+def phimoe_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """phimoe: mlx-lm's model always has attention and lm_head biases (zeros if absent)."""
+    for k in list(w):
+        if re.search(r"(self_attn\.[qkvo]_proj|^lm_head)\.weight$", k):
+            b = k[: -len("weight")] + "bias"
+            if b not in w:
+                w[b] = mx.zeros((w[k].shape[0],), dtype=w[k].dtype)

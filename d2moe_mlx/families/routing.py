@@ -1,0 +1,92 @@
+"""Gating rules: router logits -> importance scores, and the block's own top-k and weights.
+
+Each rule reproduces what one kind of mlx-lm MoE block computes from its router's
+logits (tests/test_families.py checks every family against mlx-lm's block). Where
+mlx-lm exposes the function (DeepSeek-V3's group selection, PhiMoE's sparsemixer),
+it is called, not copied. ``scores`` are the importance of every expert (what
+policies rank: softmax or sigmoid probabilities); ``route`` returns the block's
+``(indices, weights)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer")
+
+
+@dataclass(frozen=True)
+class Gating:
+    """A family's gating rule with the model's constants bound (see :func:`bind`)."""
+
+    rule: str
+    top_k: int
+    norm_topk: bool = False
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"
+    jitter_eps: float = 0.0
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.rule == "deepseek_v3"
+
+    def scores(self, logits: mx.array) -> mx.array:
+        """Importance of every expert [..., E] in float32: router probabilities."""
+        logits = logits.astype(mx.float32)
+        return mx.sigmoid(logits) if self.sigmoid else mx.softmax(logits, axis=-1, precise=True)
+
+    def route(self, logits: mx.array, correction_bias: mx.array | None = None):
+        """(indices [..., k], weights [..., k]) exactly as the family's block routes."""
+        k = self.top_k
+        if self.rule == "softmax_topk":  # qwen2/3_moe, olmoe: top-k of the softmax
+            probs = mx.softmax(logits, axis=-1, precise=True)
+            inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+            w = mx.take_along_axis(probs, inds, axis=-1)
+            return inds, (w / w.sum(axis=-1, keepdims=True) if self.norm_topk else w)
+        if self.rule == "topk_softmax":  # mixtral, gpt_oss, granitemoe: softmax of the top-k logits
+            inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+            w = mx.take_along_axis(logits, inds, axis=-1)
+            return inds, mx.softmax(w.astype(mx.float32), axis=-1, precise=True)
+        if self.rule == "deepseek_v2":
+            probs = mx.softmax(logits, axis=-1, precise=True)
+            if self.topk_method == "group_limited_greedy":
+                shape = probs.shape
+                grouped = probs.reshape(*shape[:-1], self.n_group, -1)
+                drop = self.n_group - self.topk_group
+                group_idx = mx.argpartition(grouped.max(axis=-1, keepdims=True), kth=drop - 1,
+                                            axis=-2)[..., :drop, :]
+                probs = mx.put_along_axis(grouped, group_idx, mx.array(0.0, probs.dtype),
+                                          axis=-2).reshape(shape)
+            inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+            return inds, mx.take_along_axis(probs, inds, axis=-1) * self.scaling
+        if self.rule == "deepseek_v3":
+            from mlx_lm.models.deepseek_v3 import group_expert_select
+
+            bias = correction_bias if correction_bias is not None else mx.zeros(logits.shape[-1])
+            return group_expert_select(logits, bias, k, self.n_group, self.topk_group,
+                                       self.scaling, self.norm_topk)
+        if self.rule == "sparsemixer":
+            from mlx_lm.models.phimoe import sparsemixer
+
+            return sparsemixer(logits, top_k=k, jitter_eps=self.jitter_eps)
+        raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
+
+
+def bind(rule: str, args, keys: dict[str, str]) -> Gating:
+    """The :class:`Gating` of ``rule`` with constants read from mlx-lm's ModelArgs
+    ``args`` under the attribute names ``keys`` (field -> attribute)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown gating rule {rule!r}; known: {', '.join(RULES)}")
+    values = {}
+    for field, attr in keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            values[field] = value
+    if "top_k" not in values:
+        raise ValueError(f"{type(args).__module__}: the model's arguments have no "
+                         f"{keys.get('top_k')!r} (experts per token)")
+    return Gating(rule, **values)

@@ -1,0 +1,110 @@
+"""Family adapters: for every supported family, the adapter finds the MoE blocks of
+mlx-lm's model and its gating rule gives the same top-k and weights as mlx-lm's
+own block (observed through the block's output, so nothing of the block is assumed)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from make_test_checkpoints import FAMILIES
+
+from d2moe_mlx.convert.hf_config import load_mlx_reference
+from d2moe_mlx.families import family_of, get_family, router_logits, supported
+from d2moe_mlx.hooks import hooked
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = load_mlx_reference(hf_checkpoint(family), dtype="float32")[0]
+        return cache[family]
+
+    return get
+
+
+def _block_weights(block, family, x, inds):
+    """The per-(token, slot) weights mlx-lm's block applies to its experts' outputs:
+    the block's output with experts returning one-hot rows minus its output with
+    experts returning zeros (shared experts cancel)."""
+    k = inds.shape[-1]
+
+    def run(one_hot: bool):
+        def make_fn(_l, _b, _o):
+            def fn(xx, idx):
+                shape = (*idx.shape, xx.shape[-1])
+                if not one_hot:
+                    return mx.zeros(shape, xx.dtype)
+                eye = mx.eye(k, xx.shape[-1], dtype=xx.dtype)
+                return mx.broadcast_to(eye, shape)
+            return fn
+        with hooked([(0, block)], family, make_fn):
+            return block(x)
+    diff = (run(True) - run(False)).astype(mx.float32)
+    return np.array(diff)[..., :k]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_adapter_routes_like_mlx_lm(name, models):
+    model = models(name)
+    family = family_of(model)
+    assert family is get_family(name) and family.name in supported()
+    blocks = family.blocks(model)
+    assert blocks, f"{name}: no MoE block found"
+    layers = [l for l, _ in blocks]
+    assert layers == sorted(set(layers))
+    gating = family.gating(model.args)
+    rng = np.random.default_rng(0)
+    for layer, block in blocks:
+        x = mx.array(rng.normal(size=(2, 5, model.args.hidden_size)).astype(np.float32))
+        seen = {}
+
+        def make_fn(_l, _b, original):
+            def fn(xx, idx):
+                seen["x"], seen["idx"] = xx, idx
+                return original(xx, idx)
+            return fn
+
+        with hooked([(layer, block)], family, make_fn):
+            block(x)
+        logits = router_logits(block[family.router], seen["x"])
+        inds, weights = gating.route(logits, family.correction(block))
+        want_idx = np.sort(np.array(seen["idx"]), -1)
+        assert np.array_equal(np.sort(np.array(inds), -1), want_idx), f"{name} layer {layer}"
+        # weights keyed by expert id, both sides
+        got_w = np.array(weights.astype(mx.float32))
+        want_w = _block_weights(block, family, x, seen["idx"])
+        order_got = np.argsort(np.array(inds), -1)
+        order_want = np.argsort(np.array(seen["idx"]), -1)
+        got_sorted = np.take_along_axis(got_w.reshape(order_got.shape), order_got, -1)
+        want_sorted = np.take_along_axis(want_w.reshape(order_want.shape), order_want, -1)
+        assert np.allclose(got_sorted, want_sorted, atol=1e-5), (name, layer, got_sorted, want_sorted)
+        scores = np.array(gating.scores(logits))
+        assert scores.shape[-1] == int(getattr(model.args, family.expert_count_key))
+        if not gating.sigmoid:
+            assert np.allclose(scores.sum(-1), 1.0, atol=1e-5)
+
+
+def test_unknown_family_is_refused_by_name():
+    with pytest.raises(ValueError, match="'llama' is not supported.*SwitchGLU.*qwen3_moe"):
+        get_family("llama")
+
+
+def test_hook_is_removed_after_an_error(models):
+    model = models("qwen3_moe")
+    family = family_of(model)
+    (layer, block), *_ = family.blocks(model)
+    original = block[family.experts]
+
+    def make_fn(*_):
+        def fn(x, idx):
+            raise RuntimeError("boom")
+        return fn
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooked([(layer, block)], family, make_fn):
+            block(mx.zeros((1, 2, model.args.hidden_size)))
+    assert block[family.experts] is original
