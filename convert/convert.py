@@ -136,7 +136,8 @@ def convert(
             "model_type": config["model_type"],
             "converter": f"d2moe-mlx {__version__}",
             "source": str(src),
-            "mwq": spec.to_dict(),
+            # nested: every component is a slice of one top-level code (the levels layout packs them)
+            "mwq": {**spec.to_dict(), "nested": (method or mwq.DEFAULT_METHOD) == "nested"},
             "num_experts": num_experts,
             "switch_modules": {str(l): p for l, p in sorted(switches.items())},
             "projections": shapes,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from safetensors import safe_open
 
-from .cache import slot_tensors
+from .layout import Layout, slot_tensors
 from .memory import format_bytes
 from .store.format import StoreError
 from .store.reader import Store
@@ -59,6 +59,8 @@ class BudgetPlan:
     top_k: int
     context: int
     prefill_step: int
+    level: int = 0
+    loader_threads: int = 4
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -88,11 +90,13 @@ class BudgetPlan:
         return ", ".join(parts)
 
 
-def slot_bytes(store: Store, layer: int, component: int, act_itemsize: int) -> int:
-    """Bytes one expert slot of (layer, component) takes in memory (see
-    :func:`d2moe_mlx.cache.slot_tensors`: the layout the pools allocate)."""
+def slot_bytes(store: Store, layout: Layout, part: int, act_itemsize: int) -> int:
+    """Bytes one expert slot of ``part`` takes in memory in every MoE layer's pool (the
+    layout :func:`d2moe_mlx.layout.slot_tensors` allocates; layers share one geometry)."""
+    spec = store.manifest["mwq"]
+    base = store.layout(store.moe_layers[0], 0)
     return sum(math.prod(shape) * (act_itemsize if is_float else 4)
-               for _, shape, is_float in slot_tensors(store.layout(layer, component)))
+               for _, shape, is_float in slot_tensors(layout.parts[part], base, spec["group_size"]))
 
 
 def dense_bytes(store: Store, act_itemsize: int) -> int:
@@ -134,6 +138,7 @@ def plan_budget(
     total: int,
     store: Store,
     config: dict,
+    layout: Layout,
     level: int,
     act_itemsize: int,
     baseline: int,
@@ -142,14 +147,20 @@ def plan_budget(
     prefill_step: int = 512,
     loader_threads: int = 4,
 ) -> BudgetPlan:
-    """Split ``total`` bytes; BudgetError if the minimum working set does not fit."""
+    """Split ``total`` bytes for running ``level`` in ``layout``; BudgetError if the
+    minimum working set does not fit.
+
+    Slots per part: every part that computes ``level`` gets the same count (each
+    pair needs all of them, so a part with more slots than another could not be
+    used by a call)."""
     layers = store.moe_layers
     if not layers:
         raise StoreError(f"{store.path} has no expert layers")
+    parts = list(layout.cover(level))
     first = layers[0]
-    comps = range(level + 1)
-    per_slot = {c: slot_bytes(store, first, c, act_itemsize) for c in comps}
-    staging = loader_threads * max(store.block_bytes(first, c) for c in comps)
+    per_slot = {p: slot_bytes(store, layout, p, act_itemsize) for p in parts}
+    staging = loader_threads * sum(store.block_bytes(first, c)
+                                   for c in range(layout.parts[parts[-1]].hi + 1))
     top_k = _top_k(config)
     dense = dense_bytes(store, act_itemsize)
     kv = kv_bytes(config, context, act_itemsize)
@@ -169,15 +180,36 @@ def plan_budget(
             f"{format_bytes(work + mlx_cache + staging + RUNTIME_SLACK)} working memory, and at "
             f"least {top_k} experts per "
             f"layer at level {level} ({format_bytes((top_k + 1) * one_expert)} over {len(layers)} "
-            f"layers). The smallest budget that works is {format_bytes(need)}; or use a lower "
+            f"layers). The smallest budget that works is {suggest_budget(need)}; or use a lower "
             f"level, a shorter context, or a smaller prefill step."
         )
     return BudgetPlan(
         total=total, baseline=baseline, dense=dense, kv=kv, workspace=work, mlx_cache=mlx_cache,
         slack=RUNTIME_SLACK, staging=staging,
-        cache=cache, slot_bytes=per_slot, slots={c: int(n) for c in comps}, layers=len(layers),
+        cache=cache, slot_bytes=per_slot, slots={p: int(n) for p in parts}, layers=len(layers),
         num_experts=store.num_experts, top_k=top_k, context=context, prefill_step=prefill_step,
+        level=level, loader_threads=loader_threads,
     )
+
+
+def suggest_budget(need: int) -> str:
+    """A budget to offer for ``need`` bytes, in decimal units (as --memory reads them):
+    with room for the run-to-run noise of the measured baseline (1% + 2 MiB) and rounded
+    up to 10 MB (100 MB from 10 GB), so that it is the same from run to run and works
+    when passed back."""
+    n = need * 1.01 + (2 << 20)
+    step = 10**7 if n < 10**10 else 10**8
+    n = math.ceil(n / step) * step
+    return f"{n / 1e9:.1f} GB" if n >= 10**10 else f"{n // 10**6} MB"
+
+
+def replan(plan: BudgetPlan, store: Store, layout: Layout, parts: list[int],
+           act_itemsize: int) -> BudgetPlan:
+    """``plan``'s budget split again for the level whose parts are ``parts``."""
+    level = max(layout.parts[p].hi for p in parts)
+    return plan_budget(plan.total, store, store.config, layout, level, act_itemsize, plan.baseline,
+                       context=plan.context, prefill_step=plan.prefill_step,
+                       loader_threads=plan.loader_threads)
 
 
 def _top_k(config: dict) -> int:

@@ -1,85 +1,76 @@
-"""The expert cache: per MoE layer, one fixed-capacity slot pool per MWQ component.
+"""The expert cache: per MoE layer, one fixed-capacity slot pool per layout part.
 
-A :class:`PlanePool` holds, for one (layer, component), an evaluated MLX array
-per tensor with ``capacity + 1`` slots along axis 0 (the last slot stays all
-zero: an expert routed to it contributes nothing). Experts map to slots; the
-loader preads blocks straight into slot memory through numpy views of these
-arrays, and the MoE layer computes ``gather_qmm`` over slot ids. Nothing is
-stacked or copied per token.
+A :class:`PartPool` holds, for one (layer, part), an evaluated MLX array per
+tensor with ``capacity + 1`` slots along axis 0 (the last slot stays all zero: a
+pair routed to it contributes nothing), writable numpy views of them (the loader
+reads blocks straight into slot memory), and an ``expert -> slot`` table that
+``gather_qmm`` indices go through. Nothing is stacked or copied per token.
 
-Residency is per component: an expert can have its base resident while its
-higher planes are not. A slot that a pending computation reads or a load is
-filling is pinned and is never chosen for eviction.
+:class:`ExpertCache` owns every piece of residency state of one layer and is the
+only code that changes it. Each slot moves through
+
+    free -> loading -> ready (-> evicted: free)      loading -> free (the load failed)
+
+and is *pinned* while a computation may read it or a load fills it; a pinned or
+loading slot is never chosen for eviction. The scheduler asks for the experts a
+call needs (:meth:`ExpertCache.acquire`: pins, placements, loads to issue),
+reports finished loads (:meth:`loaded` / :meth:`failed`) and releases pins after
+the call's outputs are evaluated (:meth:`release`). Residency is per part: an
+expert can be ready in its base pool while its upper planes are not.
+
+The table is an MLX array written in place through a numpy view: it is only
+changed at the scheduler's sync points, when no pending computation reads it.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-
 import mlx.core as mx
 import numpy as np
 
+from .layout import Part
 from .policies import EvictionPolicy
-from .store.reader import Store
 
-FREE = -1
-
-
-def slot_tensors(specs: list) -> list[tuple[str, tuple, bool]]:
-    """(name, shape, is_float) of each tensor one slot holds for a block of ``specs``:
-    packed codes as uint32 (a binary plane, which has no biases, expanded to 2 bits:
-    twice the words, and given a biases tensor), float tensors at the activation dtype."""
-    names = {s.name for s in specs}
-    binary = not any(n.endswith(".biases") for n in names)
-    out = []
-    for spec in sorted(specs, key=lambda s: s.offset):
-        proj, field = spec.name.rsplit(".", 1)
-        if field == "weight":
-            out.append((spec.name, (spec.shape[0], spec.shape[1] * (2 if binary else 1)), False))
-        else:
-            out.append((spec.name, tuple(spec.shape), True))
-            if field == "scales" and binary and f"{proj}.biases" not in names:
-                out.append((f"{proj}.biases", tuple(spec.shape), True))
-    return out
+FREE, LOADING, READY = 0, 1, 2
+NO_SLOT = -1
 
 
 class CacheFullError(RuntimeError):
-    """Every slot of a pool is pinned: the request needs more slots than the pool has."""
+    """A call needs more slots than are free or evictable in a pool."""
 
 
-class PlanePool:
-    """Slots of one (layer, component): MLX arrays, numpy views and the expert<->slot maps."""
+class PartPool:
+    """Slots of one (layer, part): MLX arrays, numpy views and per-slot state.
 
-    def __init__(self, store: Store, layer: int, component: int, stored_bits: int,
-                 capacity: int, act_dtype: mx.Dtype):
+    Read it through its methods; only :class:`ExpertCache` changes its state."""
+
+    def __init__(self, layer: int, part: Part, tensors: list[tuple[str, tuple, bool]],
+                 capacity: int, num_experts: int, act_dtype: mx.Dtype):
         if capacity < 1:
-            raise ValueError(f"layer {layer} component {component}: a pool needs >= 1 slot")
-        self.layer, self.component, self.capacity = layer, component, capacity
+            raise ValueError(f"layer {layer} part {part.index}: a pool needs >= 1 slot")
+        self.layer, self.part, self.capacity = layer, part, capacity
         self.zero_slot = capacity
-        self.binary = stored_bits == 1
-        self.bits = 2 if self.binary else stored_bits  # 1-bit planes run as MLX 2-bit
+        self.bits = part.bits
         self.act_dtype = act_dtype
-        self.block_bytes = store.block_bytes(layer, component)
-        self.specs = sorted(store.layout(layer, component), key=lambda s: s.offset)
-        self.slot_of = np.full(store.num_experts, FREE, dtype=np.int64)
-        self.expert_of = np.full(capacity, FREE, dtype=np.int64)
-        self.ready = np.zeros(capacity, dtype=bool)
+        self.num_experts = num_experts
+        self.slot_of = np.full(num_experts, NO_SLOT, dtype=np.int64)
+        self.expert_of = np.full(capacity, NO_SLOT, dtype=np.int64)
+        self.state = np.zeros(capacity, dtype=np.uint8)
         self.pins = np.zeros(capacity, dtype=np.int64)
-        self.loading: dict[int, Future] = {}  # slot -> its in-flight load
-        self.compute: dict[str, mx.array] = {}  # tensor name -> array gather_qmm reads
-        self.views: dict[str, np.ndarray] = {}  # tensor name -> writable numpy view
-        self._allocate()
-
-    # -- memory -------------------------------------------------------------
-    def _allocate(self) -> None:
-        n = self.capacity + 1
-        for name, shape, is_float in slot_tensors(self.specs):
-            self._add(name, (n, *shape), self.act_dtype if is_float else mx.uint32)
+        self.compute: dict[str, mx.array] = {}  # what gather_qmm reads
+        self.views: dict[str, np.ndarray] = {}  # writable numpy views of the same memory
+        self.identity = False  # every expert ready in the slot of its own id (resident)
+        self.ready_count = 0  # slots in state READY
+        for name, shape, is_float in tensors:
+            self._add(name, (capacity + 1, *shape), act_dtype if is_float else mx.uint32)
+        self._add("#table", (num_experts,), mx.uint32)
         mx.eval(list(self.compute.values()))
         for name, arr in list(self.views.items()):
-            self.views[name] = np.asarray(arr)  # writable zero-copy view of MLX memory
+            self.views[name] = np.asarray(arr)  # zero-copy view of MLX memory
             if not self.views[name].flags.writeable:
                 raise RuntimeError("MLX returned a read-only buffer; cannot stream experts")
+        self.views["#table"][:] = self.zero_slot
+        self.table = self.compute.pop("#table")
+        self._table_view = self.views.pop("#table")
 
     def _add(self, name: str, shape: tuple, dtype: mx.Dtype) -> None:
         if dtype == mx.bfloat16:  # numpy has no bfloat16: write uint16 words, compute a view
@@ -97,90 +88,148 @@ class PlanePool:
         return sum(v.nbytes for v in self.views.values())
 
     def arrays(self, proj: str) -> tuple[mx.array, mx.array, mx.array]:
-        """(weight, scales, biases) pools of projection ``proj`` for gather_qmm."""
+        """(weight, scales, biases) of projection ``proj`` for gather_qmm."""
         c = self.compute
         return c[f"{proj}.weight"], c[f"{proj}.scales"], c[f"{proj}.biases"]
 
     def bias(self, proj: str) -> mx.array | None:
         return self.compute.get(f"{proj}.bias")
 
-    # -- maps ---------------------------------------------------------------
-    def resident(self, experts: np.ndarray) -> np.ndarray:
-        """Mask of ``experts`` whose block is in a slot and fully read."""
+    def indices(self, experts: mx.array) -> mx.array:
+        """Slot ids of ``experts`` (the zero slot where one is not ready), lazily."""
+        return experts if self.identity else self.table[experts]
+
+    # -- queries ------------------------------------------------------------------
+    def ready(self, experts: np.ndarray) -> np.ndarray:
+        """Mask of ``experts`` whose part is in a slot and fully read."""
+        if self.identity:
+            return np.ones(np.shape(experts), dtype=bool)
         slots = self.slot_of[experts]
         ok = slots >= 0
-        ok[ok] = self.ready[slots[ok]]
+        ok[ok] = self.state[slots[ok]] == READY
         return ok
 
-    def table(self, only: np.ndarray | None = None) -> mx.array:
-        """expert id -> slot as an MLX uint32 array; the zero slot where the expert is not
-        ready, or (with ``only``) not one of ``only``."""
-        t = np.full(self.slot_of.shape, self.zero_slot, dtype=np.uint32)
-        ok = self.resident(np.arange(self.slot_of.size))
-        if only is not None:
-            ok &= np.isin(np.arange(self.slot_of.size), only)
-        t[ok] = self.slot_of[ok]
-        return mx.array(t)
+    def all_ready(self) -> bool:
+        """Every expert of the layer is ready in this pool (no call can miss)."""
+        return self.ready_count == self.num_experts
 
-    def free_slots(self) -> np.ndarray:
-        return np.flatnonzero(self.expert_of == FREE)
-
-    def assign(self, expert: int, slot: int) -> None:
-        old = self.expert_of[slot]
-        if self.pins[slot] or slot in self.loading:
-            raise RuntimeError(f"slot {slot} of layer {self.layer} is in use; cannot evict it")
-        if old != FREE:
-            self.slot_of[old] = FREE
-        self.expert_of[slot] = expert
-        self.slot_of[expert] = slot
-        self.ready[slot] = False
-
-    def pin(self, slots: np.ndarray) -> None:
-        np.add.at(self.pins, np.asarray(slots, dtype=np.int64), 1)
-
-    def unpin(self, slots: np.ndarray) -> None:
-        np.add.at(self.pins, np.asarray(slots, dtype=np.int64), -1)
-        if (self.pins < 0).any():
-            raise RuntimeError("slot unpinned more often than pinned")
+    def loading_slots(self) -> np.ndarray:
+        return np.flatnonzero(self.state == LOADING)
 
     def evictable(self) -> np.ndarray:
-        """Expert ids resident in slots that nothing reads or fills."""
-        slots = np.flatnonzero((self.expert_of != FREE) & (self.pins == 0))
-        slots = np.array([s for s in slots if s not in self.loading], dtype=np.int64)
-        return self.expert_of[slots] if slots.size else slots
+        """Expert ids in ready slots that nothing pins."""
+        slots = np.flatnonzero((self.state == READY) & (self.pins == 0))
+        return self.expert_of[slots]
+
+    def resident_experts(self) -> np.ndarray:
+        """Expert ids whose part is ready, in slot order."""
+        if self.identity:
+            return np.arange(self.num_experts)
+        return self.expert_of[self.state == READY]
 
 
-class LayerCache:
-    """The pools of one MoE layer (components 0..level) and its eviction policy."""
+class ExpertCache:
+    """The pools of one MoE layer (one per layout part) and its eviction policy."""
 
-    def __init__(self, pools: list[PlanePool], policy: EvictionPolicy):
+    def __init__(self, layer: int, pools: list[PartPool], policy: EvictionPolicy):
+        self.layer = layer
         self.pools = pools
         self.policy = policy
-        self.layer = pools[0].layer
 
-    @property
-    def capacity(self) -> int:
-        return min(p.capacity for p in self.pools)
+    def capacity(self, parts) -> int:
+        return min(self.pools[p].capacity for p in parts)
 
-    def place(self, pool: PlanePool, experts: np.ndarray) -> list[tuple[int, int]]:
-        """Give each expert of ``experts`` without a slot in ``pool`` a slot; returns
-        the (expert, slot) pairs to load. Callers pin ``experts`` first so that
-        none of them is chosen as a victim. CacheFullError if slots run out."""
-        missing = [int(e) for e in experts if pool.slot_of[e] == FREE]
-        if not missing:
-            return []
-        free = list(pool.free_slots())
+    # -- transitions (the only writers of residency state) -------------------------------
+    def acquire(self, part: int, experts: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Pin the slots ``experts`` need in pool ``part``, placing the missing ones
+        (free slots first, then the policy's victims among unpinned ready slots).
+        Returns (the pinned slots, [(expert, slot) to load]). Atomic: on
+        CacheFullError nothing changed."""
+        pool = self.pools[part]
+        experts = np.asarray(experts, dtype=np.int64)
+        if pool.identity:
+            return np.empty(0, dtype=np.int64), []
+        have = pool.slot_of[experts]
+        if (have >= 0).all():  # every expert present (ready or loading): pin, nothing to load
+            pool.pins[have] += 1
+            return have, []
+        missing = experts[have < 0]
+        free = np.flatnonzero(pool.state == FREE)
         need = len(missing) - len(free)
+        victims = np.empty(0, dtype=np.int64)
         if need > 0:
-            victims = self.policy.victims(pool.evictable(), need)
+            candidates = pool.evictable()
+            candidates = candidates[~np.isin(candidates, experts)]
+            victims = self.policy.victims(candidates, need)
             if len(victims) < need:
                 raise CacheFullError(
-                    f"layer {self.layer} component {pool.component}: {len(missing)} experts "
-                    f"to place but only {len(free) + len(victims)} slots are free or evictable "
+                    f"layer {self.layer} part {part}: {len(missing)} experts to place but only "
+                    f"{len(free) + len(victims)} slots are free or evictable "
                     f"(capacity {pool.capacity})")
-            free += [int(pool.slot_of[v]) for v in victims]
-        out = []
-        for e, s in zip(missing, free):
-            pool.assign(e, s)
-            out.append((e, s))
-        return out
+        slots = np.concatenate([free[:len(missing)], pool.slot_of[victims]]).astype(np.int64)
+        for v in victims:
+            self._evict(pool, int(v))
+        pool.expert_of[slots] = missing
+        pool.slot_of[missing] = slots
+        pool.state[slots] = LOADING
+        pinned = np.concatenate([have[have >= 0], slots])
+        pool.pins[pinned] += 1  # distinct slots: one increment each
+        return pinned, list(zip(missing.tolist(), slots.tolist()))
+
+    def loaded(self, part: int, slot: int) -> None:
+        """A load into ``slot`` finished: the slot is ready."""
+        pool = self.pools[part]
+        if pool.state[slot] != LOADING:
+            raise RuntimeError(f"layer {self.layer} part {part} slot {slot} was not loading")
+        pool.state[slot] = READY
+        pool.ready_count += 1
+        pool._table_view[pool.expert_of[slot]] = slot
+
+    def failed(self, part: int, slot: int) -> None:
+        """A load into ``slot`` failed: the slot is free again (its expert not resident)."""
+        pool = self.pools[part]
+        if pool.state[slot] != LOADING:
+            raise RuntimeError(f"layer {self.layer} part {part} slot {slot} was not loading")
+        pool.slot_of[pool.expert_of[slot]] = NO_SLOT
+        pool.expert_of[slot] = NO_SLOT
+        pool.state[slot] = FREE
+
+    def release(self, part: int, slots: np.ndarray) -> None:
+        """Unpin slots a finished computation (or load) pinned."""
+        pool = self.pools[part]
+        pool.pins[slots] -= 1  # distinct slots (as acquire pinned them)
+        if len(slots) and pool.pins[slots].min() < 0:
+            raise RuntimeError("slot unpinned more often than pinned")
+
+    def drop(self, part: int) -> None:
+        """Evict every unpinned ready expert of a pool (the naive baseline's cache)."""
+        pool = self.pools[part]
+        if pool is None or pool.identity:
+            return
+        for e in pool.evictable():
+            self._evict(pool, int(e))
+
+    def fill_identity(self) -> None:
+        """Every expert is in the slot of its id, in every pool (the resident cache)."""
+        for pool in self.pools:
+            if pool is None:
+                continue
+            if pool.capacity < pool.num_experts:
+                raise ValueError("an identity cache needs a slot per expert")
+            pool.slot_of[:] = np.arange(pool.num_experts)
+            pool.expert_of[:pool.num_experts] = np.arange(pool.num_experts)
+            pool.state[:pool.num_experts] = READY
+            pool._table_view[:] = np.arange(pool.num_experts)
+            pool.ready_count = pool.num_experts
+            pool.identity = True
+
+    @staticmethod
+    def _evict(pool: PartPool, expert: int) -> None:
+        slot = pool.slot_of[expert]
+        if pool.pins[slot] or pool.state[slot] != READY:
+            raise RuntimeError(f"slot {slot} of layer {pool.layer} is in use; cannot evict it")
+        pool._table_view[expert] = pool.zero_slot
+        pool.slot_of[expert] = NO_SLOT
+        pool.expert_of[slot] = NO_SLOT
+        pool.state[slot] = FREE
+        pool.ready_count -= 1

@@ -30,7 +30,7 @@ def _load(store: str, level: int | None, dtype: str | None, memory: str | None =
                                 cache_policy=cache_policy, prefetch=prefetch, context=context)
     except (StoreError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    from .streaming import streaming_of
+    from .engine import streaming_of
 
     streaming = streaming_of(model)
     if streaming is not None:
@@ -275,7 +275,7 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
     from mlx_lm.models.cache import make_prompt_cache
 
     from .generation import format_stats, stream_generate
-    from .streaming import streaming_of
+    from .engine import streaming_of
 
     mx.random.seed(seed)
     model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)

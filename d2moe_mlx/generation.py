@@ -17,7 +17,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .memory import format_bytes, peak_rss_bytes
 from .scheduler import StreamStats
-from .streaming import streaming_of
+from .engine import streaming_of
 
 
 def stream_generate(

@@ -1,13 +1,17 @@
-"""Async expert loader: a thread pool that preads blocks straight into cache slots.
+"""Async expert loader: a thread pool that reads expert blocks into the slots the cache hands it.
 
-Loader threads only do I/O into evaluated buffers (numpy views of MLX arrays) and
-never touch MLX graphs: streams and graphs belong to the main thread. Tensors the
-slot holds in their stored form (packed codes; float16 scales when activations are
-float16) are read in place; the rest (scales in another float dtype, binary planes
-expanded to 2 bits) go through a per-thread staging buffer and are converted into
-the slot. Each block's checksum is verified the first time it is read. A request
-for a block that is already being read returns the same future, so it is read
-once. Errors reach the caller through the future, naming the file and block.
+Loader threads only do I/O and numpy into evaluated buffers (numpy views of MLX
+arrays) and never touch MLX graphs or residency state: the scheduler asks the
+cache for a slot, submits the load here, and on the main thread reports the
+future's result back to the cache. A ``planes`` part (one stored component) is
+read with one ``preadv`` straight into the slot where the stored form is the
+slot's (packed codes; float16 scales under float16 activations); the rest goes
+through a per-thread staging buffer and is converted into the slot. A ``levels``
+part reads each of its components' blocks into staging and packs them
+(:func:`d2moe_mlx.layout.build_part`). Every block read from disk is checked
+against its crc32 unless ``verify=False``. A request for a slot already being
+filled with the same expert returns the same future. Errors reach the caller
+through the future, naming the file and block.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .cache import PlanePool
+from . import mwq
+from .cache import PartPool
+from .layout import build_part
 from .packing import binary_to_2bit
 from .store.reader import Store
-
-VERIFY_MODES = ("first", "always", "never")
 
 
 def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -36,49 +40,45 @@ def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _store_float(dst: np.ndarray, src: np.ndarray) -> None:
+def store_float(dst: np.ndarray, src: np.ndarray) -> None:
     """Write float values ``src`` into a slot view (uint16 words for bfloat16 pools)."""
     if dst.dtype == np.uint16:
-        dst[...] = float_to_bf16_bits(src.astype(np.float32)).reshape(dst.shape)
+        dst[...] = float_to_bf16_bits(np.asarray(src, dtype=np.float32)).reshape(dst.shape)
     else:
-        np.copyto(dst, src.reshape(dst.shape), casting="unsafe")
+        np.copyto(dst, np.asarray(src).reshape(dst.shape), casting="unsafe")
 
 
 class ExpertLoader:
-    """Reads expert blocks into pool slots on ``threads`` threads (0: in the caller)."""
+    """Reads expert parts into pool slots on ``threads`` threads (0: in the caller)."""
 
-    def __init__(self, store: Store, threads: int = 4, verify: str = "first"):
-        if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    def __init__(self, store: Store, spec: mwq.MWQSpec, threads: int = 4, verify: bool = True):
         if threads < 0:
             raise ValueError(f"loader threads must be >= 0, got {threads}")
         self.store = store
-        self.verify = verify
+        self.spec = spec
+        self.verify = bool(verify)
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="d2moe-load") if threads else None
         self._lock = threading.Lock()
         self._inflight: dict[tuple, Future] = {}
-        self._verified: set[tuple[int, int, int]] = set()
         self._local = threading.local()
         self.bytes_read = 0
         self.blocks_read = 0
         self.read_seconds = 0.0
 
-    def submit(self, pool: PlanePool, expert: int, slot: int) -> Future:
-        """Start reading ``expert``'s block of ``pool`` into ``slot``; returns its future.
-
-        The same request while it is in flight returns the same future."""
-        key = (pool.layer, pool.component, int(expert), int(slot), id(pool))
+    def submit(self, pool: PartPool, expert: int, slot: int) -> Future:
+        """Start reading ``expert``'s part into ``slot`` of ``pool``; returns its future
+        (bytes read). The same request while it is in flight returns the same future."""
+        key = (id(pool), int(expert), int(slot))
         with self._lock:
             fut = self._inflight.get(key)
             if fut is not None and not fut.done():  # a finished read is not in flight:
                 return fut  # the slot may have held another expert since
             if self._pool is None:
                 fut = Future()
-                self._inflight[key] = fut
             else:
                 fut = self._pool.submit(self._read, pool, int(expert), int(slot))
-                self._inflight[key] = fut
+            self._inflight[key] = fut
         if self._pool is None:
             try:
                 fut.set_result(self._read(pool, int(expert), int(slot)))
@@ -87,7 +87,7 @@ class ExpertLoader:
         fut.add_done_callback(lambda _f, k=key: self._forget(k))
         return fut
 
-    def load(self, pool: PlanePool, expert: int, slot: int) -> int:
+    def load(self, pool: PartPool, expert: int, slot: int) -> int:
         """Read synchronously in the calling thread; returns the bytes read."""
         return self._read(pool, int(expert), int(slot))
 
@@ -101,51 +101,74 @@ class ExpertLoader:
             buf = self._local.buf = np.empty(nbytes, dtype=np.uint8)
         return buf
 
-    def _read(self, pool: PlanePool, expert: int, slot: int) -> int:
+    def _read(self, pool: PartPool, expert: int, slot: int) -> int:
         start = time.perf_counter()
-        staging = self._staging(pool.block_bytes)
+        part = pool.part
+        if part.lo == part.hi:
+            n = self._read_single(pool, part.lo, expert, slot)
+        else:
+            n = self._read_packed(pool, expert, slot)
+        with self._lock:
+            self.bytes_read += n
+            self.blocks_read += len(part.components)
+            self.read_seconds += time.perf_counter() - start
+        return n
+
+    def _read_single(self, pool: PartPool, comp: int, expert: int, slot: int) -> int:
+        """One component: tensors already in the slot's form are read in place."""
+        store, layer = self.store, pool.layer
+        block_bytes = store.block_bytes(layer, comp)
+        specs = sorted(store.layout(layer, comp), key=lambda s: s.offset)
+        binary = self.spec.component_bits(comp) == 1
+        staging = self._staging(block_bytes)
         bufs, staged, pos = [], [], 0
-        for spec in pool.specs:
+        for spec in specs:
             if spec.offset > pos:  # padding between tensors: it is in the checksum
                 bufs.append(staging[pos:spec.offset])
             dst = pool.views[spec.name][slot]
             field = spec.name.rsplit(".", 1)[1]
-            # A binary plane's codes and scales are converted (2-bit codes, scale 2s,
-            # bias -s) even where the stored dtype is the slot's (float16 scales).
-            converted = pool.binary and field in ("weight", "scales")
+            converted = binary and field in ("weight", "scales")
             if dst.dtype == spec.np_dtype and not converted and dst.nbytes == spec.nbytes:
                 bufs.append(dst)
             else:
                 bufs.append(staging[spec.offset:spec.offset + spec.nbytes])
                 staged.append(spec)
             pos = spec.offset + spec.nbytes
-        if pos < pool.block_bytes:
-            bufs.append(staging[pos:pool.block_bytes])
-        block = (pool.layer, pool.component, expert)
-        verify = self.verify == "always" or (self.verify == "first" and block not in self._verified)
-        n = self.store.read_block_scattered(pool.layer, pool.component, expert, bufs, verify)
-        if verify:
-            self._verified.add(block)
+        if pos < block_bytes:
+            bufs.append(staging[pos:block_bytes])
+        n = store.read_block_scattered(layer, comp, expert, bufs, self.verify)
         for spec in staged:
-            self._convert(pool, spec, staging[spec.offset:spec.offset + spec.nbytes], slot)
-        with self._lock:
-            self.bytes_read += n
-            self.blocks_read += 1
-            self.read_seconds += time.perf_counter() - start
+            raw = staging[spec.offset:spec.offset + spec.nbytes].view(spec.np_dtype).reshape(spec.shape)
+            proj, field = spec.name.rsplit(".", 1)
+            if field == "weight":  # a binary plane: MLX 2-bit codes
+                pool.views[spec.name][slot][...] = binary_to_2bit(raw)
+            elif binary and field == "scales":  # +-s as 2-bit: scale 2s, bias -s
+                s = raw.astype(np.float32)
+                store_float(pool.views[spec.name][slot], 2 * s)
+                store_float(pool.views[f"{proj}.biases"][slot], -s)
+            else:
+                store_float(pool.views[spec.name][slot], raw)
         return n
 
-    @staticmethod
-    def _convert(pool: PlanePool, spec, raw: np.ndarray, slot: int) -> None:
-        src = raw.view(spec.np_dtype).reshape(spec.shape)
-        proj, field = spec.name.rsplit(".", 1)
-        if field == "weight":  # a binary plane: MLX 2-bit codes
-            pool.views[spec.name][slot][...] = binary_to_2bit(src)
-        elif pool.binary and field == "scales":  # +-s as 2-bit: scale 2s, bias -s
-            s = src.astype(np.float32)
-            _store_float(pool.views[spec.name][slot], 2 * s)
-            _store_float(pool.views[f"{proj}.biases"][slot], -s)
-        else:
-            _store_float(pool.views[spec.name][slot], src)
+    def _read_packed(self, pool: PartPool, expert: int, slot: int) -> int:
+        """Several components: read each block into staging, pack them into the slot."""
+        store, layer, part = self.store, pool.layer, pool.part
+        sizes = [store.block_bytes(layer, c) for c in part.components]
+        staging = self._staging(sum(sizes))
+        blocks, offset, n = {}, 0, 0
+        for c, size in zip(part.components, sizes):
+            buf = staging[offset:offset + size]
+            n += store.read_block_scattered(layer, c, expert, [buf], self.verify)
+            blocks[c] = store.tensor_views(layer, c, buf)
+            offset += size
+        where = f"{store.expert_file(layer, part.lo)} (layer {layer} expert {expert})"
+        for name, value in build_part(part, self.spec, blocks, where).items():
+            dst = pool.views[name][slot]
+            if name.endswith(".weight"):
+                dst[...] = value
+            else:
+                store_float(dst, value)
+        return n
 
     def close(self) -> None:
         if self._pool is not None:

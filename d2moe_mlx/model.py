@@ -1,9 +1,11 @@
-"""Load a d2moe store as an mlx-lm model whose experts run from MWQ components.
+"""Load a d2moe store as an mlx-lm model whose experts run from MWQ slot pools.
 
 mlx-lm builds the model (its own code, config and sanitize) and loads the
-dense weights; before any weight is loaded we replace the expert projections
-of every switch module with :class:`~d2moe_mlx.moe.MWQSwitchLinear`, so the
-full-precision expert stacks are never materialised.
+dense weights; before any weight is loaded the expert engine
+(:mod:`d2moe_mlx.engine`) puts an expert layer in place of every MoE block's
+routed experts, so the full-precision expert stacks are never materialised.
+Resident models then read every expert into pools that hold them all; streaming
+models (a memory budget) get pools sized by the budget plan.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from mlx_lm.utils import load_model as mlx_load_model
 
 from . import mwq
 from .convert.hf_config import apply_mlx_lm_fixes
-from .moe import MWQSwitchLinear, projection_names, store_switches
+from .budget import plan_budget
+from .engine import choose_layout, fill, install_engine
+from .layout import make_layout
+from .memory import parse_size
 from .store.format import MANIFEST_NAME, StoreError
 from .store.reader import Store
-from .budget import plan_budget
-from .memory import parse_size
-from .streaming import install_streaming
 from .system import IO_MODES, current_rss_bytes, set_wired_limit
 
 # Files that make a tokenizer loadable (any one of them).
@@ -84,6 +86,8 @@ def load_model(
     loader_threads: int = 4,
     mode: str = "stream",
     io_mode: str = "random",
+    layout: str = "auto",
+    verify: bool = True,
 ) -> tuple[nn.Module, dict]:
     """Build the mlx-lm model of the store at ``path`` with MWQ experts; returns ``(model, config)``.
 
@@ -98,59 +102,99 @@ def load_model(
     ``naive`` (see :mod:`d2moe_mlx.scheduler`), ``io_mode`` ``random`` /
     ``nocache`` / ``default`` (:mod:`d2moe_mlx.system`). A budget too small for one
     layer's top-k experts raises BudgetError before anything loads.
+
+    ``layout``: ``levels`` (each level one packed tensor: one pass per projection;
+    needs a nested-fitted store), ``planes`` (one tensor per stored component) or
+    ``auto`` (levels where possible). ``verify``: check every expert block read
+    from disk and the dense files against their crc32 (default; ~2% of a read).
     """
     _start_device()
     baseline = current_rss_bytes()
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
     store = open_store(path)
-    store.io_mode = io_mode
-    spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
-    level = spec.num_levels - 1 if level is None else level
-    if not 0 <= level < spec.num_levels:
-        raise ValueError(
-            f"level {level} does not exist in {store.path}: it has levels 0..{spec.num_levels - 1} "
-            f"({', '.join(f'{spec.level_bits(i)} bits' for i in range(spec.num_levels))})"
-        )
-    if dtype is None and mx.default_device() == mx.cpu:
-        dtype = "float32"  # MLX's CPU quantized matmul is lossy in fp16/bf16
-    act_dtype = _dtype(dtype or store.manifest["dense"]["dtype"])
-    plan = None
-    if memory_budget is not None:
-        plan = plan_budget(parse_size(memory_budget), store, store.config, level, act_dtype.size,
-                           baseline, context=context, prefill_step=prefill_step,
-                           loader_threads=loader_threads)
+    try:
+        store.io_mode = io_mode
+        spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+        level = spec.num_levels - 1 if level is None else level
+        if not 0 <= level < spec.num_levels:
+            raise ValueError(
+                f"level {level} does not exist in {store.path}: it has levels 0..{spec.num_levels - 1} "
+                f"({', '.join(f'{spec.level_bits(i)} bits' for i in range(spec.num_levels))})"
+            )
+        if dtype is None and mx.default_device() == mx.cpu:
+            dtype = "float32"  # MLX's CPU quantized matmul is lossy in fp16/bf16
+        act_dtype = _dtype(dtype or store.manifest["dense"]["dtype"])
+        plan = None
+        kind = choose_layout(layout, spec, store.manifest, memory_budget is not None)
+        if memory_budget is not None:
+            plan = plan_budget(parse_size(memory_budget), store, store.config, make_layout(kind, spec),
+                               level, act_dtype.size, baseline, context=context,
+                               prefill_step=prefill_step, loader_threads=loader_threads)
+        check_dense_files(store, verify)
+    except BaseException:
+        store.close()
+        raise
+
+    engine = None
 
     def get_classes(config: dict):
         model_class, args_class = _get_classes(config)
 
         def build(args):
+            nonlocal engine
             model = model_class(args)
             apply_mlx_lm_fixes(model, config)
-            if plan is None:
-                install_experts(model, store, spec, level, act_dtype)
-            else:
-                install_streaming(model, store, spec, level, act_dtype, plan, policy=cache_policy,
-                                  policy_options=policy_options, mode=mode, prefetch=prefetch, overlap=overlap,
-                                  loader_threads=loader_threads)
+            engine = install_engine(model, store, spec, level, act_dtype, plan=plan, layout=kind,
+                                    cache_policy=cache_policy, policy_options=policy_options,
+                                    mode=mode, prefetch=prefetch, overlap=overlap,
+                                    loader_threads=loader_threads, verify=verify)
             return model
 
         return build, args_class
 
     try:
         model, config = mlx_load_model(store.path, lazy=False, strict=True, get_model_classes=get_classes)
+        if dtype is not None:
+            model.set_dtype(act_dtype, lambda t: mx.issubdtype(t, mx.floating))
+        model.eval()
+        fill(engine)
     except BaseException:
+        if engine is not None:
+            engine.close()
         store.close()
         raise
-    if plan is None:
-        store.close()
-    if dtype is not None:
-        model.set_dtype(act_dtype, lambda t: mx.issubdtype(t, mx.floating))
-    model.eval()
     if plan is not None:
         mx.set_cache_limit(plan.mlx_cache)  # freed buffers MLX keeps are planned in the budget
         set_wired_limit(plan.total)  # macOS: keep the budget wired (no-op elsewhere)
     return model, config
+
+
+def check_dense_files(store: Store, verify: bool = True) -> None:
+    """mlx-lm loads every ``model*.safetensors`` of the store: they must be exactly the
+    manifest's ``dense_files``, and (``verify``) match their crc32."""
+    import glob
+
+    from .store.writer import file_crc32
+
+    listed = set(store.manifest.get("dense_files", []))
+    found = {Path(f).name for f in glob.glob(str(store.path / "model*.safetensors"))}
+    if found != listed:
+        extra, missing = sorted(found - listed), sorted(listed - found)
+        raise StoreError(
+            f"{store.path}: the dense weight files on disk ({', '.join(sorted(found)) or 'none'}) are "
+            f"not the ones {MANIFEST_NAME} lists"
+            + (f"; unexpected: {', '.join(extra)} (remove them)" if extra else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + "; re-run d2moe convert if the store is damaged")
+    if verify:
+        for name in sorted(listed):
+            size, crc = file_crc32(store.path / name)
+            info = store.manifest["files"][name]
+            if (size, crc) != (info["size"], info["crc32"]):
+                raise StoreError(f"{store.path / name}: checksum mismatch (file corrupted); re-run "
+                                 "d2moe convert to rebuild the store (or pass verify=False to skip "
+                                 "this check)")
 
 
 def _start_device() -> None:
@@ -175,42 +219,10 @@ def open_store(path: str | os.PathLike) -> Store:
     return Store.open(path)
 
 
-def install_experts(model: nn.Module, store: Store, spec: mwq.MWQSpec, level: int, dtype: mx.Dtype) -> None:
-    """Replace each switch module's projections by MWQ layers read from ``store`` (levels 0..level)."""
-    for layer, path, switch in store_switches(model, store):
-        stacks = [store.read_expert_stack(layer, c) for c in range(level + 1)]
-        for name in projection_names(switch):
-            old = getattr(switch, name)
-            comps = []
-            for c, stack in enumerate(stacks):
-                packed = {k.split(".", 1)[1]: v for k, v in stack.items() if k.startswith(name + ".")}
-                packed.pop("bias", None)
-                comps.append(mwq.component_to_mlx(packed, spec.component_bits(c), dtype))
-            bias = stacks[0].get(f"{name}.bias")
-            bias = mx.array(bias).astype(dtype) if bias is not None else None
-            _check_shapes(store, path, name, old, comps)
-            new = MWQSwitchLinear(comps, spec.group_size, old.weight.shape[-1], bias=bias)
-            mx.eval(list(new.arrays()))
-            setattr(switch, name, new)
-        del stacks
-
-
-def _check_shapes(store: Store, path: str, name: str, old: nn.Module, comps: list) -> None:
-    """Each component must hold [experts, out, in] as the model's config implies."""
-    want = tuple(old.weight.shape)
-    for c, (weight, _, _, bits) in enumerate(comps):
-        got = (*weight.shape[:2], weight.shape[2] * 32 // bits)
-        if got != want:
-            raise StoreError(
-                f"{store.path}: {path}.{name} component {c} holds experts x out x in = {got}, "
-                f"the model's config needs {want}; the store does not belong to this config"
-            )
-
-
 def _dtype(name: str) -> mx.Dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
-__all__ = ["load", "load_model", "open_store", "install_experts", "TokenizerWrapper"]
+__all__ = ["load", "load_model", "open_store", "check_dense_files", "TokenizerWrapper"]

@@ -7,10 +7,13 @@ so each level runs as one ``gather_qmm`` call per component.
 
 Fitting (D²MoE): with a hessian H = X^T X / n, scales/biases minimise the
 layer-output error ||(W - Ŵ) X^T||² restricted to each group's diagonal block of
-H; without one, the weight error.  The default ``method="ls"`` picks per group
-between a greedy fit (each component fitted to the residual of the levels below)
-and a nested one (one top-level grid sliced into components), by the product of
-all level errors; ``"gptq"`` adds GPTQ error compensation (10x slower).  Scales
+H; without one, the weight error.  The default ``method="nested"`` fits one grid
+at the top level and slices it into components, so every level is one k-bit
+tensor (the runtime packs them: one pass per level, d2moe_mlx/layout.py);
+``"ls"`` picks per group between that and a greedy fit (each component fitted to
+the residual of the levels below), by the product of all level errors (about 2%
+lower error at levels 0-1, but levels then cost one pass per component);
+``"gptq"`` adds GPTQ error compensation (10x slower).  Scales
 and biases are rounded to float16 while fitting, so each plane fits the residual
 of exactly what the runtime reconstructs.
 
@@ -28,7 +31,7 @@ from .packing import component_to_mlx, pack_component, unpack_component  # noqa:
 MLX_BITS = (2, 3, 4, 5, 6, 8)  # affine widths mx.quantize / gather_qmm support
 GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "greedy", "nested", "ls", "gptq")
-DEFAULT_METHOD = "ls"
+DEFAULT_METHOD = "nested"  # levels pack into one tensor each (layout.py); docs/QUANTIZATION.md
 _DAMP = 0.01  # hessian dampening, fraction of the mean diagonal (as GPTQ)
 _SHRINK = (1.0, 0.85, 0.7)  # range-clipping candidates for the affine init
 _ITERS = 2  # alternating code / (scale, bias) refits
@@ -361,8 +364,8 @@ def quantize_mwq(
     method: "rtn" (min/max grid, no fit); "greedy" (each component in turn gets
     the least-squares (scale, bias) fit with range search on the residual);
     "nested" (one fitted grid at the top level, sliced: each level is the top-b
-    bits of that code, binary planes are sign(R) with half the cell width);
-    "ls" (default: per group, whichever of greedy / nested has the smaller
+    bits of that code, binary planes are sign(R) with half the cell width; the
+    default); "ls" (per group, whichever of greedy / nested has the smaller
     product of level errors); "gptq" (every component GPTQ-compensated; needs a
     hessian, ~10x slower).  Errors are output errors with a hessian.
     """

@@ -1,18 +1,21 @@
-"""Per-layer expert scheduling: residency, load order, overlap, groups and prefetch.
+"""Per-layer expert scheduling: levels, residency, load order, overlap and groups.
 
-For each MoE layer call the scheduler reads the router's choices back to the host
-(one sync per layer: which experts to load cannot be known otherwise), pins the
-experts it needs, gives the missing ones slots (evicting by the layer's policy)
-and queues their loads hottest expert first, base plane before higher planes
-(D²MoE's HEBF order). While the loads run, the pairs whose experts are resident
-are computed; the rest follow as their planes arrive. A call that needs more
-distinct experts than the cache has slots (long prefill) is computed in groups of
-experts that fit. Outputs are evaluated before any of their slots is released.
+Resident-like calls (every expert of the running level ready in the pools, one
+level for every pair) go straight to the expert layer: no host sync, no Python
+over experts. Otherwise the scheduler reads the router's choices back to the host
+(the one sync per MoE layer: which experts to load cannot be known otherwise; the
+previous call's outputs are evaluated in the same sync, so their pins are
+released then), asks the level policy for each pair's level, pins the parts the
+pairs need (:meth:`~d2moe_mlx.cache.ExpertCache.acquire`), and queues the loads
+hottest expert first, lower parts first (D²MoE's HEBF order). While they run the
+pairs whose parts are ready are computed; the rest follow. A call that needs
+more distinct experts than the pools hold (a long prefill) is computed in groups
+of experts, the next group's reads overlapping the current group's compute.
 
-``mode`` picks the behaviour benchmarks compare in one code path:
-``stream`` (overlap, optional prefetch), ``sync`` (same cache, loads waited for
-before any compute: an LRU offloader), ``naive`` (no cache: every needed expert
-is read again each call, nothing overlaps).
+``mode`` picks the behaviour benchmarks compare in one code path: ``stream``
+(overlap, optional prefetch), ``sync`` (same cache, loads waited for before any
+compute: an LRU offloader), ``naive`` (no cache: every needed expert is read
+again each call, nothing overlaps).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .cache import FREE, CacheFullError, LayerCache, PlanePool
+from .cache import CacheFullError, ExpertCache
+from .layout import Layout
+from .levels import LevelPolicy
 from .loader import ExpertLoader
 
 MODES = ("stream", "sync", "naive")
@@ -32,15 +37,20 @@ MODES = ("stream", "sync", "naive")
 
 @dataclass
 class StreamStats:
-    """Counters since the model was loaded (``snapshot``/``delta`` for one reply)."""
+    """Counters since the model was loaded (``snapshot``/``delta`` for one reply).
 
-    steps: int = 0  # forward passes (layer-0 calls)
-    tokens: int = 0  # tokens through layer 0
-    lookups: int = 0  # (layer, component, distinct expert) needed by a call
-    hits: int = 0  # ... of which resident and ready when the call began
+    ``lookups``/``hits`` count (layer, part, distinct expert) per call, hits being
+    ready when the call began."""
+
+    steps: int = 0  # forward passes (first MoE layer calls)
+    tokens: int = 0  # tokens through the first MoE layer
+    lookups: int = 0
+    hits: int = 0
     bytes_read: int = 0
     wait_seconds: float = 0.0  # main thread blocked on loads
     groups: int = 0  # calls split into expert groups (more experts than slots)
+    syncs: int = 0  # host syncs (scheduled calls)
+    pairs: dict = field(default_factory=dict)  # level -> (token, expert) pairs computed at it
     predicted: int = 0  # prefetch: next-layer experts predicted
     predicted_right: int = 0  # ... that the next layer did use
     prefetch_loads: int = 0
@@ -61,295 +71,364 @@ class StreamStats:
     def delta(self, before: "StreamStats") -> "StreamStats":
         out = self.snapshot()
         for k, v in before.__dict__.items():
-            if not isinstance(v, dict):
+            if isinstance(v, dict):
+                if k == "pairs":
+                    out.pairs = {lv: n - v.get(lv, 0) for lv, n in out.pairs.items()}
+            else:
                 setattr(out, k, getattr(out, k) - v)
         return out
 
 
 class Scheduler:
-    """Runs every streaming MoE layer of one model over its layer caches."""
+    """Runs every MoE layer of one model over its expert caches."""
 
-    def __init__(self, caches: dict[int, LayerCache], loader: ExpertLoader, *,
-                 mode: str = "stream", prefetch: bool = False, routers: dict | None = None,
+    def __init__(self, caches: dict[int, ExpertCache], loader: ExpertLoader, layout: Layout,
+                 levels: LevelPolicy, gating, *, mode: str = "stream", prefetch: bool = False,
                  overlap: bool = True, same_shapes: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {MODES}, got {mode!r}")
         self.caches = caches
         self.loader = loader
+        self.layout = layout
+        self.levels = levels
+        self.gating = gating
         self.mode = mode
         self.prefetch = prefetch
         self.overlap = overlap
         # GPU kernels round differently for different call shapes (measured on CUDA bf16:
-        # 0.008-0.02 logit differences): there, every partial computation keeps the
-        # resident call's shape, other experts routed to the all-zero slot, so the result
-        # is bitwise the resident one at the cost of one extra pass per split. MLX's CPU
-        # kernels give the same rows for sub-batches (tested), so the CPU computes subsets.
+        # 0.008-0.02 logit differences): there every partial computation keeps the
+        # resident call's shape, other pairs routed to the all-zero slot, so the result
+        # is bitwise the resident one. MLX's CPU kernels give the same rows for subsets.
         self.same_shapes = mx.default_device() != mx.cpu if same_shapes is None else same_shapes
-        self.routers = routers or {}  # layer -> callable(x) -> (logits, probabilities)
         self.stats = StreamStats()
+        self.layers = sorted(caches)
+        self._next = dict(zip(self.layers, self.layers[1:]))
+        self._inflight: dict[tuple[int, int, int], Future] = {}  # (layer, part, slot) -> load
+        self._pending: list = []  # (outputs, [(cache, part, slots)]) awaiting their eval
         self._predicted: dict[int, np.ndarray] = {}
-        self.attach(self.routers)
+        self._layers_by_index: dict[int, object] = {}
 
-    def attach(self, routers: dict) -> None:
-        """Take the layer caches as they are now (they may be filled after construction)
-        and the routers (layer -> f(x) -> (logits, probabilities)) for scores and prefetch."""
-        self.routers = routers
-        self.layers = sorted(self.caches)
-        self._next = {a: b for a, b in zip(self.layers, self.layers[1:])}
+    # -- the layer call -------------------------------------------------------------
+    def forward(self, el, x: mx.array, inds: mx.array) -> mx.array:
+        lc = self.caches[el.layer]
+        level = self.levels.uniform
+        if level is not None and self.mode != "naive":
+            parts = self.layout.cover(level)
+            if all(lc.pools[p].all_ready() for p in parts):
+                self._count_fast(el.layer, lc, parts, inds, level)
+                return el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
+        return self._scheduled(el, lc, x, inds)
 
-    # -- the layer call ---------------------------------------------------------
-    def forward(self, layer: int, inner, x: mx.array, indices: mx.array) -> mx.array:
-        """Compute mlx-lm switch module ``inner`` (projections over slot pools) on ``x``."""
-        lc = self.caches[layer]
-        for pool in lc.pools:
-            self._settle(pool)
-        scores = nxt = None
-        if lc.policy.needs_scores and layer in self.routers:
-            scores = self.routers[layer](x)[1].reshape(-1, lc.policy.num_experts).mean(axis=0)
-        nl = self._next.get(layer)
-        if self.prefetch and self.mode == "stream" and nl in self.routers and x.size == x.shape[-1]:
-            nxt = self.routers[nl](x)[0].reshape(-1)
-        mx.eval([a for a in (indices, scores, nxt) if a is not None])
-        idx = np.array(indices).astype(np.int64)
+    def _scheduled(self, el, lc: ExpertCache, x: mx.array, inds: mx.array) -> mx.array:
+        scores = el.scores(x) if (self.levels.needs_scores or lc.policy.needs_scores) else None
+        nl = self._next.get(el.layer)
+        nxt = None
+        if self.prefetch and self.mode == "stream" and nl is not None and x.size == x.shape[-1]:
+            nxt = self._layers_by_index[nl].scores(x).reshape(-1)
+        outs = [o for o, _ in self._pending]
+        mx.eval(inds, *[a for a in (scores, nxt) if a is not None], *outs)  # the sync
+        self.stats.syncs += 1
+        self._release_pending()
+        self._settle(el.layer)
+        idx = np.array(inds).astype(np.int64)
+        k = idx.shape[-1]
         flat = idx.reshape(-1)
+        pair_scores = None
+        if scores is not None:
+            sc = np.array(scores).reshape(-1, scores.shape[-1])
+            pair_scores = np.take_along_axis(sc, flat.reshape(-1, k), -1)
+            lc.policy.on_scores(sc.mean(axis=0))
+        levels = self.levels.levels(el.layer, flat.reshape(-1, k), pair_scores, lc)
         experts, counts = np.unique(flat, return_counts=True)
         order = experts[np.argsort(-counts, kind="stable")]  # hottest first (HEBF)
-        self._account(layer, lc, idx, experts)
         lc.policy.on_access(experts, counts)
-        if scores is not None:
-            lc.policy.on_scores(np.array(scores))
+        groups = self._level_groups(levels, flat.size)
+        self._account(el.layer, lc, idx, groups, flat)
         if self.mode == "naive":
-            for pool in lc.pools:
-                self._drop_all(pool)
-        pinned: list[tuple[PlanePool, np.ndarray]] = []
+            for p in range(len(lc.pools)):
+                lc.drop(p)  # (pools the layout does not use are None)
+        needed = sorted({p for lv in groups for p in self.layout.cover(lv)})
+        if len(order) > lc.capacity(needed):
+            return self._grouped(el, lc, x, idx, order, groups)
+        pins, futures = self._ensure(lc, needed, order, groups, flat)
         try:
-            if len(order) <= lc.capacity:
-                futures = self._ensure(lc, order, pinned)
-                if nxt is not None:
-                    self._prefetch(nl, np.array(nxt), idx.shape[-1])
-                y = self._compute(lc, inner, x, indices, idx, futures)
-            else:
-                y = self._grouped(lc, inner, x, indices, idx, order, pinned)
-            mx.eval(y)
-        finally:
-            for pool, slots in pinned:
-                pool.unpin(slots)
+            if nxt is not None:
+                self._prefetch(nl, np.array(nxt), k)
+            y = self._compute(el, lc, x, inds, idx, groups, futures)
+        except BaseException:
+            self._unpin(pins)
+            raise
+        self._pending.append((y, pins))
         return y
 
-    def _compute(self, lc, inner, x, indices, idx, futures) -> mx.array:
-        if not futures:
-            self._tables(lc)
-            return inner(x, indices)
+    # -- compute ------------------------------------------------------------------------
+    def _compute(self, el, lc, x, inds, idx, groups, futures) -> mx.array:
         flat = idx.reshape(-1)
-        ready = np.ones(flat.shape, dtype=bool)
-        for pool in lc.pools:
-            ready &= pool.resident(flat)
-        if self.mode != "stream" or not self.overlap or not ready.any():
-            self._wait(futures)
-            self._tables(lc)
-            return inner(x, indices)
-        first = np.flatnonzero(ready)  # resident pairs: compute while the rest load
-        rest = np.flatnonzero(~ready)
+        if len(groups) == 1 and not futures:
+            (level,) = groups
+            parts = self.layout.cover(level)
+            return el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
+        if len(groups) == 1 and self.mode == "stream" and self.overlap:
+            (level,) = groups
+            ready = np.ones(flat.shape, dtype=bool)
+            for p in self.layout.cover(level):
+                ready &= lc.pools[p].ready(flat)
+            if ready.any() and not ready.all():  # resident pairs first, while the rest load
+                first = self._partial(el, lc, x, idx, {level: np.flatnonzero(ready)})
+                mx.async_eval(first if self.same_shapes else [y for _, y in first])
+                self._wait(lc, futures)
+                rest = self._partial(el, lc, x, idx, {level: np.flatnonzero(~ready)})
+                return self._merge([first, rest], idx)
+        self._wait(lc, futures)
+        if len(groups) == 1:
+            (level,) = groups
+            parts = self.layout.cover(level)
+            return el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
+        return self._merge([self._partial(el, lc, x, idx, groups)], idx)
+
+    def _partial(self, el, lc, x, idx, groups: dict[int, np.ndarray]):
+        """Outputs of the pairs in ``groups`` (level -> flat pair ids), from slot ids
+        made on the host now (the tables may change while this is evaluated).
+        Same-shape mode: the whole call per level, other pairs on the zero slot
+        (returns [..., k, H]); else only those pairs (returns (ids, [P, H]))."""
+        flat = idx.reshape(-1)
+        k = idx.shape[-1]
+        outs = []
+        for level, ids in groups.items():
+            parts = self.layout.cover(level)
+            if self.same_shapes:
+                slots = []
+                for p in parts:
+                    pool = lc.pools[p]
+                    s = np.full(flat.shape, pool.zero_slot, dtype=np.uint32)
+                    s[ids] = pool.slot_of[flat[ids]] if not pool.identity else flat[ids]
+                    slots.append((pool, mx.array(s.reshape(idx.shape))))
+                outs.append(el.compute(x, slots))
+            else:
+                x2 = x.reshape(-1, x.shape[-1])
+                xs = x2[mx.array((ids // k).astype(np.int32))]
+                slots = []
+                for p in parts:
+                    pool = lc.pools[p]
+                    s = flat[ids] if pool.identity else pool.slot_of[flat[ids]]
+                    slots.append((pool, mx.array(s.astype(np.uint32))[:, None]))
+                y = el.compute(xs, slots)
+                outs.append((ids, y.reshape(len(ids), y.shape[-1])))
         if self.same_shapes:
-            early = np.unique(flat[first])
-            self._tables(lc, only=early)
-            y_first = inner(x, indices)
-            mx.async_eval(y_first)
-            self._wait(futures)
-            self._tables(lc, only=np.setdiff1d(np.unique(flat), early))
-            return y_first + inner(x, indices)
-        self._tables(lc)
-        y_first = _pairs(inner, x, flat, idx.shape[-1], first)
-        mx.async_eval(y_first)
-        self._wait(futures)
-        self._tables(lc)
-        y_rest = _pairs(inner, x, flat, idx.shape[-1], rest)
-        return _combine([y_first, y_rest], [first, rest], idx.shape)
+            total = outs[0]
+            for o in outs[1:]:
+                total = total + o
+            return total
+        return outs
 
-    def _grouped(self, lc, inner, x, indices, idx, order, pinned) -> mx.array:
-        """More distinct experts than slots: compute groups of experts that fit."""
+    def _merge(self, partials: list, idx: np.ndarray) -> mx.array:
+        """Sum same-shape partials, or put pair outputs back in pair order [..., k, H]."""
+        if self.same_shapes:
+            total = partials[0]
+            for p in partials[1:]:
+                total = total + p
+            return total
+        pieces = [piece for part in partials for piece in part]
+        ids = np.concatenate([i for i, _ in pieces])
+        y = mx.concatenate([v for _, v in pieces], axis=0)
+        inv = np.argsort(ids, kind="stable")
+        y = y[mx.array(inv.astype(np.int32))]
+        return y.reshape(*idx.shape, y.shape[-1])
+
+    def _grouped(self, el, lc, x, idx, order, groups) -> mx.array:
+        """More distinct experts than slots: compute groups of experts that fit, the
+        next group's loads running while the current group computes."""
         flat = idx.reshape(-1)
-        outs, ids = [], []
-        cap = lc.capacity
-        for start in range(0, len(order), cap):
-            group = order[start:start + cap]
-            mine: list[tuple[PlanePool, np.ndarray]] = []
-            try:
-                self._wait(self._ensure(lc, group, mine))
-                if self.same_shapes:  # the whole call, experts outside the group zeroed
-                    self._tables(lc, only=group)
-                    y = inner(x, indices)
-                    y = y if not outs else outs.pop() + y
-                else:
-                    self._tables(lc)
-                    sel = np.flatnonzero(np.isin(flat, group))
-                    y = _pairs(inner, x, flat, idx.shape[-1], sel)
-                    ids.append(sel)
-                mx.eval(y)  # before the next group may evict these slots
-            finally:
-                for pool, slots in mine:
-                    pool.unpin(slots)
-            outs.append(y)
+        needed = sorted({p for lv in groups for p in self.layout.cover(lv)})
+        cap = lc.capacity(needed)
+        overlap = self.mode == "stream" and self.overlap and cap >= 2
+        size = cap // 2 if overlap else cap
+        chunks = [order[i:i + size] for i in range(0, len(order), size)]
         self.stats.groups += 1
-        return outs[0] if self.same_shapes else _combine(outs, ids, idx.shape)
+        partials, held = [], []
+        try:
+            pins, futures = self._ensure(lc, needed, chunks[0], groups, flat)
+            held.append(pins)
+            self._wait(lc, futures)
+            for i, chunk in enumerate(chunks):
+                mine = {lv: ids[np.isin(flat[ids], chunk)] for lv, ids in groups.items()}
+                y = self._partial(el, lc, x, idx, {lv: ids for lv, ids in mine.items() if ids.size})
+                nxt = None
+                if overlap and i + 1 < len(chunks):  # the next group loads while this computes
+                    nxt = self._ensure(lc, needed, chunks[i + 1], groups, flat)
+                    held.append(nxt[0])
+                mx.eval(y)  # before these slots may be evicted
+                self._unpin(pins)
+                held.remove(pins)
+                partials.append(y)
+                if nxt is None and i + 1 < len(chunks):
+                    nxt = self._ensure(lc, needed, chunks[i + 1], groups, flat)
+                    held.append(nxt[0])
+                if nxt is not None:
+                    pins, futures = nxt
+                    self._wait(lc, futures)
+        except BaseException:
+            for pins in held:
+                self._unpin(pins)
+            raise
+        return self._merge(partials, idx)
 
-    # -- residency and loads ------------------------------------------------------
-    def _ensure(self, lc: LayerCache, experts: np.ndarray, pinned: list) -> list:
-        """Pin ``experts`` in every pool, give missing ones slots and queue their loads
-        (hottest expert first, components in order). Returns [(pool, slot, future)]."""
-        for pool in lc.pools:
-            self._settle(pool)
-        new = {}
-        for pool in lc.pools:
-            have = pool.slot_of[experts]
-            pool.pin(have[have >= 0])
-            pinned.append((pool, have[have >= 0]))
-            try:
-                placed = lc.place(pool, experts)
-            except CacheFullError:
-                # Prefetches still in flight (mispredicted ones too) hold the slots this
-                # call needs; they cannot be evicted while loading: let them land.
-                self._wait_loading(pool)
-                placed = lc.place(pool, experts)
-            slots = np.array([s for _, s in placed], dtype=np.int64)
-            pool.pin(slots)
-            pinned.append((pool, slots))
-            new[id(pool)] = dict(placed)
-            for e, slot in zip(experts, have):  # a slot whose load failed or never ran
-                if slot >= 0 and not pool.ready[slot] and int(slot) not in pool.loading:
-                    new[id(pool)][int(e)] = int(slot)  # is loaded again, not read as zeros
+    # -- residency ----------------------------------------------------------------------
+    def _ensure(self, lc: ExpertCache, needed: list[int], experts: np.ndarray, groups, flat):
+        """Pin and place what the pairs of ``experts`` need; start their loads (HEBF:
+        hottest expert first, lower parts first). Returns (pins, futures)."""
+        if len(groups) == 1:  # every expert needs every part of the one level
+            wanted = {p: experts for p in needed}
+        else:
+            wanted = {}
+            for p in needed:
+                users = [flat[ids] for lv, ids in groups.items() if p in self.layout.cover(lv)]
+                wanted[p] = experts[np.isin(experts, np.concatenate(users))]
+        pins, loads = [], []
+        try:
+            for p in needed:
+                try:
+                    slots, to_load = lc.acquire(p, wanted[p])
+                except CacheFullError:
+                    # loads in flight (prefetches) hold the slots this call needs: let them land
+                    self._wait_layer(lc)
+                    slots, to_load = lc.acquire(p, wanted[p])
+                pins.append((lc, p, slots))
+                loads += [(p, e, s) for e, s in to_load]
+        except BaseException:
+            self._unpin(pins)
+            raise
         futures = []
-        for e in experts:  # HEBF: the hottest expert's planes first, base plane first
-            for pool in lc.pools:
-                slot = int(pool.slot_of[e])
-                if int(e) in new[id(pool)]:
-                    if self.mode == "stream":
-                        fut = self.loader.submit(pool, int(e), slot)
-                        pool.loading[slot] = fut
-                    else:
-                        fut = _done(self._timed_load(pool, int(e), slot))
-                        pool.loading[slot] = fut
-                    futures.append((pool, slot, fut))
-                elif slot in pool.loading:  # a prefetch in flight
-                    futures.append((pool, slot, pool.loading[slot]))
-        return futures
+        if loads:
+            rank = {int(e): i for i, e in enumerate(experts)}
+            loads.sort(key=lambda t: (rank[t[1]], t[0]))
+        for p, e, s in loads:
+            pool = lc.pools[p]
+            if self.mode == "stream":
+                fut = self.loader.submit(pool, e, s)
+            else:
+                fut = Future()
+                try:
+                    fut.set_result(self._timed_load(pool, e, s))
+                except BaseException as err:  # noqa: BLE001 - raised by _wait
+                    fut.set_exception(err)
+            self._inflight[(lc.layer, p, s)] = fut
+            futures.append((p, s, fut))
+        if len(self._inflight) > len(futures):  # loads already in flight (prefetches) it needs
+            mine = {id(f) for _, _, f in futures}
+            for p in needed:
+                for s in lc.pools[p].slot_of[wanted[p]]:
+                    fut = self._inflight.get((lc.layer, p, int(s)))
+                    if fut is not None and id(fut) not in mine:
+                        futures.append((p, int(s), fut))
+        return pins, futures
 
-    def _wait_loading(self, pool: PlanePool) -> None:
-        start = time.perf_counter()
-        wait(list(pool.loading.values()))
-        self.stats.wait_seconds += time.perf_counter() - start
-        self._settle(pool)
-
-    def _timed_load(self, pool: PlanePool, expert: int, slot: int) -> int:
+    def _timed_load(self, pool, expert: int, slot: int) -> int:
         start = time.perf_counter()
         n = self.loader.load(pool, expert, slot)
         self.stats.wait_seconds += time.perf_counter() - start
-        self.stats.bytes_read += n
         return n
 
-    def _wait(self, futures: list) -> None:
+    def _wait(self, lc: ExpertCache, futures: list) -> None:
+        """Wait for ``futures`` and record them in the cache; a failed load frees its
+        slot (it is read again next time, never computed as zeros) and is raised."""
         start = time.perf_counter()
         try:
-            for pool, slot, fut in futures:
-                self._finish(pool, slot, fut, fut.result())
-        except BaseException:
-            # Settle every other load before the error leaves: a read still running
-            # must not land in a slot that is handed to another expert later.
-            wait([f for _, _, f in futures if not f.cancel()])
-            for pool, slot, fut in futures:
-                if pool.loading.get(slot) is fut:
-                    if not fut.cancelled() and fut.exception() is None:
-                        self._finish(pool, slot, fut, fut.result())
-                    else:
-                        self._release(pool, slot)
-            raise
+            wait([f for _, _, f in futures])
         finally:
             self.stats.wait_seconds += time.perf_counter() - start
+        error = None
+        for p, s, fut in futures:
+            if self._inflight.get((lc.layer, p, s)) is not fut:
+                continue  # already recorded
+            del self._inflight[(lc.layer, p, s)]
+            if fut.exception() is None:
+                lc.loaded(p, s)
+                self.stats.bytes_read += fut.result()
+            else:
+                lc.failed(p, s)
+                error = error or fut.exception()
+        if error is not None:
+            raise error
 
-    def _finish(self, pool: PlanePool, slot: int, fut: Future, nbytes: int) -> None:
-        if pool.loading.get(slot) is fut:
-            del pool.loading[slot]
-            pool.ready[slot] = True
-            if self.mode == "stream":
-                self.stats.bytes_read += nbytes
+    def _wait_layer(self, lc: ExpertCache) -> None:
+        futures = [(p, s, f) for (l, p, s), f in self._inflight.items() if l == lc.layer]
+        self._wait(lc, futures)
 
-    def _settle(self, pool: PlanePool) -> None:
-        """Mark finished background loads (prefetches) ready; raise a failed one's error."""
-        for slot, fut in list(pool.loading.items()):
-            if fut.done():
-                if fut.exception() is not None:
-                    self._release(pool, slot)
-                    raise fut.exception()
-                self._finish(pool, slot, fut, fut.result())
+    def _settle(self, layer: int) -> None:
+        """Record finished background loads (prefetches) of ``layer``; raise a failed one."""
+        lc = self.caches[layer]
+        done = [(p, s, f) for (l, p, s), f in self._inflight.items() if l == layer and f.done()]
+        if done:
+            self._wait(lc, done)
+
+    def _release_pending(self) -> None:
+        for _, pins in self._pending:
+            self._unpin(pins)
+        self._pending.clear()
 
     @staticmethod
-    def _release(pool: PlanePool, slot: int) -> None:
-        pool.loading.pop(slot, None)
-        e = pool.expert_of[slot]
-        if e != FREE:
-            pool.slot_of[e] = FREE
-        pool.expert_of[slot] = FREE
-        pool.ready[slot] = False
+    def _unpin(pins) -> None:
+        for lc, p, slots in pins:
+            lc.release(p, slots)
 
-    def _drop_all(self, pool: PlanePool) -> None:
-        for slot in np.flatnonzero(pool.expert_of != FREE):
-            if pool.pins[slot] == 0 and slot not in pool.loading:
-                self._release(pool, int(slot))
+    def drain(self) -> None:
+        """Evaluate pending outputs, release their pins and land every load in flight
+        (before the caches are changed from outside a call, e.g. a level switch)."""
+        mx.eval([o for o, _ in self._pending])
+        self._release_pending()
+        for layer in self.layers:
+            self._wait_layer(self.caches[layer])
 
-    def _prefetch(self, layer: int, logits: np.ndarray, k: int) -> None:
+    def _prefetch(self, layer: int, scores: np.ndarray, k: int) -> None:
         """Start loading the experts ``layer``'s router picks from this layer's input."""
         lc = self.caches[layer]
-        pred = np.argsort(-logits, kind="stable")[:k]
+        level = self.levels.uniform
+        if level is None:
+            return
+        pred = np.argsort(-scores, kind="stable")[:k]
         self._predicted[layer] = pred
-        for pool in lc.pools:
-            self._settle(pool)
+        self._settle(layer)
+        for p in self.layout.cover(level):
             try:
-                placed = lc.place(pool, pred)
-            except RuntimeError:
+                slots, to_load = lc.acquire(p, pred)
+            except CacheFullError:
                 continue  # no evictable slot: skip this prefetch
-            for e, slot in placed:
-                pool.loading[slot] = self.loader.submit(pool, e, slot)
+            lc.release(p, slots)  # a loading slot is never evicted; nothing else to hold
+            for e, s in to_load:
+                self._inflight[(layer, p, s)] = self.loader.submit(lc.pools[p], e, s)
                 self.stats.prefetch_loads += 1
 
-    # -- bookkeeping ------------------------------------------------------------
-    def _tables(self, lc: LayerCache, only: np.ndarray | None = None) -> None:
-        lc.tables = [pool.table(only) for pool in lc.pools]
+    # -- bookkeeping --------------------------------------------------------------------
+    def _level_groups(self, levels, n: int) -> dict[int, np.ndarray]:
+        if np.ndim(levels) == 0:
+            return {int(levels): np.arange(n)}
+        levels = np.asarray(levels).reshape(-1)
+        return {int(lv): np.flatnonzero(levels == lv) for lv in np.unique(levels)}
 
-    def _account(self, layer: int, lc: LayerCache, idx: np.ndarray, experts: np.ndarray) -> None:
+    def _count_fast(self, layer: int, lc: ExpertCache, parts, inds: mx.array, level: int) -> None:
+        s = self.stats
+        pairs = inds.size
+        if layer == self.layers[0]:
+            s.steps += 1
+            s.tokens += pairs // inds.shape[-1]
+        s.pairs[level] = s.pairs.get(level, 0) + pairs
+
+    def _account(self, layer: int, lc: ExpertCache, idx: np.ndarray, groups, flat) -> None:
         s = self.stats
         if layer == self.layers[0]:
             s.steps += 1
             s.tokens += int(np.prod(idx.shape[:-1]))
-        for pool in lc.pools:
-            hits = int(pool.resident(experts).sum())
-            s.lookups += len(experts)
-            s.hits += hits
-            h, n = s.per_layer_hits.get(layer, (0, 0))
-            s.per_layer_hits[layer] = (h + hits, n + len(experts))
+        for level, ids in groups.items():
+            s.pairs[level] = s.pairs.get(level, 0) + len(ids)
+            experts = np.unique(flat[ids])
+            for p in self.layout.cover(level):
+                hits = int(lc.pools[p].ready(experts).sum())
+                s.lookups += len(experts)
+                s.hits += hits
+                h, n = s.per_layer_hits.get(layer, (0, 0))
+                s.per_layer_hits[layer] = (h + hits, n + len(experts))
         pred = self._predicted.pop(layer, None)
         if pred is not None and idx.size == idx.shape[-1]:
             s.predicted += idx.shape[-1]
-            s.predicted_right += int(np.isin(idx.reshape(-1), pred).sum())
-
-
-def _done(value) -> Future:
-    fut = Future()
-    fut.set_result(value)
-    return fut
-
-
-def _pairs(inner, x: mx.array, flat: np.ndarray, k: int, ids: np.ndarray) -> mx.array:
-    """Outputs [len(ids), H] of the (token, expert) pairs ``ids`` (flat pair numbers)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    xs = x2[mx.array((ids // k).astype(np.int32))]
-    ii = mx.array(flat[ids].astype(np.uint32))[:, None]
-    y = inner(xs, ii)
-    return y.reshape(len(ids), y.shape[-1])
-
-
-def _combine(outs: list, ids: list, shape: tuple) -> mx.array:
-    """Put pair outputs back in pair order: [..., K, H]."""
-    y = mx.concatenate(outs, axis=0)
-    inv = np.argsort(np.concatenate(ids), kind="stable")
-    y = y[mx.array(inv.astype(np.int32))]
-    return y.reshape(*shape, y.shape[-1])
+            s.predicted_right += int(np.isin(flat, pred).sum())

@@ -9,7 +9,9 @@ from mlx_lm.generate import stream_generate as mlx_stream_generate
 
 import d2moe_mlx
 from d2moe_mlx.convert.convert import convert
-from d2moe_mlx.moe import MWQSwitchLinear, set_level
+from d2moe_mlx.engine import engine_of
+from d2moe_mlx.experts import ExpertLayer
+from d2moe_mlx.moe import set_level
 from d2moe_mlx.store.format import StoreError
 
 
@@ -31,20 +33,28 @@ def test_mlx_lm_generate_accepts_our_model(store):
 
 
 def test_level_switch_changes_compute_and_matches_fresh_load(store):
-    top, _ = d2moe_mlx.load_model(store, dtype="float32")
-    base, _ = d2moe_mlx.load_model(store, level=0, dtype="float32")
     x = mx.array([[5, 9, 33, 70, 2, 8]])
-    set_level(top, 0)  # the top-level model holds every level; level 0 must equal a level-0 load
-    assert mx.allclose(top(x), base(x), atol=1e-5).item()
-    with pytest.raises(ValueError, match="level 1 is not loaded"):
-        set_level(base, 1)
+    fresh = {lv: d2moe_mlx.load_model(store, level=lv, dtype="float32")[0](x) for lv in (0, 1, 2)}
+    assert not mx.allclose(fresh[0], fresh[2], atol=1e-3).item()  # levels do differ
+    model, _ = d2moe_mlx.load_model(store, dtype="float32")
+    for lv in (0, 2, 1):  # down and up: the next call runs at the new level
+        set_level(model, lv)
+        assert engine_of(model).level == lv
+        assert mx.allclose(model(x), fresh[lv], atol=1e-5).item(), lv
+    with pytest.raises(ValueError, match="level 7 does not exist"):
+        set_level(model, 7)
+    with pytest.raises(ValueError, match="needs a model loaded by d2moe"):
+        set_level(mx, 0)
 
 
 def test_dense_weights_are_mlx_lm_quantized_and_experts_mwq(store):
     model, _ = d2moe_mlx.load_model(store, dtype="float32")
     kinds = {type(m).__name__ for _, m in model.named_modules()}
-    assert "QuantizedLinear" in kinds and "MWQSwitchLinear" in kinds
-    assert all(m.num_levels == 3 for _, m in model.named_modules() if isinstance(m, MWQSwitchLinear))
+    assert "QuantizedLinear" in kinds and "ExpertLayer" in kinds and "SwitchGLU" not in kinds
+    engine = engine_of(model)
+    assert engine.spec.num_levels == 3 and engine.layout.kind == "levels"  # nested by default
+    layers = [m for _, m in model.named_modules() if isinstance(m, ExpertLayer)]
+    assert sorted(el.layer for el in layers) == sorted(engine.scheduler.caches)
 
 
 def test_bad_paths_and_levels(store, tmp_path, hf_checkpoint):

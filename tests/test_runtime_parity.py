@@ -17,7 +17,8 @@ from make_test_checkpoints import FAMILIES, make_checkpoint
 from d2moe_mlx import load_model, mwq
 from d2moe_mlx.convert.convert import convert
 from d2moe_mlx.convert.hf_config import load_mlx_reference
-from d2moe_mlx.moe import MWQSwitchLinear, projection_names, switch_modules
+from d2moe_mlx.experts import ExpertLayer
+from d2moe_mlx.moe import projection_names, switch_modules
 from d2moe_mlx.store.reader import Store
 
 # (a) is the same maths computed two ways (gather_qmm on packed codes vs a
@@ -77,7 +78,7 @@ def test_levels_match_mlx_lm_with_reconstructed_experts(converted):
         num_levels = mwq.MWQSpec.from_dict(store.manifest["mwq"]).num_levels
     for level in range(num_levels):
         ours, _ = load_model(store_path, level=level, dtype="float32")
-        assert any(isinstance(m, MWQSwitchLinear) for _, m in ours.named_modules())
+        assert any(isinstance(m, ExpertLayer) for _, m in ours.named_modules())
         got = _logits(ours)
         want = _logits(_reference_at_level(ckpt, store_path, level))
         diff = np.abs(got - want).max()

@@ -37,10 +37,11 @@ import numpy as np
 from mlx_lm.generate import generate_step
 from d2moe_mlx import mwq
 from d2moe_mlx.budget import plan_budget
+from d2moe_mlx.engine import choose_layout, streaming_of
+from d2moe_mlx.layout import make_layout
 from d2moe_mlx.memory import format_bytes, peak_rss_bytes
 from d2moe_mlx.model import load_model
 from d2moe_mlx.store.reader import Store
-from d2moe_mlx.streaming import streaming_of
 from d2moe_mlx.system import current_rss_bytes
 
 path, fraction, prompt_tokens, decode_tokens, context, step = sys.argv[1:7]
@@ -49,7 +50,8 @@ context, step = int(context), int(step)
 with Store.open(path) as store:
     spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
     level = spec.num_levels - 1
-    p = plan_budget(1 << 50, store, store.config, level, 4, current_rss_bytes(),
+    lay = make_layout(choose_layout("auto", spec, store.manifest, True), spec)
+    p = plan_budget(1 << 50, store, store.config, lay, level, 4, current_rss_bytes(),
                     context=context, prefill_step=step)
     expert_bytes = sum(store.block_bytes(l, c) * store.num_experts
                        for l in store.moe_layers for c in range(level + 1))

@@ -69,13 +69,13 @@ class Family:
 
     def blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         """(decoder layer index, MoE block) of every layer whose block has routed experts."""
-        from ..moe import decoder_layers, is_switch
+        from ..moe import decoder_layers, is_experts
 
         found = []
         for i, layer in enumerate(decoder_layers(model)):
             block = layer.get(self.block) if isinstance(layer, nn.Module) else None
             if isinstance(block, nn.Module) and isinstance(block.get(self.router), nn.Module) \
-                    and is_switch(block.get(self.experts)):
+                    and is_experts(block.get(self.experts)):
                 found.append((i, block))
         return found
 

@@ -1,0 +1,73 @@
+"""Slot layouts: a ``levels`` part (components packed into one tensor) computes exactly
+what the sum of its components computes (numpy reconstruction of the MWQ fit), and a
+store that was not fitted nested is refused with a clear message."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from d2moe_mlx import mwq
+from d2moe_mlx.layout import build_part, make_layout
+from d2moe_mlx.packing import pack_component
+from d2moe_mlx.store.format import StoreError
+
+SPECS = {"2,4,8": mwq.MWQSpec(2, (2, 4), 64), "2,3,4": mwq.MWQSpec(2, (1, 1), 64),
+         "3,6": mwq.MWQSpec(3, (3,), 32), "4,8": mwq.MWQSpec(4, (4,), 128)}
+
+
+def _blocks(spec, method, seed=0, out=48, inp=256):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(4, size=(out, inp)) * 0.02).astype(np.float32)
+    comps = mwq.quantize_mwq(w, spec, method=method)
+    blocks = {c: {f"up_proj.{k}": v for k, v in pack_component(comp).items()}
+              for c, comp in enumerate(comps)}
+    return comps, blocks
+
+
+def _dequant(t, bits, gs):
+    return np.array(mx.dequantize(mx.array(t["up_proj.weight"]), mx.array(t["up_proj.scales"]),
+                                  mx.array(t["up_proj.biases"]), group_size=gs, bits=bits))
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_levels_part_equals_the_sum_of_its_components(name):
+    spec = SPECS[name]
+    comps, blocks = _blocks(spec, "nested")
+    layout = make_layout("levels", spec)
+    for part in layout.parts:
+        got = _dequant(build_part(part, spec, blocks, "test"), part.bits, spec.group_size)
+        want = mwq.reconstruct(comps, spec.group_size, part.hi)
+        assert np.allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max()), (name, part)
+    planes = make_layout("planes", spec)
+    for level in range(spec.num_levels):
+        total = sum(_dequant(build_part(planes.parts[p], spec, blocks, "t"), planes.parts[p].bits,
+                             spec.group_size) for p in planes.cover(level))
+        assert np.allclose(total, mwq.reconstruct(comps, spec.group_size, level), atol=1e-6)
+
+
+def test_a_plane_switched_off_in_a_group_still_packs():
+    spec = SPECS["2,4,8"]
+    comps, blocks = _blocks(spec, "nested", seed=3)
+    blocks[1]["up_proj.scales"][0, 1] = 0  # the fit may zero a plane that makes a group worse
+    blocks[1]["up_proj.biases"][0, 1] = 0
+    comps[1].scales[0, 1] = 0
+    comps[1].biases[0, 1] = 0
+    part = make_layout("levels", spec).parts[1]
+    got = _dequant(build_part(part, spec, blocks, "test"), part.bits, spec.group_size)
+    assert np.allclose(got, mwq.reconstruct(comps, spec.group_size, 1), atol=1e-6)
+
+
+def test_components_that_are_not_nested_are_refused():
+    spec = SPECS["2,4,8"]
+    _, blocks = _blocks(spec, "greedy")
+    part = make_layout("levels", spec).parts[1]
+    with pytest.raises(StoreError, match="not nested.*--method nested.*planes"):
+        build_part(part, spec, blocks, "L001.c1.bin")
+
+
+def test_levels_need_mlx_widths():
+    with pytest.raises(ValueError, match="7 bits.*planes"):
+        make_layout("levels", mwq.MWQSpec(5, (1, 1, 1), 64))
+    assert make_layout("planes", mwq.MWQSpec(5, (1, 1, 1), 64)).cover(2) == (0, 1, 2)
