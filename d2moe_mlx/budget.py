@@ -146,21 +146,22 @@ def plan_budget(
     context: int = 4096,
     prefill_step: int = 512,
     loader_threads: int = 4,
+    parts: list[int] | None = None,
 ) -> BudgetPlan:
-    """Split ``total`` bytes for running ``level`` in ``layout``; BudgetError if the
-    minimum working set does not fit.
+    """Split ``total`` bytes for running ``level`` in ``layout`` (pools for ``parts``,
+    default the parts that compute ``level``); BudgetError if the minimum working set
+    does not fit.
 
-    Slots per part: every part that computes ``level`` gets the same count (each
-    pair needs all of them, so a part with more slots than another could not be
-    used by a call)."""
+    Slots per part: every part gets the same count (each pair of the level needs all
+    of its parts, so a part with more slots than another could not be used by a call)."""
     layers = store.moe_layers
     if not layers:
         raise StoreError(f"{store.path} has no expert layers")
-    parts = list(layout.cover(level))
+    parts = sorted(parts) if parts is not None else list(layout.cover(level))
     first = layers[0]
     per_slot = {p: slot_bytes(store, layout, p, act_itemsize) for p in parts}
     staging = loader_threads * sum(store.block_bytes(first, c)
-                                   for c in range(layout.parts[parts[-1]].hi + 1))
+                                   for c in range(max(layout.parts[p].hi for p in parts) + 1))
     top_k = _top_k(config)
     dense = dense_bytes(store, act_itemsize)
     kv = kv_bytes(config, context, act_itemsize)
@@ -209,7 +210,7 @@ def replan(plan: BudgetPlan, store: Store, layout: Layout, parts: list[int],
     level = max(layout.parts[p].hi for p in parts)
     return plan_budget(plan.total, store, store.config, layout, level, act_itemsize, plan.baseline,
                        context=plan.context, prefill_step=plan.prefill_step,
-                       loader_threads=plan.loader_threads)
+                       loader_threads=plan.loader_threads, parts=parts)
 
 
 def _top_k(config: dict) -> int:

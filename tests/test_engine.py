@@ -1,0 +1,117 @@
+"""The expert engine: per-(token, expert) levels against a numpy reference computed pair
+by pair, resident and streaming, in both layouts; level switches on streaming models."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import d2moe_mlx.model as d2model
+from d2moe_mlx import mwq
+from d2moe_mlx.budget import BudgetError, plan_budget
+from d2moe_mlx.convert.convert import convert
+from d2moe_mlx.engine import engine_of, streaming_of
+from d2moe_mlx.layout import make_layout
+from d2moe_mlx.levels import PerPair
+from d2moe_mlx.model import load_model
+from d2moe_mlx.moe import set_level
+from d2moe_mlx.packing import unpack_component
+from d2moe_mlx.store.reader import Store
+
+BASELINE = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def stores(hf_checkpoint, tmp_path_factory):
+    made = {}
+
+    def get(method):
+        if method not in made:
+            out = tmp_path_factory.mktemp(f"engine-{method}") / "store"
+            made[method] = convert(hf_checkpoint("qwen3_moe"), out, method=method, dense_bits=0,
+                                   dtype="float32", calib_tokens=64, seq_len=32).path
+        return made[method]
+
+    return get
+
+
+@pytest.fixture
+def fixed_baseline(monkeypatch):
+    monkeypatch.setattr(d2model, "current_rss_bytes", lambda: BASELINE)
+
+
+def _budget(path, slots, layout, parts=None, level=2):
+    with Store.open(path) as store:
+        spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+        p = plan_budget(1 << 50, store, store.config, make_layout(layout, spec), level, 4, BASELINE,
+                        parts=parts)
+    one = p.layers * sum(p.slot_bytes.values())
+    return p.baseline + p.dense + p.kv + p.working + (slots + 1) * one
+
+
+def _reference(path, layer, x, inds, levels):
+    """Expert outputs [N, k, H] computed pair by pair in numpy from the store's blocks."""
+    with Store.open(path) as store:
+        spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+        out = np.zeros((*inds.shape, x.shape[-1]), np.float32)
+        for t in range(inds.shape[0]):
+            for j in range(inds.shape[1]):
+                e, lv = int(inds[t, j]), int(levels[t, j])
+                w = {}
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    comps = []
+                    for c in range(lv + 1):
+                        blk = store.read_block(layer, c, e)
+                        packed = {k.split(".", 1)[1]: v for k, v in blk.items() if k.startswith(proj + ".")}
+                        shape = (packed["scales"].shape[0], packed["scales"].shape[1] * spec.group_size)
+                        comps.append(unpack_component(packed, spec.component_bits(c), shape))
+                    w[proj] = mwq.reconstruct(comps, spec.group_size, lv)
+                g, u = w["gate_proj"] @ x[t], w["up_proj"] @ x[t]
+                out[t, j] = w["down_proj"] @ (g / (1 + np.exp(-g)) * u)
+    return out
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["resident", "streaming"])
+@pytest.mark.parametrize("method,layout", [("nested", "levels"), ("nested", "planes"), ("rtn", "planes")])
+def test_mixed_per_pair_levels_equal_numpy_pair_by_pair(method, layout, streaming, stores, fixed_baseline):
+    path = stores(method)
+    budget = _budget(path, 4, layout, parts=[0, 1, 2]) if streaming else None
+    model, _ = load_model(path, dtype="float32", layout=layout, memory_budget=budget)
+    engine = engine_of(model)
+    assert engine.layout.kind == layout and engine.streaming == streaming
+    rng = np.random.default_rng(1)
+    pattern = rng.integers(0, 3, (6, 2))  # (token, slot) -> level: every level, mixed in each token
+    engine.set_policy(PerPair(lambda layer, ids, scores: pattern[:len(ids)], (0, 1, 2)))
+    layer, el = next(iter(engine.layers.items()))
+    x = rng.normal(size=(6, 64)).astype(np.float32)
+    inds = np.stack([rng.permutation(8)[:2] for _ in range(6)]).astype(np.int32)
+    got = np.array(el(mx.array(x), mx.array(inds)))
+    want = _reference(path, layer, x, inds, pattern)
+    assert np.allclose(got, want, atol=2e-5 * max(1.0, np.abs(want).max())), np.abs(got - want).max()
+    top = _reference(path, layer, x, inds, np.full_like(pattern, 2))
+    assert not np.allclose(got, top, atol=1e-3), "the levels made no difference"
+    assert engine.stats.pairs == {lv: int((pattern == lv).sum()) for lv in (0, 1, 2)}
+
+
+def test_set_level_on_a_streaming_model_runs_the_next_token_at_that_level(stores, fixed_baseline):
+    path = stores("nested")
+    budget = _budget(path, 3, "levels")  # room for 3 experts at level 2, so more at level 0
+    model, _ = load_model(path, dtype="float32", memory_budget=budget)
+    engine = streaming_of(model)
+    x = mx.array([[5, 9, 33, 70, 2, 8, 41, 13]])
+    for level in (0, 1, 2):
+        want = load_model(path, dtype="float32", level=level)[0](x)
+        set_level(model, level)
+        assert engine.level == level and engine.plan.total == budget
+        assert max(engine.plan.slots.values()) >= 3
+        assert mx.allclose(model(x), want, atol=1e-5).item(), level
+    assert engine.plan.slots == {2: 3}
+    set_level(model, 0)
+    assert engine.plan.slots[0] > 3  # a level-0 expert is smaller: more of them fit
+    tight = _budget(path, 2, "levels", level=0)
+    small, _ = load_model(path, dtype="float32", memory_budget=tight, level=0)
+    with pytest.raises(BudgetError, match="too small"):
+        set_level(small, 2)
+    assert engine_of(small).level == 0  # refused: still runs at its level
+    mx.eval(small(x))
