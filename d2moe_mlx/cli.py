@@ -20,11 +20,30 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-def _load(store: str, level: int | None, dtype: str | None, memory: str | None = None,
+class _Size(click.ParamType):
+    """A size with its unit (d2moe_mlx.memory.parse_size): 6GB, 6GiB, 512MB."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from .memory import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _load(store: str, level: int | None, dtype: str | None, memory: int | None = None,
           cache_policy: str = "lru", prefetch: bool = False, context: int = 4096):
+    from .memory import format_size
     from .model import load
     from .store.format import StoreError
 
+    if memory is not None:
+        click.echo(f"memory budget: {format_size(memory)}", err=True)
     try:
         model, tokenizer = load(store, level=level, dtype=dtype, memory_budget=memory,
                                 cache_policy=cache_policy, prefetch=prefetch, context=context)
@@ -43,10 +62,10 @@ def _streaming_options(f):
     from .policies import POLICIES
 
     options = [
-        click.option("--memory", default=None, metavar="SIZE",
-                     help="Memory budget for the whole process, e.g. 6GB: experts stream from "
-                          "the store into a cache (same output, slower). Default: all experts "
-                          "in memory."),
+        click.option("--memory", type=_Size(), default=None, metavar="SIZE",
+                     help="Memory budget for the whole process, e.g. 6GB (6*10^9 bytes) or 6GiB "
+                          "(6*2^30): experts stream from the store into a cache (same output, "
+                          "slower). Default: all experts in memory."),
         click.option("--cache-policy", type=click.Choice(POLICIES), default="lru", show_default=True,
                      help="With --memory: which experts to evict (score = lowest mean gate score)."),
         click.option("--prefetch/--no-prefetch", default=False, show_default=True,

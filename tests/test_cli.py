@@ -60,7 +60,7 @@ def test_chat_with_a_memory_budget_streams_and_reports(store):
     assert too_small.returncode == 1 and "smallest budget that works is" in too_small.stderr
     need = too_small.stderr.split("smallest budget that works is ")[1].split(";")[0]
     value, unit = need.split()
-    budget = f"{float(value) * 1.1:.2f}{unit[0]}B"  # above the smallest (baselines vary a little)
+    budget = f"{float(value) * 1.1:.2f}{unit}"  # above the smallest (baselines vary a little)
     res = run("generate", store, "-p", "hello", "-m", "8", "--memory", budget, "--context", "4096")
     assert res.returncode == 0, res.stderr
     assert res.stdout == resident.stdout  # exact mode: the same text
@@ -69,6 +69,17 @@ def test_chat_with_a_memory_budget_streams_and_reports(store):
     chat = run("chat", store, "-m", "6", "--temp", "0", "--memory", budget, input="hello\nagain\nq\n")
     assert chat.returncode == 0, chat.stderr
     assert chat.stderr.count("hit rate") == 2  # one stats line per reply
+
+
+def test_memory_sizes_need_a_unit_and_are_echoed(store):
+    """--memory: MB is 10^6 bytes, a bare number is refused with a hint; the CLI says what it read."""
+    bare = run("generate", store, "--memory", "6")
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert "'--memory'" in bare.stderr and "add a unit: 6GB or 6GiB" in bare.stderr
+    small = run("generate", store, "-m", "1", "--memory", "1MB")
+    assert small.returncode == 1 and "Traceback" not in small.stderr
+    assert "memory budget: 1.00 MB (976.56 KiB)" in small.stderr
+    assert "a memory budget of 976.56 KiB is too small" in small.stderr
 
 
 def test_inspect_reports_and_detects_corruption(store, tmp_path):
