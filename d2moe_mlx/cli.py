@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -18,6 +19,19 @@ DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 def _fail(message: str) -> None:
     raise click.ClickException(message)
+
+
+@contextmanager
+def _store_errors():
+    """A StoreError raised while generating (a streaming model reads experts then: a
+    damaged or missing file shows only there) becomes one ``Error:`` line."""
+    from .store.format import StoreError
+
+    try:
+        yield
+    except StoreError as e:
+        click.echo()  # end the partial reply's line
+        _fail(str(e))
 
 
 class _Size(click.ParamType):
@@ -263,10 +277,11 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
     model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
     text = format_prompt(tokenizer, prompt, use_chat_template=chat_template)
     response = None
-    for response in stream_generate(
-        model, tokenizer, text, max_tokens=max_tokens, sampler=_sampler(temp, top_p)
-    ):
-        click.echo(response.text, nl=False)
+    with _store_errors():
+        for response in stream_generate(
+            model, tokenizer, text, max_tokens=max_tokens, sampler=_sampler(temp, top_p)
+        ):
+            click.echo(response.text, nl=False)
     click.echo()
     if response is not None:
         click.echo(format_stats(response, model), err=True)
@@ -327,10 +342,11 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
         first = False
         response = None
         before = streaming.stats.snapshot() if streaming is not None else None
-        for response in stream_generate(
-            model, tokenizer, text, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
-        ):
-            click.echo(response.text, nl=False)
+        with _store_errors():
+            for response in stream_generate(
+                model, tokenizer, text, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
+            ):
+                click.echo(response.text, nl=False)
         click.echo()
         if stats and response is not None:
             click.echo(format_stats(response, model, before), err=True)

@@ -82,6 +82,41 @@ def test_memory_sizes_need_a_unit_and_are_echoed(store):
     assert "a memory budget of 976.56 KiB is too small" in small.stderr
 
 
+@pytest.fixture(scope="module")
+def damaged_store(store, tmp_path_factory):
+    """A copy of ``store`` with one byte flipped in every expert block of the last MoE
+    layer's last component: whatever the prompt routes to there fails its checksum."""
+    from d2moe_mlx.store.reader import Store
+
+    copy = tmp_path_factory.mktemp("damaged") / "store"
+    subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
+    with Store.open(copy) as s:
+        layer = s.moe_layers[-1]
+        comp = s.num_components(layer) - 1
+        file = s.expert_file(layer, comp)
+        stride, block = s.block_stride(layer, comp), s.block_bytes(layer, comp)
+        experts = s.num_experts
+    data = bytearray(file.read_bytes())
+    for e in range(experts):
+        data[e * stride + block // 3] ^= 0x5A
+    file.write_bytes(bytes(data))
+    return copy, file
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_damaged_expert_while_streaming_is_one_error_line(damaged_store, command):
+    """With --memory experts are read during generation (inside mlx-lm's loop): a checksum
+    failure there ends the command with one Error line naming the file, no traceback."""
+    path, file = damaged_store
+    args = ["-p", "hello"] if command == "generate" else []
+    res = run(command, path, *args, "-m", "4", "--memory", "2GB", input="hello\nq\n")
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, res.stderr
+    assert "checksum mismatch" in errors[0] and file.name in errors[0], res.stderr
+
+
 def test_inspect_reports_and_detects_corruption(store, tmp_path):
     res = run("inspect", store)
     assert res.returncode == 0, res.stderr
