@@ -46,6 +46,18 @@ BUDGETS = (1.0, 0.5, 0.25, 0.125)
 
 
 # -- inputs --------------------------------------------------------------------
+def budget_for_slots(slots: int, store, level: int, act_itemsize: int, baseline: int,
+                     **options) -> int:
+    """A budget whose plan gives ``slots`` expert slots per layer: plan_budget's fixed
+    part plus ``slots`` + 1 slots per pool (the inverse of plan_budget; ``options`` as for
+    it), and half a slot more, since load_model measures the baseline again a moment later."""
+    from d2moe_mlx.budget import plan_budget
+
+    probe = plan_budget(1 << 60, store, store.config, level, act_itemsize, baseline, **options)
+    one = probe.layers * sum(probe.slot_bytes.values())  # one more slot in every pool
+    return probe.total - probe.cache + (slots + 1) * one + one // 2
+
+
 def prompt_ids(n: int, offset: int = 0) -> list[int]:
     """``n`` token ids of held-out text (the bundled tokenizer; synthetic stores share it)."""
     from mlx_lm.utils import load_tokenizer
@@ -168,7 +180,6 @@ def worker(cfg: dict) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     from d2moe_mlx import system
-    from d2moe_mlx.budget import budget_for_slots, slot_bytes
     from d2moe_mlx.memory import peak_rss_bytes
     from d2moe_mlx.model import _start_device, load_model
     from d2moe_mlx.store.reader import Store
@@ -201,11 +212,8 @@ def worker(cfg: dict) -> dict:
         opts = dict(context=cfg["context"], prefill_step=cfg["prefill_step"])
         itemsize = 2 if gpu else 4
         _start_device()  # as load_model does before it measures the baseline
-        budget = budget_for_slots(slots, store, store.config, cfg["level"], itemsize,
-                                  system.current_rss_bytes(), **opts)
-        # load_model measures the baseline again a moment later: half a slot of slack.
-        budget += len(store.moe_layers) * sum(slot_bytes(store, store.moe_layers[0], c, itemsize)
-                                              for c in range(cfg["level"] + 1)) // 2
+        budget = budget_for_slots(slots, store, cfg["level"], itemsize, system.current_rss_bytes(),
+                                  **opts)
         model, _ = load_model(cfg["store"], level=cfg["level"], dtype=dtype, memory_budget=budget,
                               cache_policy=cfg["policy"], prefetch=cfg["prefetch"], mode=cfg["mode"],
                               io_mode="nocache" if cfg["temp"] == "cold" else "random", **opts)

@@ -14,9 +14,6 @@ import argparse
 import mlx.core as mx
 import numpy as np
 
-from d2moe_mlx import load_model
-from d2moe_mlx.moe import MWQSwitchLinear, set_level
-
 
 def _np(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32))
@@ -28,6 +25,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--memory-gb", type=int, default=24, help="mx.set_memory_limit on the GPU")
     args = parser.parse_args()
+    # After parsing: mlx-lm (transformers) takes seconds to import, --help should not wait.
+    from d2moe_mlx import load_model
+    from d2moe_mlx.moe import MWQSwitchLinear, set_level
+
     mx.set_default_device(mx.gpu)
     mx.set_memory_limit(args.memory_gb << 30)
     model, config = load_model(args.store, dtype=args.dtype)
