@@ -163,3 +163,21 @@ def test_demo_end_to_end(tmp_path):
     assert again.returncode == 0 and "using cached store" in again.stdout
     gen = run("generate", stores[0], "-p", "The", "-m", "8")
     assert gen.returncode == 0, gen.stderr
+
+
+def test_readme_states_the_convert_defaults():
+    """README's `d2moe convert` paragraph names the levels and planes the code defaults to."""
+    import re
+    from pathlib import Path
+
+    from d2moe_mlx.cli import convert
+    from d2moe_mlx.mwq import DEFAULT_SPEC
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    levels = re.search(r"`--levels` \(total bits\s+per level; default `([0-9,]+)`", readme)
+    assert levels, "README no longer states the default --levels"
+    assert levels.group(1) == ",".join(str(DEFAULT_SPEC.level_bits(i))
+                                       for i in range(DEFAULT_SPEC.num_levels))
+    planes = re.search(r"`--planes` \(`(\w+)`, the default", readme)
+    default = next(p.default for p in convert.params if p.name == "planes")
+    assert planes and planes.group(1) == default
