@@ -234,7 +234,9 @@ def convert(
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("-p", "--prompt", default="The", show_default=True, help="Prompt text ('-' reads stdin).")
+@click.option("-p", "--prompt", default="The", show_default=True,
+              help="Prompt text ('-' reads stdin); printed before its continuation, unless "
+                   "--chat-template makes it a question.")
 @click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
 @click.option(
     "--level",
@@ -269,19 +271,21 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
     """Generate text from STORE and print speed and memory."""
     import mlx.core as mx
 
-    from .generation import format_prompt, format_stats, stream_generate
+    from .generation import encode_prompt, format_prompt, format_stats, stream_generate, text_after_prompt
 
     if prompt == "-":
         prompt = sys.stdin.read()
     mx.random.seed(seed)
     model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
     text = format_prompt(tokenizer, prompt, use_chat_template=chat_template)
+    ids = encode_prompt(tokenizer, text)
+    if text == prompt:  # a continuation: print it after the prompt; a chat reply stands alone
+        click.echo(prompt, nl=False)
     response = None
     with _store_errors():
-        for response in stream_generate(
-            model, tokenizer, text, max_tokens=max_tokens, sampler=_sampler(temp, top_p)
-        ):
-            click.echo(response.text, nl=False)
+        responses = stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=_sampler(temp, top_p))
+        for segment, response in text_after_prompt(tokenizer, ids, responses):
+            click.echo(segment, nl=False)
     click.echo()
     if response is not None:
         click.echo(format_stats(response, model), err=True)
@@ -308,7 +312,7 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from .generation import format_stats, stream_generate
+    from .generation import encode_prompt, format_stats, stream_generate, text_after_prompt
     from .streaming import streaming_of
 
     mx.random.seed(seed)
@@ -342,11 +346,12 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
         first = False
         response = None
         before = streaming.stats.snapshot() if streaming is not None else None
+        ids = encode_prompt(tokenizer, text)
         with _store_errors():
-            for response in stream_generate(
-                model, tokenizer, text, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
-            ):
-                click.echo(response.text, nl=False)
+            responses = stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
+                                        prompt_cache=cache)
+            for segment, response in text_after_prompt(tokenizer, ids, responses):
+                click.echo(segment, nl=False)
         click.echo()
         if stats and response is not None:
             click.echo(format_stats(response, model, before), err=True)

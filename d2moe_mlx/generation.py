@@ -7,7 +7,7 @@ tokenizer's chat template when it has one.
 
 from __future__ import annotations
 
-from typing import Generator, List, Union
+from typing import Generator, Iterable, List, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -64,6 +64,38 @@ def format_prompt(tokenizer: TokenizerWrapper, messages: list[dict] | str, use_c
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n".join(m["content"] for m in messages)
+
+
+def encode_prompt(tokenizer: TokenizerWrapper, prompt: str) -> List[int]:
+    """Token ids of ``prompt`` as mlx-lm's ``stream_generate`` makes them (special tokens
+    added unless the text already starts with the BOS token)."""
+    bos = tokenizer.bos_token
+    return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+
+
+def text_after_prompt(
+    tokenizer: TokenizerWrapper,
+    prompt: List[int],
+    responses: Iterable[GenerationResponse],
+) -> Generator[Tuple[str, GenerationResponse], None, None]:
+    """``(text, response)`` for each response of ``stream_generate(..., prompt)``: the text
+    reads on from the prompt, so printed after it, the whole equals ``tokenizer.decode(prompt
+    + generated)``.
+
+    mlx-lm's own streaming detokenizers start a fresh text and drop the first token's
+    leading space (right where mlx-lm prints a reply on its own line, wrong after the
+    prompt: "librarynow"). Here mlx-lm's detokenizer is first fed the prompt's tokens.
+    """
+    detokenizer = tokenizer.detokenizer
+    for token in prompt:
+        detokenizer.add_token(token)
+    detokenizer.last_segment  # the prompt's own text: already on screen
+    for response in responses:
+        if response.finish_reason != "stop":  # a final "stop" carries the EOS token, not text
+            detokenizer.add_token(response.token)
+        if response.finish_reason is not None:
+            detokenizer.finalize()
+        yield detokenizer.last_segment, response
 
 
 def format_stats(response: GenerationResponse, model: nn.Module | None = None,

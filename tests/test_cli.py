@@ -181,3 +181,63 @@ def test_readme_states_the_convert_defaults():
     planes = re.search(r"`--planes` \(`(\w+)`, the default", readme)
     default = next(p.default for p in convert.params if p.name == "planes")
     assert planes and planes.group(1) == default
+
+
+DEMO_PROMPT = "The Python standard library"  # the demo's default prompt
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``d2moe demo -m 16`` once (converts the bundled model): (store, stdout)."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    res = run("demo", "-m", "16", env={"D2MOE_CACHE": str(cache)})
+    assert res.returncode == 0, res.stderr
+    (store,) = cache.glob("tiny-moe-*")
+    return store, res.stdout
+
+
+def _greedy(store, prompt, max_tokens, detokenizer_class=None):
+    """(tokenizer, prompt ids, responses) of mlx-lm's own stream_generate on the store's model."""
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from d2moe_mlx import load
+
+    model, tokenizer = load(store)
+    if detokenizer_class is not None:
+        tokenizer = TokenizerWrapper(tokenizer._tokenizer, detokenizer_class,
+                                     eos_token_ids=tokenizer.eos_token_ids)
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
+    return tokenizer, tokenizer.encode(prompt), responses
+
+
+def _decoded(tokenizer, ids, responses):
+    """tokenizer.decode(prompt ids + generated ids): what the printed text must read."""
+    generated = [r.token for r in responses if r.finish_reason != "stop"]  # a final stop is EOS
+    return tokenizer.decode(ids + generated)
+
+
+@pytest.mark.parametrize("detokenizer", ["bundled", "naive"])
+def test_text_after_prompt_equals_decoding_prompt_and_reply(demo_run, detokenizer):
+    """Printed after the prompt, the streamed text reads as decode(prompt + generated): the
+    first token keeps its leading space (mlx-lm's detokenizers drop it: 'librarynow')."""
+    from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
+
+    from d2moe_mlx.generation import text_after_prompt
+
+    store, _ = demo_run
+    cls = NaiveStreamingDetokenizer if detokenizer == "naive" else None
+    tokenizer, ids, responses = _greedy(store, DEMO_PROMPT, 16, cls)
+    reference = _decoded(tokenizer, ids, responses)
+    assert reference.startswith(DEMO_PROMPT + " ")  # the case in point: a leading space
+    printed = "".join(text for text, _ in text_after_prompt(tokenizer, ids, responses))
+    assert DEMO_PROMPT + printed == reference
+
+
+def test_demo_and_generate_print_the_text_as_decoded(demo_run):
+    store, demo_out = demo_run
+    reference = _decoded(*_greedy(store, DEMO_PROMPT, 16))
+    assert f"\n{reference}\n" in demo_out
+    gen = run("generate", store, "-p", DEMO_PROMPT, "-m", "16")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout == reference + "\n"
