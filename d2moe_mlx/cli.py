@@ -308,53 +308,18 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
 @_streaming_options
 def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype,
          memory, cache_policy, prefetch, context):
-    """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets)."""
+    """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets,
+    Ctrl-C stops a reply)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
-    from .generation import encode_prompt, format_stats, stream_generate, text_after_prompt
-    from .streaming import streaming_of
+    from .chat import banner, run_chat
 
     mx.random.seed(seed)
     model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
-    streaming = streaming_of(model)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if not has_template:
-        click.echo("(this tokenizer has no chat template: turns are sent as plain text)", err=True)
-    sampler = _sampler(temp, top_p)
-    cache = make_prompt_cache(model)
-    first = True
-    while True:
-        try:
-            query = click.prompt(">>", prompt_suffix=" ", default="", show_default=False)
-        except (EOFError, click.Abort):
-            click.echo()
-            return
-        if query.strip() == "q":
-            return
-        if query.strip() == "r":
-            cache, first = make_prompt_cache(model), True
-            continue
-        messages = []
-        if first and system_prompt:
-            messages.append({"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": query})
-        if has_template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "\n".join(m["content"] for m in messages) + "\n"
-        first = False
-        response = None
-        before = streaming.stats.snapshot() if streaming is not None else None
-        ids = encode_prompt(tokenizer, text)
-        with _store_errors():
-            responses = stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
-                                        prompt_cache=cache)
-            for segment, response in text_after_prompt(tokenizer, ids, responses):
-                click.echo(segment, nl=False)
-        click.echo()
-        if stats and response is not None:
-            click.echo(format_stats(response, model, before), err=True)
+    click.echo(banner(store, level, memory), err=True)
+    with _store_errors():
+        run_chat(model, tokenizer, system_prompt=system_prompt, stats=stats, max_tokens=max_tokens,
+                 sampler=_sampler(temp, top_p))
 
 
 @main.command()

@@ -241,3 +241,77 @@ def test_demo_and_generate_print_the_text_as_decoded(demo_run):
     gen = run("generate", store, "-p", DEMO_PROMPT, "-m", "16")
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout == reference + "\n"
+
+
+class _Session:
+    """A `d2moe chat` subprocess whose stdout and stderr are read as they come."""
+
+    def __init__(self, *args):
+        import threading
+
+        self.proc = subprocess.Popen(D2MOE + ["chat", *map(str, args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     errors="replace", bufsize=0)
+        self.out, self.err = [], []
+        for stream, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, buf), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, buf):
+        while c := stream.read(1):
+            buf.append(c)
+
+    @property
+    def stdout(self):
+        return "".join(self.out)
+
+    @property
+    def stderr(self):
+        return "".join(self.err)
+
+    def wait_for(self, condition, timeout=120):
+        import time
+
+        end = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None or condition(), f"exited: {self.stderr}"
+            assert time.monotonic() < end, f"timed out; stdout {self.stdout[-300:]!r}, stderr {self.stderr}"
+            time.sleep(0.02)
+
+    def send(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+
+def test_chat_ctrl_c_stops_a_reply_and_returns_to_the_prompt(store):
+    import signal
+
+    chat = _Session(store, "-m", "100000", "--temp", "0")
+    try:
+        chat.wait_for(lambda: chat.stdout.endswith(">> "))
+        assert "qwen3_moe" in chat.stderr and "Ctrl-C stops a reply" in chat.stderr  # the banner
+        chat.send("hello")
+        chat.wait_for(lambda: len(chat.stdout) > 100)  # the reply is streaming (100000 tokens asked)
+        chat.proc.send_signal(signal.SIGINT)
+        chat.wait_for(lambda: "reply stopped" in chat.stderr and chat.stdout.endswith("\n>> "))
+        assert chat.proc.poll() is None
+        chat.send("q")
+        assert chat.proc.wait(60) == 0, chat.stderr
+        assert "Traceback" not in chat.stderr and "generation:" in chat.stderr
+    finally:
+        chat.proc.kill()
+
+
+def test_chat_ctrl_c_or_ctrl_d_at_the_prompt_exits_cleanly(store):
+    import signal
+
+    chat = _Session(store)
+    try:
+        chat.wait_for(lambda: chat.stdout.endswith(">> "))
+        chat.proc.send_signal(signal.SIGINT)
+        assert chat.proc.wait(60) == 0, chat.stderr
+        assert "Traceback" not in chat.stderr and "Aborted" not in chat.stderr
+    finally:
+        chat.proc.kill()
+    eof = run("chat", store, input="")
+    assert eof.returncode == 0 and "Traceback" not in eof.stderr
