@@ -237,7 +237,8 @@ def convert(
 @click.option("-p", "--prompt", default="The", show_default=True,
               help="Prompt text ('-' reads stdin); printed before its continuation, unless "
                    "--chat-template makes it a question.")
-@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="Most tokens to generate (fewer if the model ends its text).")
 @click.option(
     "--level",
     type=click.IntRange(0),
@@ -251,8 +252,9 @@ def convert(
     show_default=True,
     help="Sampling temperature (0 = greedy).",
 )
-@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Sample from the smallest set of tokens with this total probability (1 = all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling.")
 @click.option(
     "--chat-template/--no-chat-template",
     default=False,
@@ -293,18 +295,22 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="Most tokens per reply.")
 @click.option(
     "--level", type=click.IntRange(0), default=None, help="MWQ level for every expert. Default: highest."
 )
-@click.option("--temp", type=click.FloatRange(0), default=0.7, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temp", type=click.FloatRange(0), default=0.7, show_default=True,
+              help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Sample from the smallest set of tokens with this total probability (1 = all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling.")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
 @click.option(
     "--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after each reply."
 )
-@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
+              help="Activation dtype (default: float32 on CPU, else the store's).")
 @_streaming_options
 def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype,
          memory, cache_policy, prefetch, context):
@@ -392,7 +398,8 @@ def trace(model_path, text_file, out, max_tokens):
 @click.option(
     "-p", "--prompt", default=None, help="Prompt (default: a sentence in the style of the training text)."
 )
-@click.option("-m", "--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="Most tokens to generate.")
 @click.option("--level", type=click.IntRange(0), default=None, help="MWQ level (default: highest).")
 @click.option("--fresh", is_flag=True, help="Convert again even if a cached demo store exists.")
 def demo(prompt, max_tokens, level, fresh):

@@ -100,13 +100,16 @@ def text_after_prompt(
 
 def format_stats(response: GenerationResponse, model: nn.Module | None = None,
                  since: StreamStats | None = None) -> str:
-    """One line: prompt and generation speed, and MLX's peak memory. For a streaming
-    ``model`` also the expert cache hit rate, MB read per token and peak RSS against
-    the budget, counted from ``since`` (a ``stats.snapshot()`` taken before the reply)."""
+    """One line: prompt and generation speed (n/a for one generated token) and MLX's peak
+    memory. For a streaming ``model`` also the expert cache hit rate, MB read per token
+    and peak RSS against the budget, counted from ``since`` (a ``stats.snapshot()`` taken
+    before the reply)."""
+    n = response.generation_tokens
+    # mlx-lm times generation from the first token: one token has no speed.
+    speed = f"{response.generation_tps:.1f} tokens/s" if n >= 2 else "speed n/a (one token)"
     line = (
         f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
-        f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
-        f"peak memory: {response.peak_memory:.3f} GB"
+        f"generation: {n} tokens, {speed} | peak memory: {response.peak_memory:.3f} GB"
     )
     streaming = streaming_of(model) if model is not None else None
     if streaming is None:

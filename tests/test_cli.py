@@ -315,3 +315,28 @@ def test_chat_ctrl_c_or_ctrl_d_at_the_prompt_exits_cleanly(store):
         chat.proc.kill()
     eof = run("chat", store, input="")
     assert eof.returncode == 0 and "Traceback" not in eof.stderr
+
+
+def test_generation_speed_only_from_two_tokens(store):
+    """mlx-lm times generation from the first token: for one token no speed is printed."""
+    import re
+
+    one = run("generate", store, "-p", "hello", "-m", "1")
+    assert one.returncode == 0, one.stderr
+    assert "generation: 1 tokens, speed n/a" in one.stderr
+    assert not re.search(r"generation: 1 tokens, [0-9.]+ tokens/s", one.stderr)
+    two = run("generate", store, "-p", "hello", "-m", "2")
+    assert re.search(r"generation: 2 tokens, [0-9.]+ tokens/s", two.stderr), two.stderr
+
+
+def test_every_option_has_help():
+    import click
+
+    from d2moe_mlx.cli import main
+
+    ctx = click.Context(main)
+    missing = [f"{name} {'/'.join(p.opts)}"
+               for name, command in [("d2moe", main), *sorted(main.commands.items())]
+               for p in command.get_params(ctx) if isinstance(p, click.Option) and not p.help]
+    assert not missing, f"options without help: {missing}"
+    assert len(main.commands) >= 6
