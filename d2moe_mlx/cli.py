@@ -108,6 +108,10 @@ def main() -> None:
     with `d2moe convert`, then `d2moe chat STORE` or `d2moe generate STORE`.
     `d2moe demo` does both on the small MoE that ships with the package.
     """
+    # The CLI never needs torch, but transformers 5 (imported by mlx-lm's tokenizer code)
+    # imports it whenever it is installed: ~150 MiB of RSS. None in sys.modules makes it
+    # absent to find_spec, so transformers skips it. Only here: a library user may need it.
+    sys.modules.setdefault("torch", None)
 
 
 @main.command()

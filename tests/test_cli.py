@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -340,3 +341,16 @@ def test_every_option_has_help():
                for p in command.get_params(ctx) if isinstance(p, click.Option) and not p.help]
     assert not missing, f"options without help: {missing}"
     assert len(main.commands) >= 6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is not installed: nothing would import it anyway")
+def test_cli_keeps_torch_out(store):
+    """transformers 5 (via mlx-lm's tokenizer code) imports torch whenever it is installed;
+    the CLI marks it absent first. transformers itself must still have been imported."""
+    code = ("import sys; from d2moe_mlx.cli import main; "
+            f"main(['generate', {str(store)!r}, '-p', 'hello', '-m', '2'], standalone_mode=False); "
+            "print('torch', sys.modules.get('torch'), 'transformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "torch None True", res.stdout
