@@ -193,6 +193,16 @@ def plan_budget(
     )
 
 
+def budget_for_slots(slots: int, store: Store, layout: Layout, level: int, act_itemsize: int,
+                     baseline: int, **options) -> int:
+    """A budget whose plan gives ``slots`` expert slots per pool: plan_budget's fixed
+    part plus ``slots`` + 1 slots per pool (its inverse; ``options`` as for it), and
+    half a slot more, since load_model measures the baseline again a moment later."""
+    probe = plan_budget(1 << 60, store, store.config, layout, level, act_itemsize, baseline, **options)
+    one = probe.layers * sum(probe.slot_bytes.values())  # one more slot in every pool
+    return probe.total - probe.cache + (slots + 1) * one + one // 2
+
+
 def suggest_budget(need: int) -> str:
     """A budget to offer for ``need`` bytes, in decimal units (as --memory reads them):
     with room for the run-to-run noise of the measured baseline (1% + 2 MiB) and rounded

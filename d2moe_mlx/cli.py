@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -20,11 +21,41 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-def _load(store: str, level: int | None, dtype: str | None, memory: str | None = None,
+@contextmanager
+def _store_errors():
+    """A StoreError raised while generating (a streaming model reads experts then: a
+    damaged or missing file shows only there) becomes one ``Error:`` line."""
+    from .store.format import StoreError
+
+    try:
+        yield
+    except StoreError as e:
+        click.echo()  # end the partial reply's line
+        _fail(str(e))
+
+
+class _Size(click.ParamType):
+    """A size with its unit (d2moe_mlx.memory.parse_size): 6GB, 6GiB, 512MB."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from .memory import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _load(store: str, level: int | None, dtype: str | None, memory: int | None = None,
           cache_policy: str = "lru", prefetch: bool = False, context: int = 4096):
+    from .memory import format_size
     from .model import load
     from .store.format import StoreError
 
+    if memory is not None:
+        click.echo(f"memory budget: {format_size(memory)}", err=True)
     try:
         model, tokenizer = load(store, level=level, dtype=dtype, memory_budget=memory,
                                 cache_policy=cache_policy, prefetch=prefetch, context=context)
@@ -43,10 +74,10 @@ def _streaming_options(f):
     from .policies import POLICIES
 
     options = [
-        click.option("--memory", default=None, metavar="SIZE",
-                     help="Memory budget for the whole process, e.g. 6GB: experts stream from "
-                          "the store into a cache (same output, slower). Default: all experts "
-                          "in memory."),
+        click.option("--memory", type=_Size(), default=None, metavar="SIZE",
+                     help="Memory budget for the whole process, e.g. 6GB (6*10^9 bytes) or 6GiB "
+                          "(6*2^30): experts stream from the store into a cache (same output, "
+                          "slower). Default: all experts in memory."),
         click.option("--cache-policy", type=click.Choice(POLICIES), default="lru", show_default=True,
                      help="With --memory: which experts to evict (score = lowest mean gate score)."),
         click.option("--prefetch/--no-prefetch", default=False, show_default=True,
@@ -75,6 +106,11 @@ def main() -> None:
     with `d2moe convert`, then `d2moe chat STORE` or `d2moe generate STORE`.
     `d2moe demo` does both on the small MoE that ships with the package.
     """
+    # The CLI never needs torch, but transformers 5 (imported by mlx-lm's tokenizer code)
+    # imports it whenever it is installed (+180 MiB peak RSS in the demo). None in
+    # sys.modules makes it absent to find_spec, so transformers skips it. Only here:
+    # a library user may need torch.
+    sys.modules.setdefault("torch", None)
 
 
 @main.command()
@@ -201,8 +237,11 @@ def convert(
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("-p", "--prompt", default="The", show_default=True, help="Prompt text ('-' reads stdin).")
-@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
+@click.option("-p", "--prompt", default="The", show_default=True,
+              help="Prompt text ('-' reads stdin); printed before its continuation, unless "
+                   "--chat-template makes it a question.")
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="Most tokens to generate (fewer if the model ends its text).")
 @click.option(
     "--level",
     type=click.IntRange(0),
@@ -216,8 +255,9 @@ def convert(
     show_default=True,
     help="Sampling temperature (0 = greedy).",
 )
-@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Sample from the smallest set of tokens with this total probability (1 = all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling.")
 @click.option(
     "--chat-template/--no-chat-template",
     default=False,
@@ -236,18 +276,21 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
     """Generate text from STORE and print speed and memory."""
     import mlx.core as mx
 
-    from .generation import format_prompt, format_stats, stream_generate
+    from .generation import encode_prompt, format_prompt, format_stats, stream_generate, text_after_prompt
 
     if prompt == "-":
         prompt = sys.stdin.read()
     mx.random.seed(seed)
     model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
     text = format_prompt(tokenizer, prompt, use_chat_template=chat_template)
+    ids = encode_prompt(tokenizer, text)
+    if text == prompt:  # a continuation: print it after the prompt; a chat reply stands alone
+        click.echo(prompt, nl=False)
     response = None
-    for response in stream_generate(
-        model, tokenizer, text, max_tokens=max_tokens, sampler=_sampler(temp, top_p)
-    ):
-        click.echo(response.text, nl=False)
+    with _store_errors():
+        responses = stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=_sampler(temp, top_p))
+        for segment, response in text_after_prompt(tokenizer, ids, responses):
+            click.echo(segment, nl=False)
     click.echo()
     if response is not None:
         click.echo(format_stats(response, model), err=True)
@@ -255,66 +298,37 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True)
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="Most tokens per reply.")
 @click.option(
     "--level", type=click.IntRange(0), default=None, help="MWQ level for every expert. Default: highest."
 )
-@click.option("--temp", type=click.FloatRange(0), default=0.7, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temp", type=click.FloatRange(0), default=0.7, show_default=True,
+              help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Sample from the smallest set of tokens with this total probability (1 = all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling.")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
 @click.option(
     "--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after each reply."
 )
-@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
+              help="Activation dtype (default: float32 on CPU, else the store's).")
 @_streaming_options
 def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype,
          memory, cache_policy, prefetch, context):
-    """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets)."""
+    """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets,
+    Ctrl-C stops a reply)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
-    from .generation import format_stats, stream_generate
-    from .engine import streaming_of
+    from .chat import banner, run_chat
 
     mx.random.seed(seed)
     model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
-    streaming = streaming_of(model)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if not has_template:
-        click.echo("(this tokenizer has no chat template: turns are sent as plain text)", err=True)
-    sampler = _sampler(temp, top_p)
-    cache = make_prompt_cache(model)
-    first = True
-    while True:
-        try:
-            query = click.prompt(">>", prompt_suffix=" ", default="", show_default=False)
-        except (EOFError, click.Abort):
-            click.echo()
-            return
-        if query.strip() == "q":
-            return
-        if query.strip() == "r":
-            cache, first = make_prompt_cache(model), True
-            continue
-        messages = []
-        if first and system_prompt:
-            messages.append({"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": query})
-        if has_template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "\n".join(m["content"] for m in messages) + "\n"
-        first = False
-        response = None
-        before = streaming.stats.snapshot() if streaming is not None else None
-        for response in stream_generate(
-            model, tokenizer, text, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
-        ):
-            click.echo(response.text, nl=False)
-        click.echo()
-        if stats and response is not None:
-            click.echo(format_stats(response, model, before), err=True)
+    click.echo(banner(store, level, memory), err=True)
+    with _store_errors():
+        run_chat(model, tokenizer, system_prompt=system_prompt, stats=stats, max_tokens=max_tokens,
+                 sampler=_sampler(temp, top_p))
 
 
 @main.command()
@@ -387,7 +401,8 @@ def trace(model_path, text_file, out, max_tokens):
 @click.option(
     "-p", "--prompt", default=None, help="Prompt (default: a sentence in the style of the training text)."
 )
-@click.option("-m", "--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("-m", "--max-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="Most tokens to generate.")
 @click.option("--level", type=click.IntRange(0), default=None, help="MWQ level (default: highest).")
 @click.option("--fresh", is_flag=True, help="Convert again even if a cached demo store exists.")
 def demo(prompt, max_tokens, level, fresh):

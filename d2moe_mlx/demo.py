@@ -62,10 +62,11 @@ def run_demo(
     fresh: bool = False,
     echo: Callable[..., object] = click.echo,
 ) -> str:
-    """Convert (once), load and generate; prints text, tokens/s and memory. Returns the text."""
+    """Convert (once), load and generate; prints the prompt and its continuation, tokens/s
+    and memory. Returns the continuation (as it reads after the prompt)."""
     import mlx.core as mx
 
-    from .generation import format_stats, stream_generate
+    from .generation import encode_prompt, format_stats, stream_generate, text_after_prompt
     from .model import load
     from .memory import format_bytes, peak_rss_bytes
 
@@ -76,9 +77,11 @@ def run_demo(
     prompt = prompt or DEFAULT_PROMPT
     echo(f"\n{prompt}", nl=False)
     text, response = "", None
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
-        echo(response.text, nl=False)
-        text += response.text
+    ids = encode_prompt(tokenizer, prompt)
+    responses = stream_generate(model, tokenizer, ids, max_tokens=max_tokens)
+    for segment, response in text_after_prompt(tokenizer, ids, responses):
+        echo(segment, nl=False)
+        text += segment
     echo("\n")
     if response is not None:
         echo(format_stats(response))

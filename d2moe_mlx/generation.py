@@ -7,7 +7,7 @@ tokenizer's chat template when it has one.
 
 from __future__ import annotations
 
-from typing import Generator, List, Union
+from typing import Generator, Iterable, List, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,15 +66,50 @@ def format_prompt(tokenizer: TokenizerWrapper, messages: list[dict] | str, use_c
     return "\n".join(m["content"] for m in messages)
 
 
+def encode_prompt(tokenizer: TokenizerWrapper, prompt: str) -> List[int]:
+    """Token ids of ``prompt`` as mlx-lm's ``stream_generate`` makes them (special tokens
+    added unless the text already starts with the BOS token)."""
+    bos = tokenizer.bos_token
+    return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+
+
+def text_after_prompt(
+    tokenizer: TokenizerWrapper,
+    prompt: List[int],
+    responses: Iterable[GenerationResponse],
+) -> Generator[Tuple[str, GenerationResponse], None, None]:
+    """``(text, response)`` for each response of ``stream_generate(..., prompt)``: the text
+    reads on from the prompt, so printed after it, the whole equals ``tokenizer.decode(prompt
+    + generated)``.
+
+    mlx-lm's own streaming detokenizers start a fresh text and drop the first token's
+    leading space (right where mlx-lm prints a reply on its own line, wrong after the
+    prompt: "librarynow"). Here mlx-lm's detokenizer is first fed the prompt's tokens.
+    """
+    detokenizer = tokenizer.detokenizer
+    for token in prompt:
+        detokenizer.add_token(token)
+    detokenizer.last_segment  # the prompt's own text: already on screen
+    for response in responses:
+        if response.finish_reason != "stop":  # a final "stop" carries the EOS token, not text
+            detokenizer.add_token(response.token)
+        if response.finish_reason is not None:
+            detokenizer.finalize()
+        yield detokenizer.last_segment, response
+
+
 def format_stats(response: GenerationResponse, model: nn.Module | None = None,
                  since: StreamStats | None = None) -> str:
-    """One line: prompt and generation speed, and MLX's peak memory. For a streaming
-    ``model`` also the expert cache hit rate, MB read per token and peak RSS against
-    the budget, counted from ``since`` (a ``stats.snapshot()`` taken before the reply)."""
+    """One line: prompt and generation speed (n/a for one generated token) and MLX's peak
+    memory. For a streaming ``model`` also the expert cache hit rate, MB read per token
+    and peak RSS against the budget, counted from ``since`` (a ``stats.snapshot()`` taken
+    before the reply)."""
+    n = response.generation_tokens
+    # mlx-lm times generation from the first token: one token has no speed.
+    speed = f"{response.generation_tps:.1f} tokens/s" if n >= 2 else "speed n/a (one token)"
     line = (
         f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
-        f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
-        f"peak memory: {response.peak_memory:.3f} GB"
+        f"generation: {n} tokens, {speed} | peak memory: {response.peak_memory:.3f} GB"
     )
     streaming = streaming_of(model) if model is not None else None
     if streaming is None:

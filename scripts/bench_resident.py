@@ -16,21 +16,15 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
-from mlx_lm.utils import load_tokenizer
-
-from d2moe_mlx import load
-from d2moe_mlx.convert.convert import convert
-from d2moe_mlx.convert.hf_config import load_mlx_reference
-from d2moe_mlx.demo import bundled_model
-from d2moe_mlx.store.reader import Store
 
 PROMPT = "The Python standard library"
 
 
 def decode(model, tokenizer, tokens: int, repeats: int) -> tuple[float, float]:
     """Best-of-``repeats`` (generation tokens/s, prompt tokens/s), greedy, fixed length."""
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
     best = (0.0, 0.0)
     for _ in range(repeats):
         r = None
@@ -47,6 +41,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    # After parsing: mlx-lm (transformers) takes seconds to import, --help should not wait.
+    from mlx_lm.utils import load_tokenizer
+
+    from d2moe_mlx import load
+    from d2moe_mlx.convert.convert import convert
+    from d2moe_mlx.convert.hf_config import load_mlx_reference
+    from d2moe_mlx.demo import bundled_model
+    from d2moe_mlx.store.reader import Store
+
     model_dir = args.model or bundled_model()
     dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
     if not (args.store / "d2moe.json").exists():

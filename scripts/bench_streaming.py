@@ -46,6 +46,19 @@ BUDGETS = (1.0, 0.5, 0.25, 0.125)
 
 
 # -- inputs --------------------------------------------------------------------
+def budget_for_slots(slots: int, store, level: int, act_itemsize: int, baseline: int,
+                     layout: str = "auto", **options) -> int:
+    """A budget whose plan gives ``slots`` expert slots per layer (d2moe_mlx.budget's
+    inverse of plan_budget, for the store's ``layout``)."""
+    from d2moe_mlx import budget, mwq
+    from d2moe_mlx.engine import choose_layout
+    from d2moe_mlx.layout import make_layout
+
+    spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+    lay = make_layout(choose_layout(layout, spec, store.manifest, True), spec)
+    return budget.budget_for_slots(slots, store, lay, level, act_itemsize, baseline, **options)
+
+
 def prompt_ids(n: int, offset: int = 0) -> list[int]:
     """``n`` token ids of held-out text (the bundled tokenizer; synthetic stores share it)."""
     from mlx_lm.utils import load_tokenizer
@@ -106,10 +119,12 @@ def _wrap_trace(model, trace: np.ndarray) -> None:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from d2moe_mlx.trace import find_moe_blocks
+    from d2moe_mlx.families import family_of
+    from d2moe_mlx.hooks import replace_experts
 
     state = {"start": 0, "next": 0}
-    blocks = find_moe_blocks(model)
+    family = family_of(model)
+    blocks = family.blocks(model)
     first = blocks[0][0]
 
     class TraceSwitch(nn.Module):
@@ -128,37 +143,47 @@ def _wrap_trace(model, trace: np.ndarray) -> None:
                 raise RuntimeError("trace shorter than the benchmark's tokens")
             return self.inner(x, mx.array(ids.astype(np.uint32)).reshape(indices.shape))
 
-    for li, block, _, ename in blocks:
-        setattr(block, ename, TraceSwitch(block[ename], li))
+    replace_experts(blocks, family, lambda li, block, experts: TraceSwitch(experts, li))
 
 
 def _mlx_lm_resident(store: str, level: int, dtype: str):
-    """mlx-lm QuantizedSwitchLinear experts with the bits of MWQ level ``level``."""
+    """mlx-lm QuantizedSwitchLinear experts with the bits of MWQ level ``level``: our
+    resident model's level-``level`` weights, dequantized and quantized again by MLX."""
     import mlx.core as mx
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
+    from d2moe_mlx.engine import engine_of
+    from d2moe_mlx.families import family_of
+    from d2moe_mlx.hooks import replace_experts
     from d2moe_mlx.model import load_model
-    from d2moe_mlx.moe import projection_names, switch_modules
-    from d2moe_mlx.mwq import MWQSpec
-    from d2moe_mlx.store.reader import Store
 
     model, _ = load_model(store, level=level, dtype=dtype)
-    spec = MWQSpec.from_dict(Store.open(store).manifest["mwq"])
-    for _, switch in switch_modules(model):
-        for name in projection_names(switch):
-            old = getattr(switch, name)
+    engine = engine_of(model)
+    bits = engine.spec.level_bits(level)
+    gs = engine.spec.group_size
+    parts = engine.layout.cover(level)
+
+    def rebuild(layer, block, el):
+        pools = [el.cache.pools[p] for p in parts]
+        experts = engine.store.num_experts
+        w0 = pools[0].compute["up_proj.weight"]
+        glu = SwitchGLU(w0.shape[-1] * 32 // pools[0].bits, w0.shape[1], experts)
+        for name in ("gate_proj", "up_proj", "down_proj"):
             w = None
-            for weight, scales, biases, bits in old._components[:level + 1]:
-                d = mx.dequantize(weight, scales, biases, group_size=old.group_size, bits=bits)
+            for pool in pools:
+                weight, scales, biases = pool.arrays(name)
+                d = mx.dequantize(weight[:experts], scales[:experts], biases[:experts],
+                                  group_size=gs, bits=pool.bits)
                 w = d if w is None else w + d
-                mx.eval(w)
-            bits = spec.level_bits(level)
-            q = QuantizedSwitchLinear(w.shape[-1], w.shape[-2], w.shape[0], bias=False,
-                                      group_size=old.group_size, bits=bits)
-            q.weight, q.scales, q.biases = mx.quantize(w, group_size=old.group_size, bits=bits)
+            q = QuantizedSwitchLinear(w.shape[-1], w.shape[-2], experts, bias=False, group_size=gs,
+                                      bits=bits)
+            q.weight, q.scales, q.biases = mx.quantize(w, group_size=gs, bits=bits)
             mx.eval(q.parameters())
-            del w
-            setattr(switch, name, q)
+            setattr(glu, name, q)
+        return glu
+
+    replace_experts(family_of(model).blocks(model), family_of(model), rebuild)
+    engine.close()
     return model
 
 
@@ -168,11 +193,10 @@ def worker(cfg: dict) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     from d2moe_mlx import system
-    from d2moe_mlx.budget import budget_for_slots, slot_bytes
     from d2moe_mlx.memory import peak_rss_bytes
     from d2moe_mlx.model import _start_device, load_model
     from d2moe_mlx.store.reader import Store
-    from d2moe_mlx.streaming import streaming_of
+    from d2moe_mlx.engine import streaming_of
 
     gpu = cfg["device"] == "gpu"
     mx.set_default_device(mx.gpu if gpu else mx.cpu)
@@ -201,11 +225,8 @@ def worker(cfg: dict) -> dict:
         opts = dict(context=cfg["context"], prefill_step=cfg["prefill_step"])
         itemsize = 2 if gpu else 4
         _start_device()  # as load_model does before it measures the baseline
-        budget = budget_for_slots(slots, store, store.config, cfg["level"], itemsize,
-                                  system.current_rss_bytes(), **opts)
-        # load_model measures the baseline again a moment later: half a slot of slack.
-        budget += len(store.moe_layers) * sum(slot_bytes(store, store.moe_layers[0], c, itemsize)
-                                              for c in range(cfg["level"] + 1)) // 2
+        budget = budget_for_slots(slots, store, cfg["level"], itemsize, system.current_rss_bytes(),
+                                  **opts)
         model, _ = load_model(cfg["store"], level=cfg["level"], dtype=dtype, memory_budget=budget,
                               cache_policy=cfg["policy"], prefetch=cfg["prefetch"], mode=cfg["mode"],
                               io_mode="nocache" if cfg["temp"] == "cold" else "random", **opts)

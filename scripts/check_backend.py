@@ -14,9 +14,6 @@ import argparse
 import mlx.core as mx
 import numpy as np
 
-from d2moe_mlx import load_model
-from d2moe_mlx.moe import MWQSwitchLinear, set_level
-
 
 def _np(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32))
@@ -28,27 +25,33 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--memory-gb", type=int, default=24, help="mx.set_memory_limit on the GPU")
     args = parser.parse_args()
+    # After parsing: mlx-lm (transformers) takes seconds to import, --help should not wait.
+    from d2moe_mlx import load_model
+    from d2moe_mlx.engine import engine_of
+    from d2moe_mlx.moe import set_level
+
     mx.set_default_device(mx.gpu)
     mx.set_memory_limit(args.memory_gb << 30)
     model, config = load_model(args.store, dtype=args.dtype)
+    engine = engine_of(model)
     tokens = mx.array([[5, 9, 33, 70, 2, 8, 100, 31, 7, 64, 3, 12]]) % config["vocab_size"]
-    layer = next(m for _, m in model.named_modules() if isinstance(m, MWQSwitchLinear))
-    x = mx.random.normal((1, 12, 1, 1, layer.input_dims), key=mx.random.key(0)).astype(getattr(mx, args.dtype))
-    idx = mx.array(np.random.default_rng(0).integers(0, layer.num_experts, (1, 12, 2)).astype(np.uint32))
-    for level in range(layer.num_levels):
-        layer.set_level(level)
+    layer = next(iter(engine.layers.values()))
+    hidden = config["hidden_size"]
+    x = mx.random.normal((1, 12, hidden), key=mx.random.key(0)).astype(getattr(mx, args.dtype))
+    idx = mx.array(np.random.default_rng(0).integers(0, engine.store.num_experts, (1, 12, 2)).astype(np.uint32))
+    for level in range(engine.spec.num_levels):
+        set_level(model, level)
+        first, second = _np(model(tokens)), _np(model(tokens))
         gpu = _np(layer(x, idx))
         with mx.stream(mx.cpu):
             cpu = _np(layer(x, idx))
-        print(f"expert layer, level {level}: |gpu - cpu| = {np.abs(gpu - cpu).max():.3g} (scale {np.abs(cpu).max():.3g})")
-    for level in range(layer.num_levels):
-        set_level(model, level)
-        first, second = _np(model(tokens)), _np(model(tokens))
-        with mx.stream(mx.cpu):
-            cpu = _np(model(tokens))
+            cpu_model = _np(model(tokens))
+        print(f"expert layer, level {level} ({engine.layout.kind} layout): |gpu - cpu| = "
+              f"{np.abs(gpu - cpu).max():.3g} (scale {np.abs(cpu).max():.3g})")
         print(
-            f"model, level {level}: |gpu - cpu| = {np.abs(first - cpu).max():.3g} (scale {np.abs(cpu).max():.3g}), "
-            f"gpu run twice: {np.abs(first - second).max():.3g}, NaN: {bool(np.isnan(first).any())}"
+            f"model, level {level}: |gpu - cpu| = {np.abs(first - cpu_model).max():.3g} (scale "
+            f"{np.abs(cpu_model).max():.3g}), gpu run twice: {np.abs(first - second).max():.3g}, "
+            f"NaN: {bool(np.isnan(first).any())}"
         )
 
 

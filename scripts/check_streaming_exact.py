@@ -17,18 +17,11 @@ import mlx.core as mx
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
-
-from bench_streaming import prompt_ids  # noqa: E402
-from d2moe_mlx.budget import budget_for_slots, slot_bytes  # noqa: E402
-from d2moe_mlx.model import _start_device, load_model  # noqa: E402
-from d2moe_mlx.store.reader import Store  # noqa: E402
-from d2moe_mlx.streaming import streaming_of  # noqa: E402
-from d2moe_mlx.system import current_rss_bytes  # noqa: E402
-
 
 def run(model, prompt: mx.array, steps: int = 8):
     """Greedy tokens and float32 logits of the prompt's last position and each step."""
+    from mlx_lm.models.cache import make_prompt_cache
+
     cache = make_prompt_cache(model)
     logits = model(prompt, cache=cache)[0, -1]
     rows, tokens = [logits], [int(logits.argmax())]
@@ -46,6 +39,13 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on gpu, float32 on cpu")
     args = p.parse_args()
+    # After parsing: mlx-lm (transformers) takes seconds to import, --help should not wait.
+    from bench_streaming import budget_for_slots, prompt_ids
+    from d2moe_mlx.model import _start_device, load_model
+    from d2moe_mlx.store.reader import Store
+    from d2moe_mlx.engine import streaming_of
+    from d2moe_mlx.system import current_rss_bytes
+
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     if args.device == "gpu":
         mx.set_memory_limit(40 << 30)
@@ -58,15 +58,13 @@ def main() -> None:
     for fraction, mode in [(1.0, "sync"), (1.0, "stream"), (0.25, "sync"), (0.25, "stream")]:
         slots = max(int(fraction * store.num_experts), int(store.config["num_experts_per_tok"]))
         _start_device()
-        budget = budget_for_slots(slots, store, store.config, args.level, itemsize, current_rss_bytes(),
+        budget = budget_for_slots(slots, store, args.level, itemsize, current_rss_bytes(),
                                   context=512, prefill_step=128)
-        budget += len(store.moe_layers) * sum(  # half a slot: load_model re-measures the baseline
-            slot_bytes(store, store.moe_layers[0], c, itemsize) for c in range(args.level + 1)) // 2
         model, _ = load_model(args.store, level=args.level, dtype=dtype, memory_budget=budget, mode=mode,
                               context=512, prefill_step=128)
         tokens, logits = run(model, prompt)
         diff = mx.abs(logits - want_logits).max(axis=-1)
-        print(f"{fraction:.0%} cache, {mode}: {streaming_of(model).plan.slots[0]} slots, tokens "
+        print(f"{fraction:.0%} cache, {mode}: {min(streaming_of(model).plan.slots.values())} slots, tokens "
               f"{'equal' if tokens == want else 'DIFFER'}, max |dlogit| per step "
               f"{[round(float(d), 4) for d in diff]}")
         del model

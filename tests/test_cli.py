@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_chat_with_a_memory_budget_streams_and_reports(store):
     assert too_small.returncode == 1 and "smallest budget that works is" in too_small.stderr
     need = too_small.stderr.split("smallest budget that works is ")[1].split(";")[0]
     value, unit = need.split()
-    budget = f"{float(value) * 1.1:.2f}{unit[0]}B"  # above the smallest (baselines vary a little)
+    budget = f"{float(value) * 1.1:.2f}{unit}"  # above the smallest (baselines vary a little)
     res = run("generate", store, "-p", "hello", "-m", "8", "--memory", budget, "--context", "4096")
     assert res.returncode == 0, res.stderr
     assert res.stdout == resident.stdout  # exact mode: the same text
@@ -69,6 +70,52 @@ def test_chat_with_a_memory_budget_streams_and_reports(store):
     chat = run("chat", store, "-m", "6", "--temp", "0", "--memory", budget, input="hello\nagain\nq\n")
     assert chat.returncode == 0, chat.stderr
     assert chat.stderr.count("hit rate") == 2  # one stats line per reply
+
+
+def test_memory_sizes_need_a_unit_and_are_echoed(store):
+    """--memory: MB is 10^6 bytes, a bare number is refused with a hint; the CLI says what it read."""
+    bare = run("generate", store, "--memory", "6")
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert "'--memory'" in bare.stderr and "add a unit: 6GB or 6GiB" in bare.stderr
+    small = run("generate", store, "-m", "1", "--memory", "1MB")
+    assert small.returncode == 1 and "Traceback" not in small.stderr
+    assert "memory budget: 1.00 MB (976.56 KiB)" in small.stderr
+    assert "a memory budget of 976.56 KiB is too small" in small.stderr
+
+
+@pytest.fixture(scope="module")
+def damaged_store(store, tmp_path_factory):
+    """A copy of ``store`` with one byte flipped in every expert block of the last MoE
+    layer's last component: whatever the prompt routes to there fails its checksum."""
+    from d2moe_mlx.store.reader import Store
+
+    copy = tmp_path_factory.mktemp("damaged") / "store"
+    subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
+    with Store.open(copy) as s:
+        layer = s.moe_layers[-1]
+        comp = s.num_components(layer) - 1
+        file = s.expert_file(layer, comp)
+        stride, block = s.block_stride(layer, comp), s.block_bytes(layer, comp)
+        experts = s.num_experts
+    data = bytearray(file.read_bytes())
+    for e in range(experts):
+        data[e * stride + block // 3] ^= 0x5A
+    file.write_bytes(bytes(data))
+    return copy, file
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_damaged_expert_while_streaming_is_one_error_line(damaged_store, command):
+    """With --memory experts are read during generation (inside mlx-lm's loop): a checksum
+    failure there ends the command with one Error line naming the file, no traceback."""
+    path, file = damaged_store
+    args = ["-p", "hello"] if command == "generate" else []
+    res = run(command, path, *args, "-m", "4", "--memory", "2GB", input="hello\nq\n")
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, res.stderr
+    assert "checksum mismatch" in errors[0] and file.name in errors[0], res.stderr
 
 
 def test_inspect_reports_and_detects_corruption(store, tmp_path):
@@ -117,3 +164,193 @@ def test_demo_end_to_end(tmp_path):
     assert again.returncode == 0 and "using cached store" in again.stdout
     gen = run("generate", stores[0], "-p", "The", "-m", "8")
     assert gen.returncode == 0, gen.stderr
+
+
+def test_readme_states_the_convert_defaults():
+    """README's `d2moe convert` paragraph names the levels and planes the code defaults to."""
+    import re
+    from pathlib import Path
+
+    from d2moe_mlx.cli import convert
+    from d2moe_mlx.mwq import DEFAULT_SPEC
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    levels = re.search(r"`--levels` \(total bits\s+per level; default `([0-9,]+)`", readme)
+    assert levels, "README no longer states the default --levels"
+    assert levels.group(1) == ",".join(str(DEFAULT_SPEC.level_bits(i))
+                                       for i in range(DEFAULT_SPEC.num_levels))
+    planes = re.search(r"`--planes` \(`(\w+)`, the default", readme)
+    default = next(p.default for p in convert.params if p.name == "planes")
+    assert planes and planes.group(1) == default
+
+
+DEMO_PROMPT = "The Python standard library"  # the demo's default prompt
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``d2moe demo -m 16`` once (converts the bundled model): (store, stdout)."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    res = run("demo", "-m", "16", env={"D2MOE_CACHE": str(cache)})
+    assert res.returncode == 0, res.stderr
+    (store,) = cache.glob("tiny-moe-*")
+    return store, res.stdout
+
+
+def _greedy(store, prompt, max_tokens, detokenizer_class=None):
+    """(tokenizer, prompt ids, responses) of mlx-lm's own stream_generate on the store's model."""
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from d2moe_mlx import load
+
+    model, tokenizer = load(store)
+    if detokenizer_class is not None:
+        tokenizer = TokenizerWrapper(tokenizer._tokenizer, detokenizer_class,
+                                     eos_token_ids=tokenizer.eos_token_ids)
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
+    return tokenizer, tokenizer.encode(prompt), responses
+
+
+def _decoded(tokenizer, ids, responses):
+    """tokenizer.decode(prompt ids + generated ids): what the printed text must read."""
+    generated = [r.token for r in responses if r.finish_reason != "stop"]  # a final stop is EOS
+    return tokenizer.decode(ids + generated)
+
+
+@pytest.mark.parametrize("detokenizer", ["bundled", "naive"])
+def test_text_after_prompt_equals_decoding_prompt_and_reply(demo_run, detokenizer):
+    """Printed after the prompt, the streamed text reads as decode(prompt + generated): the
+    first token keeps its leading space (mlx-lm's detokenizers drop it: 'librarynow')."""
+    from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
+
+    from d2moe_mlx.generation import text_after_prompt
+
+    store, _ = demo_run
+    cls = NaiveStreamingDetokenizer if detokenizer == "naive" else None
+    tokenizer, ids, responses = _greedy(store, DEMO_PROMPT, 16, cls)
+    reference = _decoded(tokenizer, ids, responses)
+    assert reference.startswith(DEMO_PROMPT + " ")  # the case in point: a leading space
+    printed = "".join(text for text, _ in text_after_prompt(tokenizer, ids, responses))
+    assert DEMO_PROMPT + printed == reference
+
+
+def test_demo_and_generate_print_the_text_as_decoded(demo_run):
+    store, demo_out = demo_run
+    reference = _decoded(*_greedy(store, DEMO_PROMPT, 16))
+    assert f"\n{reference}\n" in demo_out
+    gen = run("generate", store, "-p", DEMO_PROMPT, "-m", "16")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout == reference + "\n"
+
+
+class _Session:
+    """A `d2moe chat` subprocess whose stdout and stderr are read as they come."""
+
+    def __init__(self, *args):
+        import threading
+
+        self.proc = subprocess.Popen(D2MOE + ["chat", *map(str, args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     errors="replace", bufsize=0)
+        self.out, self.err = [], []
+        for stream, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, buf), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, buf):
+        while c := stream.read(1):
+            buf.append(c)
+
+    @property
+    def stdout(self):
+        return "".join(self.out)
+
+    @property
+    def stderr(self):
+        return "".join(self.err)
+
+    def wait_for(self, condition, timeout=120):
+        import time
+
+        end = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None or condition(), f"exited: {self.stderr}"
+            assert time.monotonic() < end, f"timed out; stdout {self.stdout[-300:]!r}, stderr {self.stderr}"
+            time.sleep(0.02)
+
+    def send(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+
+def test_chat_ctrl_c_stops_a_reply_and_returns_to_the_prompt(store):
+    import signal
+
+    chat = _Session(store, "-m", "100000", "--temp", "0")
+    try:
+        chat.wait_for(lambda: chat.stdout.endswith(">> "))
+        assert "qwen3_moe" in chat.stderr and "Ctrl-C stops a reply" in chat.stderr  # the banner
+        chat.send("hello")
+        chat.wait_for(lambda: len(chat.stdout) > 100)  # the reply is streaming (100000 tokens asked)
+        chat.proc.send_signal(signal.SIGINT)
+        chat.wait_for(lambda: "reply stopped" in chat.stderr and chat.stdout.endswith("\n>> "))
+        assert chat.proc.poll() is None
+        chat.send("q")
+        assert chat.proc.wait(60) == 0, chat.stderr
+        assert "Traceback" not in chat.stderr and "generation:" in chat.stderr
+    finally:
+        chat.proc.kill()
+
+
+def test_chat_ctrl_c_or_ctrl_d_at_the_prompt_exits_cleanly(store):
+    import signal
+
+    chat = _Session(store)
+    try:
+        chat.wait_for(lambda: chat.stdout.endswith(">> "))
+        chat.proc.send_signal(signal.SIGINT)
+        assert chat.proc.wait(60) == 0, chat.stderr
+        assert "Traceback" not in chat.stderr and "Aborted" not in chat.stderr
+    finally:
+        chat.proc.kill()
+    eof = run("chat", store, input="")
+    assert eof.returncode == 0 and "Traceback" not in eof.stderr
+
+
+def test_generation_speed_only_from_two_tokens(store):
+    """mlx-lm times generation from the first token: for one token no speed is printed."""
+    import re
+
+    one = run("generate", store, "-p", "hello", "-m", "1")
+    assert one.returncode == 0, one.stderr
+    assert "generation: 1 tokens, speed n/a" in one.stderr
+    assert not re.search(r"generation: 1 tokens, [0-9.]+ tokens/s", one.stderr)
+    two = run("generate", store, "-p", "hello", "-m", "2")
+    assert re.search(r"generation: 2 tokens, [0-9.]+ tokens/s", two.stderr), two.stderr
+
+
+def test_every_option_has_help():
+    import click
+
+    from d2moe_mlx.cli import main
+
+    ctx = click.Context(main)
+    missing = [f"{name} {'/'.join(p.opts)}"
+               for name, command in [("d2moe", main), *sorted(main.commands.items())]
+               for p in command.get_params(ctx) if isinstance(p, click.Option) and not p.help]
+    assert not missing, f"options without help: {missing}"
+    assert len(main.commands) >= 6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is not installed: nothing would import it anyway")
+def test_cli_keeps_torch_out(store):
+    """transformers 5 (via mlx-lm's tokenizer code) imports torch whenever it is installed;
+    the CLI marks it absent first. transformers itself must still have been imported."""
+    code = ("import sys; from d2moe_mlx.cli import main; "
+            f"main(['generate', {str(store)!r}, '-p', 'hello', '-m', '2'], standalone_mode=False); "
+            "print('torch', sys.modules.get('torch'), 'transformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "torch None True", res.stdout
