@@ -122,6 +122,25 @@ def test_existing_output_needs_overwrite(qwen3, tmp_path):
     convert(qwen3, tmp_path / "s", overwrite=True, **FAST)
 
 
+def test_overwrite_never_deletes_what_is_not_a_store(qwen3, tmp_path, monkeypatch):
+    """--overwrite over a directory of user files is refused before any conversion work."""
+    from d2moe_mlx.convert import calibrate
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+
+    def started(*args, **kwargs):
+        raise AssertionError("conversion work started before the output was checked")
+
+    monkeypatch.setattr(calibrate, "calibration_tokens", started)
+    with pytest.raises(FileExistsError, match="keep.txt") as ei:
+        convert(qwen3, out, overwrite=True, **FAST)
+    assert str(out) in str(ei.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
 def test_unsupported_family_is_refused_by_name(tmp_path):
     ckpt = tmp_path / "llama"
     ckpt.mkdir()

@@ -566,3 +566,132 @@ def test_fuzzed_manifests_raise_only_store_error(store):
             Store.open(out).close()
         except StoreError:
             pass
+
+
+# -- overwrite: only an empty directory or one of our stores is ever replaced ------------
+def _tree(path):
+    """{relative path: bytes or '/' for a directory}, without following symlinks."""
+    out = {}
+    for p in sorted(Path(path).rglob("*")):
+        out[str(p.relative_to(path))] = "/" if p.is_dir() and not p.is_symlink() else (
+            f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes())
+    return out
+
+
+def _assert_refused(tmp_path, out, *names):
+    """Writing over ``out`` with overwrite=True is refused naming it and ``names``; nothing changes."""
+    before = _tree(tmp_path)
+    for attempt in (lambda: StoreWriter(out, overwrite=True), lambda: write_store(out, overwrite=True)):
+        with pytest.raises(FileExistsError) as ei:
+            attempt()
+        msg = str(ei.value)
+        assert str(out) in msg and "overwrite" in msg, msg
+        for name in names:
+            assert name in msg, msg
+        assert _tree(tmp_path) == before  # nothing deleted, no temp directory left behind
+    return msg
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_store(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    msg = _assert_refused(tmp_path, out, "keep.txt")
+    assert "not a d2moe store" in msg
+    assert (out / "keep.txt").read_text() == "precious"
+    # a manifest of another format does not make it ours
+    (out / MANIFEST_NAME).write_text(json.dumps({"format": "something-else", "files": {"keep.txt": {}}}))
+    _assert_refused(tmp_path, out, "keep.txt")
+    (out / MANIFEST_NAME).write_text('{"format": "d2moe-mwq", "files": ')  # unreadable: not provably ours
+    _assert_refused(tmp_path, out, "keep.txt")
+
+
+def test_overwrite_refuses_a_store_holding_user_files(tmp_path):
+    out = tmp_path / "store"
+    write_store(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "experts" / "extra.bin").write_bytes(b"mine too")
+    (out / "results").mkdir()
+    (out / "results" / "run1.json").write_text("{}")
+    _assert_refused(tmp_path, out, "notes.txt", "experts/extra.bin", "results/")
+    with Store.open(out) as s:  # the store itself is untouched too
+        assert s.config["seed"] == 0 and s.verify() == []
+
+
+def test_overwrite_refuses_many_entries_with_a_short_list(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(30):
+        (out / f"f{i:02d}.txt").write_text(str(i))
+    msg = _assert_refused(tmp_path, out, "f00.txt", "25 more")
+    assert "f29.txt" not in msg
+
+
+def test_overwrite_replaces_a_damaged_store(tmp_path):
+    out = tmp_path / "store"
+    write_store(out, seed=0)
+    flip_byte(out / expert_file_name(1, 0), 70)
+    path = out / expert_file_name(3, 2)
+    os.truncate(path, path.stat().st_size - BLOCK_ALIGN)
+    (out / "model-00001-of-00002.safetensors").unlink()
+    (out / (MANIFEST_NAME + ".partial")).write_text("{")  # the writer's own temporary name
+    with pytest.raises(StoreError):
+        Store.open(out)
+    write_store(out, seed=3, overwrite=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+    with Store.open(out) as s:
+        assert s.config["seed"] == 3 and s.verify() == []
+
+
+def test_overwrite_replaces_an_empty_directory(tmp_path):
+    out = tmp_path / "store"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_store(out)  # without overwrite even an empty directory is kept
+    write_store(out, seed=4, overwrite=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+    with Store.open(out) as s:
+        assert s.config["seed"] == 4
+
+
+def test_overwrite_refuses_a_file(tmp_path):
+    out = tmp_path / "store"
+    out.write_text("not a directory")
+    _assert_refused(tmp_path, out)
+    assert out.read_text() == "not a directory"
+
+
+def test_overwrite_symlinks(tmp_path):
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    link = tmp_path / "store"
+    link.symlink_to(target)
+    _assert_refused(tmp_path, link, "not a d2moe store")
+    link.unlink()
+    link.symlink_to(tmp_path / "nowhere")  # dangling
+    _assert_refused(tmp_path, link)
+    assert link.is_symlink()
+    # a symlink to a store: the link is replaced by the new store, the target kept as it was
+    link.unlink()
+    write_store(target.with_name("real"), seed=5)
+    link.symlink_to(tmp_path / "real")
+    write_store(link, seed=6, overwrite=True)
+    assert link.is_dir() and not link.is_symlink()
+    with Store.open(link) as s, Store.open(tmp_path / "real") as r:
+        assert s.config["seed"] == 6 and r.config["seed"] == 5 and r.verify() == []
+    assert (target / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_checks_again_before_the_final_rename(tmp_path):
+    """A directory that appears at ``out`` while the store is written is not replaced either."""
+    out = tmp_path / "store"
+    with pytest.raises(FileExistsError, match="keep.txt"):
+        with StoreWriter(out, overwrite=True) as w:
+            w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}])
+            w.write_json("config.json", {})
+            out.mkdir()
+            (out / "keep.txt").write_text("precious")
+            w.finalize({})
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+    assert [x.name for x in out.iterdir()] == ["keep.txt"]

@@ -7,6 +7,7 @@ and the reader both import from here.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -20,6 +21,9 @@ CONFIG_NAME = "config.json"
 DENSE_INDEX_NAME = "model.safetensors.index.json"
 CALIB_STATS_NAME = "calib_stats.safetensors"
 EXPERTS_DIR = "experts"
+# Names the writer uses inside its temporary directory only (see writer.py).
+MANIFEST_PARTIAL_NAME = MANIFEST_NAME + ".partial"
+_PARTIAL_DENSE = re.compile(r"partial-dense-\d{5,}\.safetensors")
 
 BLOCK_ALIGN = 16384  # expert block offsets and strides are multiples of this
 TENSOR_ALIGN = 64  # tensor offsets inside a block are multiples of this
@@ -99,6 +103,16 @@ def dense_shard_name(index: int, count: int) -> str:
     model*.safetensors) finds the dense weights.
     """
     return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def partial_shard_name(index: int) -> str:
+    """Temporary name of dense shard ``index`` (0-based) until finalize() renames it."""
+    return f"partial-dense-{index:05d}.safetensors"
+
+
+def is_partial_name(name: str) -> bool:
+    """True for the writer's temporary file names (the manifest or a dense shard being written)."""
+    return name == MANIFEST_PARTIAL_NAME or bool(_PARTIAL_DENSE.fullmatch(name))
 
 
 def round_up(n: int, align: int) -> int:
