@@ -27,12 +27,11 @@ from d2moe_mlx import __version__, mwq
 from d2moe_mlx.model import DTYPES
 from d2moe_mlx.memory import peak_rss_bytes
 from d2moe_mlx.moe import decoder_layers, layer_of, projection_names, switch_modules
+from d2moe_mlx.store.format import DENSE_BITS, DENSE_GROUP_SIZES
 from d2moe_mlx.store.writer import StoreWriter
 
 from . import calibrate, source
 from .hf_config import build_model, normalize_weights
-
-DENSE_BITS = (0, 2, 3, 4, 5, 6, 8)
 
 
 @dataclass
@@ -75,6 +74,8 @@ def convert(
     spec = spec or mwq.DEFAULT_SPEC
     if dense_bits not in DENSE_BITS:
         raise ValueError(f"--dense-bits must be one of {DENSE_BITS} (0 = not quantized), got {dense_bits}")
+    if dense_group_size not in DENSE_GROUP_SIZES:
+        raise ValueError(f"dense_group_size must be one of {DENSE_GROUP_SIZES}, got {dense_group_size}")
     path = source.resolve_source(src, revision=revision)
     hf_config = source.read_config(path)
     model, config = build_model(hf_config)  # mlx-lm's model, lazy random init, never evaluated
