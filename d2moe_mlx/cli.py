@@ -156,17 +156,21 @@ def convert(
     Works offline from the local Hugging Face cache with HF_HUB_OFFLINE=1.
     Refuses pickle (.bin/.pt) checkpoints and remote code.
     """
-    from .convert.convert import convert as run_convert
+    from .convert.convert import prepare
     from .convert.source import SourceError
     from .mwq import DEFAULT_SPEC, MWQSpec
     from .store.format import StoreError
 
-    try:
+    errors = (SourceError, StoreError, ValueError, OSError)  # OSError: FileExistsError, disk full
+    try:  # everything that can be checked, before the header and the bar
         spec = MWQSpec.parse(levels, int(group_size), planes) if levels else DEFAULT_SPEC
         if not levels and int(group_size) != spec.group_size:
             spec = MWQSpec(spec.base_bits, spec.plane_bits, int(group_size))
         text = Path(calib).read_text(encoding="utf-8", errors="replace") if calib else None
-    except (ValueError, OSError) as e:
+        job = prepare(src, out, spec=spec, method=method, dense_bits=int(dense_bits), dtype=dtype,
+                      calib_text=text, calib_tokens=calib_tokens, seq_len=seq_len,
+                      overwrite=overwrite, revision=revision)
+    except errors as e:
         _fail(str(e))
     levels_text = ", ".join(f"{spec.level_bits(i)}" for i in range(spec.num_levels))
     click.echo(
@@ -174,21 +178,8 @@ def convert(
     )
     with progress_bar("layers") as progress:
         try:
-            report = run_convert(
-                src,
-                out,
-                spec=spec,
-                method=method,
-                dense_bits=int(dense_bits),
-                dtype=dtype,
-                calib_text=text,
-                calib_tokens=calib_tokens,
-                seq_len=seq_len,
-                overwrite=overwrite,
-                revision=revision,
-                progress=progress,
-            )
-        except (SourceError, StoreError, ValueError, FileExistsError) as e:
+            report = job.run(progress)
+        except errors as e:
             _fail(str(e))
     from .memory import format_bytes
 

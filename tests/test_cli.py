@@ -117,3 +117,33 @@ def test_demo_end_to_end(tmp_path):
     assert again.returncode == 0 and "using cached store" in again.stdout
     gen = run("generate", stores[0], "-p", "The", "-m", "8")
     assert gen.returncode == 0, gen.stderr
+
+
+def _one_error_line(res) -> str:
+    """The CLI failed with exactly one `Error:` line on stderr and printed nothing else."""
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert res.stdout == ""
+    return lines[0]
+
+
+def test_convert_checks_its_input_before_the_progress_bar(tmp_path, hf_checkpoint):
+    """A bad SRC or a refused OUT fails before the "converting ..." header and the bar."""
+    src = hf_checkpoint("qwen3_moe")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "keep.txt").write_text("precious")
+    cases = [((tmp_path / "missing", "-o", tmp_path / "o"), "neither an existing directory"),
+             ((llama, "-o", tmp_path / "o"), "llama"),
+             ((src, "-o", user), "already exists"),
+             ((src, "-o", user, "--overwrite"), "keep.txt")]
+    for args, match in cases:
+        line = _one_error_line(run("convert", *args, *FAST))
+        assert match in line and "converting" not in line
+    assert [p.name for p in user.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "user"]
+

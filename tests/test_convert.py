@@ -141,6 +141,43 @@ def test_overwrite_never_deletes_what_is_not_a_store(qwen3, tmp_path, monkeypatc
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
 
+def test_prepare_checks_before_any_work_and_writes_nothing(qwen3, tmp_path, monkeypatch):
+    """prepare() refuses bad options, sources and outputs without converting or writing."""
+    from d2moe_mlx.convert import calibrate
+    from d2moe_mlx.convert.convert import prepare
+
+    def started(*args, **kwargs):
+        raise AssertionError("conversion work started in prepare()")
+
+    monkeypatch.setattr(calibrate, "calibration_tokens", started)
+    out = tmp_path / "s"
+    with pytest.raises(ValueError, match="dense_group_size"):
+        prepare(qwen3, out, **{**FAST, "dense_group_size": 48})
+    spec = mwq.MWQSpec(2, (2,), 128)
+    with pytest.raises(ValueError, match="not a multiple of the MWQ group size 128"):
+        prepare(qwen3, out, spec=spec, **FAST)
+    with pytest.raises(SourceError, match="neither an existing directory"):
+        prepare(tmp_path / "missing", out, **FAST)
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        prepare(qwen3, out, **FAST)
+    out.rmdir()
+    job = prepare(qwen3, out, **FAST)
+    assert job.num_layers == json.loads((qwen3 / "config.json").read_text())["num_hidden_layers"]
+    assert list(tmp_path.iterdir()) == []  # nothing written yet
+    monkeypatch.undo()
+    report = job.run()
+    with Store.open(report.path) as store:
+        assert store.manifest["dense"] == {"bits": 0, "group_size": 64, "dtype": "float32"}
+
+
+def test_runtime_loads_every_dense_dtype_the_reader_accepts():
+    from d2moe_mlx.model import DTYPES
+    from d2moe_mlx.store.format import DENSE_DTYPES
+
+    assert sorted(DTYPES) == sorted(DENSE_DTYPES)
+
+
 def test_unsupported_family_is_refused_by_name(tmp_path):
     ckpt = tmp_path / "llama"
     ckpt.mkdir()
