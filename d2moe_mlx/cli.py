@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,16 @@ DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 def _fail(message: str) -> None:
     raise click.ClickException(message)
+
+
+# Library messages name an option both ways, "overwrite=True (--overwrite)"; a command
+# shows its users only the flag.
+_BOTH_SPELLINGS = re.compile(r"\b\w+=(?:'[^']*'|[^\s()']+) \((--[^()]+)\)")
+
+
+def _cli_words(error: Exception) -> str:
+    """The error's message with options spelled as command-line flags."""
+    return _BOTH_SPELLINGS.sub(r"\1", str(error))
 
 
 def _load(store: str, level: int | None, dtype: str | None, memory: str | None = None,
@@ -171,7 +182,7 @@ def convert(
                       calib_text=text, calib_tokens=calib_tokens, seq_len=seq_len,
                       overwrite=overwrite, revision=revision)
     except errors as e:
-        _fail(str(e))
+        _fail(_cli_words(e))
     levels_text = ", ".join(f"{spec.level_bits(i)}" for i in range(spec.num_levels))
     click.echo(
         f"converting {src} -> {out}  (MWQ levels: {levels_text} bits, group {spec.group_size})", err=True
@@ -180,7 +191,7 @@ def convert(
         try:
             report = job.run(progress)
         except errors as e:
-            _fail(str(e))
+            _fail(_cli_words(e))
     from .memory import format_bytes
 
     click.echo(

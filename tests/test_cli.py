@@ -147,3 +147,24 @@ def test_convert_checks_its_input_before_the_progress_bar(tmp_path, hf_checkpoin
     assert [p.name for p in user.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "user"]
 
+
+def test_convert_errors_name_cli_flags(tmp_path, hf_checkpoint):
+    """The library names options both ways; the CLI shows only its own flags."""
+    from d2moe_mlx.mwq import MWQSpec
+
+    with pytest.raises(ValueError, match=r"planes='affine'"):
+        MWQSpec.parse("2,4", planes="binary")  # the Python API keeps its spelling
+    src = hf_checkpoint("qwen3_moe")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    for args, flags in [(("-o", out), ["--overwrite"]),
+                        (("-o", out, "--overwrite"), ["--overwrite only replaces"]),
+                        (("-o", tmp_path / "n", "--levels", "2,4", "--planes", "binary"),
+                         ["--levels 2,4", "--planes affine"]),
+                        (("-o", tmp_path / "n", "--levels", "3,2"), ["--levels 3,2", "strictly increase"]),
+                        (("-o", tmp_path / "n", "--levels", "2,x"), ["--levels 2,x"])]:
+        line = _one_error_line(run("convert", src, *args))
+        for flag in flags:
+            assert flag in line, line
+        assert "=True" not in line and "planes=" not in line and "levels=" not in line, line
