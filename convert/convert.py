@@ -45,7 +45,7 @@ class ConvertReport:
     expert_bytes: int
     dense_bytes: int
     layers: int
-    calibration: str
+    calibration: str  # e.g. "2048 tokens from text (22832 available)"
 
 
 @dataclass
@@ -222,7 +222,7 @@ def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> Conv
         expert_bytes=sizes[0],
         dense_bytes=sizes[1],
         layers=num_layers,
-        calibration=calib_note,
+        calibration=calibrate.describe_calibration(int(tokens.size), calib_note),
     )
 
 

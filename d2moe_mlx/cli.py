@@ -334,12 +334,12 @@ def inspect(store, verify, as_json):
     if as_json:
         click.echo(json.dumps({**summary, "problems": problems}, indent=2))
     else:
+        if verify:
+            summary = {**summary, "integrity": "FAILED" if problems else "OK"}
         for key, value in summary.items():
             click.echo(f"{key:>18}: {value}")
-        if verify:
-            click.echo("     integrity: OK" if not problems else "     integrity: FAILED")
-            for p in problems:
-                click.echo(f"  - {p}")
+        for p in problems:
+            click.echo(f"  - {p}")
     if problems:
         sys.exit(1)
 

@@ -168,3 +168,37 @@ def test_convert_errors_name_cli_flags(tmp_path, hf_checkpoint):
         for flag in flags:
             assert flag in line, line
         assert "=True" not in line and "planes=" not in line and "levels=" not in line, line
+
+
+def test_inspect_output_is_aligned_and_advises_reconverting(store, tmp_path):
+    """`key: value` lines share one column (integrity too), calibration reads plainly, and
+    the problems of a damaged store say to re-convert, not to run inspect again."""
+    import re
+    import shutil
+
+    def key_lines(stdout):
+        lines = [line for line in stdout.splitlines() if not line.startswith("  - ")]
+        assert lines and all(": " in line for line in lines), stdout
+        return lines
+
+    ok = run("inspect", store)
+    assert ok.returncode == 0, ok.stderr
+    lines = key_lines(ok.stdout)
+    assert len({line.index(": ") for line in lines}) == 1, ok.stdout
+    assert [line.split(": ", 1) for line in lines if "integrity" in line] == [["integrity".rjust(18), "OK"]]
+    calib = [line.split(": ", 1)[1] for line in lines if line.strip().startswith("calibration:")]
+    assert len(calib) == 1 and re.fullmatch(r"128 tokens from text \(\d+ available\)", calib[0]), calib
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    victim = copy / "experts" / "L001.c1.bin"
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 1
+    victim.write_bytes(bytes(data))
+    bad = run("inspect", copy)
+    assert bad.returncode == 1
+    assert len({line.index(": ") for line in key_lines(bad.stdout)}) == 1, bad.stdout
+    assert "integrity".rjust(18) + ": FAILED" in bad.stdout.splitlines()
+    problems = [line for line in bad.stdout.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and "L001.c1.bin" in problems[0], bad.stdout
+    assert "d2moe convert" in problems[0] and "d2moe inspect" not in problems[0], problems

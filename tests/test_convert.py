@@ -328,3 +328,23 @@ def test_gptq_conversion_uses_the_full_hessian(qwen3, tmp_path):
     report = convert(qwen3, tmp_path / "s", method="gptq", **FAST)
     with Store.open(report.path) as store:
         assert store.verify() == []
+
+
+def test_calibration_note_reads_plainly(qwen3, tmp_path):
+    """Where the calibration tokens came from, as `d2moe inspect` and `d2moe convert` print it."""
+    from d2moe_mlx.convert import calibrate
+
+    vocab = json.loads((qwen3 / "config.json").read_text())["vocab_size"]
+    text = "hello world, some calibration text. " * 40
+    tokens, note = calibrate.calibration_tokens(qwen3, text, 64, 16, vocab)
+    n = int(note.split("(")[1].split()[0])
+    assert n >= 64 and note == f"text ({n} available)"
+    assert calibrate.describe_calibration(int(tokens.size), note) == f"64 tokens from text ({n} available)"
+    tokens, note = calibrate.calibration_tokens(qwen3, "hi", 64, 16, vocab)
+    assert tokens.size == 64 and note.startswith("text (") and "random token ids" in note
+    assert note.count("(") == note.count(")") == 2 and "((" not in note  # no nesting
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    tokens, note = calibrate.calibration_tokens(bare, None, 64, 16, vocab)
+    assert calibrate.describe_calibration(int(tokens.size), note) == \
+        "64 tokens from random token ids (the checkpoint has no tokenizer)"

@@ -849,3 +849,14 @@ def test_overwrite_checks_again_before_the_final_rename(tmp_path):
             w.finalize({})
     assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
     assert [x.name for x in out.iterdir()] == ["keep.txt"]
+
+
+def test_inspect_of_an_expert_container_is_a_store_error(tmp_path):
+    from d2moe_mlx.inspect import describe
+
+    with StoreWriter(tmp_path / "s") as w:
+        w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}])
+        w.write_json("config.json", {})
+        w.finalize({})
+    with pytest.raises(StoreError, match=f"{MANIFEST_NAME}: has no model sections"):
+        describe(tmp_path / "s")
