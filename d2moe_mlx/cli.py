@@ -145,7 +145,9 @@ def main() -> None:
     "--seq-len", type=click.IntRange(8), default=256, show_default=True, help="Calibration sequence length."
 )
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a hub id.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is an empty directory or a d2moe store (atomically, at the "
+                   "end); anything else there is refused, never deleted.")
 def convert(
     src,
     out,

@@ -824,8 +824,13 @@ def test_overwrite_symlinks(tmp_path):
     _assert_refused(tmp_path, link, "not a d2moe store")
     link.unlink()
     link.symlink_to(tmp_path / "nowhere")  # dangling
-    _assert_refused(tmp_path, link)
+    _assert_refused(tmp_path, link, "nowhere")
     assert link.is_symlink()
+    link.unlink()
+    link.symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(link)
+    _assert_refused(tmp_path, link, "loop")
+    (tmp_path / "loop").unlink()
     # a symlink to a store: the link is replaced by the new store, the target kept as it was
     link.unlink()
     write_store(target.with_name("real"), seed=5)

@@ -43,7 +43,10 @@ def check_out_dir(out: str | Path, overwrite: bool) -> None:
 def _why_not_replaceable(out: Path) -> str | None:
     """Why ``out`` must not be deleted to make room for a new store (None: it may be)."""
     if out.is_symlink():
-        target = out.resolve()
+        try:
+            target = out.resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop
+            return f"is a symlink to {os.readlink(out)}, which does not lead to a d2moe store"
         if not (target.is_dir() and _store_paths(target) is not None):
             return f"is a symlink to {target}, which is not a d2moe store"
         return None
