@@ -69,13 +69,17 @@ class Conversion:
     switches: dict[int, str]  # layer -> switch module path
     num_experts: int
     start: float
+    started: bool = False
 
     @property
     def num_layers(self) -> int:
         return len(decoder_layers(self.model))
 
     def run(self, progress: Callable[[int, int], object] | None = None) -> ConvertReport:
-        """Convert layer by layer; ``progress(done, total)`` is called after each layer."""
+        """Convert layer by layer (once); ``progress(done, total)`` is called after each layer."""
+        if self.started:
+            raise RuntimeError("this conversion has already run (it consumes its model); call prepare() again")
+        self.started = True
         return _run(self, progress)
 
 

@@ -169,6 +169,8 @@ def test_prepare_checks_before_any_work_and_writes_nothing(qwen3, tmp_path, monk
     report = job.run()
     with Store.open(report.path) as store:
         assert store.manifest["dense"] == {"bits": 0, "group_size": 64, "dtype": "float32"}
+    with pytest.raises(RuntimeError, match="already run"):
+        job.run()
 
 
 def test_runtime_loads_every_dense_dtype_the_reader_accepts():
