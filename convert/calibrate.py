@@ -51,14 +51,22 @@ def calibration_tokens(
         # Paragraph by paragraph: the tokenizer warns about texts longer than the model's context.
         ids = [i for part in text.split("\n\n") if part.strip() for i in tokenizer.encode(part + "\n\n")]
         ids = [i for i in ids if 0 <= i < vocab_size]
-        note = f"text ({len(ids)} tokens available)"
+        note = f"text ({len(ids)} available)"
     if len(ids) < batch * seq_len:
         rng = np.random.default_rng(seed)
         missing = batch * seq_len - len(ids)
         ids = ids + rng.integers(0, vocab_size, size=missing).tolist()
-        note = (note + ", " if note else "") + f"{missing} random token ids (no tokenizer or text too short)"
+        if note:
+            note += f" and {missing} random token ids (the text is too short)"
+        else:
+            note = "random token ids (the checkpoint has no tokenizer)"
     arr = np.asarray(ids[: batch * seq_len], dtype=np.int32).reshape(batch, seq_len)
     return mx.array(arr), note
+
+
+def describe_calibration(tokens: int, note: str) -> str:
+    """``"2048 tokens from text (22832 available)"``: a store's calibration, for people."""
+    return f"{tokens} tokens from {note}"
 
 
 class _LayerProbe(nn.Module):

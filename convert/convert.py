@@ -28,12 +28,12 @@ from d2moe_mlx.families import get_family
 from d2moe_mlx.model import DTYPES
 from d2moe_mlx.memory import peak_rss_bytes
 from d2moe_mlx.moe import decoder_layers, layer_of, projection_names, switch_modules
+from d2moe_mlx.store.format import DENSE_BITS, DENSE_GROUP_SIZES
+from d2moe_mlx.store.outdir import check_out_dir
 from d2moe_mlx.store.writer import StoreWriter
 
 from . import calibrate, source
 from .hf_config import build_model, normalize_weights
-
-DENSE_BITS = (0, 2, 3, 4, 5, 6, 8)
 
 
 @dataclass
@@ -46,7 +46,93 @@ class ConvertReport:
     expert_bytes: int
     dense_bytes: int
     layers: int
-    calibration: str
+    calibration: str  # e.g. "2048 tokens from text (22832 available)"
+
+
+@dataclass
+class Conversion:
+    """A checked conversion, from :func:`prepare`; ``run()`` does the work."""
+
+    src: str | os.PathLike
+    out: Path
+    path: Path  # the checkpoint's local directory
+    spec: mwq.MWQSpec
+    method: str | None
+    quantization: dict | None  # mlx-lm's dense quantization, None = unquantized
+    dense: dict  # the manifest's "dense" section
+    store_dtype: mx.Dtype
+    calibration: tuple[str | None, int, int]  # (text, tokens, sequence length)
+    overwrite: bool
+    workers: int | None
+    model: nn.Module  # mlx-lm's model, lazy random init, never evaluated
+    config: dict
+    weights: dict[str, mx.array]  # lazy
+    switches: dict[int, str]  # layer -> switch module path
+    num_experts: int
+    start: float
+    started: bool = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    def run(self, progress: Callable[[int, int], object] | None = None) -> ConvertReport:
+        """Convert layer by layer (once); ``progress(done, total)`` is called after each layer."""
+        if self.started:
+            raise RuntimeError("this conversion has already run (it consumes its model); call prepare() again")
+        self.started = True
+        return _run(self, progress)
+
+
+def prepare(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    spec: mwq.MWQSpec | None = None,
+    method: str | None = None,
+    dense_bits: int = 8,
+    dense_group_size: int = 64,
+    dtype: str | None = None,
+    calib_text: str | None = None,
+    calib_tokens: int = 2048,
+    seq_len: int = 256,
+    overwrite: bool = False,
+    revision: str | None = None,
+    workers: int | None = None,
+) -> Conversion:
+    """Check everything that can be checked before converting: the options, that ``src``
+    resolves to a checkpoint of a supported MoE family, and that a store may be written at
+    ``out`` (``overwrite`` rules in docs/FORMAT.md). Reads configs and tensor headers only."""
+    start = time.perf_counter()
+    spec = spec or mwq.DEFAULT_SPEC
+    if dense_bits not in DENSE_BITS:
+        raise ValueError(f"--dense-bits must be one of {DENSE_BITS} (0 = not quantized), got {dense_bits}")
+    if dense_group_size not in DENSE_GROUP_SIZES:
+        raise ValueError(f"dense_group_size must be one of {DENSE_GROUP_SIZES}, got {dense_group_size}")
+    path = source.resolve_source(src, revision=revision)
+    hf_config = source.read_config(path)
+    model, config = build_model(hf_config)  # mlx-lm's model, lazy random init, never evaluated
+    store_dtype = _store_dtype(dtype, config)
+    weights = source.open_weights(path)
+    switches = {layer_of(p): p for p, _ in switch_modules(model)}
+    if not switches:
+        raise source.SourceError(
+            f"model type {config['model_type']!r} has no mlx-lm SwitchGLU experts; d2moe converts MoE models only"
+        )
+    num_experts = _check_dims(model, switches, spec)
+    layers = decoder_layers(model)
+    by_layer, _ = source.split_by_layer(weights)
+    if set(by_layer) != set(range(len(layers))):
+        raise source.SourceError(
+            f"{path}: checkpoint has tensors for layers {sorted(by_layer)[:8]}..., "
+            f"the config describes {len(layers)} layers"
+        )
+    check_out_dir(out, overwrite)
+    quantization = {"group_size": dense_group_size, "bits": dense_bits, "mode": "affine"} if dense_bits else None
+    dense = {"bits": dense_bits, "group_size": dense_group_size, "dtype": _dtype_name(store_dtype)}
+    return Conversion(src, Path(out), path, spec, method, quantization, dense, store_dtype,
+                      (calib_text, calib_tokens, seq_len), overwrite, workers, model, config,
+                      weights, switches, num_experts, start)
 
 
 def convert(
@@ -70,90 +156,79 @@ def convert(
 
     ``spec`` sets the MWQ levels (default ``mwq.DEFAULT_SPEC``); ``dense_bits``
     quantises the non-expert weights with mlx-lm's affine quantisation (0 keeps
-    them in ``dtype``). ``progress(done, total)`` is called after each layer.
+    them in ``dtype``); ``overwrite`` replaces an empty directory or an existing
+    store. Everything is checked first (:func:`prepare`), then converted
+    (``Conversion.run``); ``progress(done, total)`` is called after each layer.
     """
-    start = time.perf_counter()
-    spec = spec or mwq.DEFAULT_SPEC
-    if dense_bits not in DENSE_BITS:
-        raise ValueError(f"--dense-bits must be one of {DENSE_BITS} (0 = not quantized), got {dense_bits}")
-    path = source.resolve_source(src, revision=revision)
-    hf_config = source.read_config(path)
-    model, config = build_model(hf_config)  # mlx-lm's model, lazy random init, never evaluated
-    store_dtype = _store_dtype(dtype, config)
-    weights = source.open_weights(path)
-    switches = {layer_of(p): p for p, _ in switch_modules(model)}
-    if not switches:
-        raise source.SourceError(
-            f"model type {config['model_type']!r} has no mlx-lm SwitchGLU experts; d2moe converts MoE models only"
-        )
-    num_experts = _check_dims(model, switches, spec)
-    layers = decoder_layers(model)
-    by_layer, rest = source.split_by_layer(weights)
-    expected = set(range(len(layers)))
-    if set(by_layer) != expected:
-        raise source.SourceError(
-            f"{path}: checkpoint has tensors for layers {sorted(by_layer)[:8]}..., "
-            f"the config describes {len(layers)} layers"
-        )
+    return prepare(
+        src, out, spec=spec, method=method, dense_bits=dense_bits, dense_group_size=dense_group_size,
+        dtype=dtype, calib_text=calib_text, calib_tokens=calib_tokens, seq_len=seq_len,
+        overwrite=overwrite, revision=revision, workers=workers,
+    ).run(progress)
 
-    quantization = {"group_size": dense_group_size, "bits": dense_bits, "mode": "affine"} if dense_bits else None
-    with StoreWriter(out, overwrite=overwrite) as writer:
+
+def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> ConvertReport:
+    model, config, weights, spec = job.model, job.config, job.weights, job.spec
+    by_layer, rest = source.split_by_layer(weights)
+    num_layers = job.num_layers
+    with StoreWriter(job.out, overwrite=job.overwrite) as writer:
         # Embeddings, final norm and head: needed first for the calibration inputs.
         # Tensors are popped as they are used: an evaluated lazy array keeps its data.
         _load_subset(model, config, {n: weights.pop(n) for n in rest}, prefix=None)
         model.set_dtype(mx.float32)
+        calib_text, calib_tokens, seq_len = job.calibration
         tokens, calib_note = calibrate.calibration_tokens(
-            path, calib_text, calib_tokens, seq_len, config["vocab_size"]
+            job.path, calib_text, calib_tokens, seq_len, config["vocab_size"]
         )
         h, calls = calibrate.layer_calls(model, tokens)
-        _quantize_dense(model, quantization, lambda p: layer_of(p) is None)
-        writer.write_dense_shard(_dense_params(model, store_dtype))
+        _quantize_dense(model, job.quantization, lambda p: layer_of(p) is None)
+        writer.write_dense_shard(_dense_params(model, job.store_dtype))
 
         stats: dict[str, np.ndarray] = {}
         shapes: dict[str, dict] = {}
-        for l in range(len(layers)):
+        for l in range(num_layers):
             subset = {n: weights.pop(n) for n in by_layer[l]}
             h, layer_stats, layer_shapes = _convert_layer(
-                writer, model, config, l, subset, h, calls[l], switches.get(l), spec, method,
-                quantization, store_dtype, workers,
+                writer, model, config, l, subset, h, calls[l], job.switches.get(l), spec, job.method,
+                job.quantization, job.store_dtype, job.workers,
             )
             stats.update(layer_stats)
             shapes = layer_shapes or shapes
             if progress:
-                progress(l + 1, len(layers))
+                progress(l + 1, num_layers)
 
         writer.write_calib_stats(stats)
         out_config = dict(config)
         out_config.pop("quantization_config", None)
-        if quantization:
-            out_config["quantization"] = quantization
+        if job.quantization:
+            out_config["quantization"] = job.quantization
         writer.write_json("config.json", out_config)
-        writer.copy_file(path / "config.json", source.ORIGINAL_CONFIG)  # as the checkpoint had it
+        writer.copy_file(job.path / "config.json", source.ORIGINAL_CONFIG)  # as the checkpoint had it
         for name in source.TOKENIZER_FILES:
-            if (path / name).is_file():
-                writer.copy_file(path / name, name)
+            if (job.path / name).is_file():
+                writer.copy_file(job.path / name, name)
         manifest = {
             "model_type": config["model_type"],
             "converter": f"d2moe-mlx {__version__}",
-            "source": str(src),
+            "source": str(job.src),
             # nested: every component is a slice of one top-level code (the levels layout packs them)
-            "mwq": {**spec.to_dict(), "nested": (method or mwq.DEFAULT_METHOD) == "nested"},
-            "num_experts": num_experts,
-            "switch_modules": {str(l): p for l, p in sorted(switches.items())},
+            "mwq": {**spec.to_dict(), "nested": (job.method or mwq.DEFAULT_METHOD) == "nested"},
+            "num_experts": job.num_experts,
+            "switch_modules": {str(l): p for l, p in sorted(job.switches.items())},
             "projections": shapes,
-            "dense": {"bits": dense_bits, "group_size": dense_group_size, "dtype": _dtype_name(store_dtype)},
+            "dense": job.dense,
             "calibration": {"tokens": int(tokens.size), "seq_len": int(tokens.shape[1]), "source": calib_note},
         }
         store_path = writer.finalize(manifest)
     sizes = _store_sizes(store_path)
     return ConvertReport(
         path=store_path,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - job.start,
         peak_rss=peak_rss_bytes(),
         expert_bytes=sizes[0],
         dense_bytes=sizes[1],
-        layers=len(layers),
-        calibration=calib_note,
+        layers=num_layers,
+        calibration=calibrate.describe_calibration(int(tokens.size), calib_note),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,16 @@ class _Size(click.ParamType):
             return parse_size(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+
+
+# Library messages name an option both ways, "overwrite=True (--overwrite)"; a command
+# shows its users only the flag.
+_BOTH_SPELLINGS = re.compile(r"\b\w+=(?:'[^']*'|[^\s()']+) \((--[^()]+)\)")
+
+
+def _cli_words(error: Exception) -> str:
+    """The error's message with options spelled as command-line flags."""
+    return _BOTH_SPELLINGS.sub(r"\1", str(error))
 
 
 def _load(store: str, level: int | None, dtype: str | None, memory: int | None = None,
@@ -170,7 +181,9 @@ def main() -> None:
     "--seq-len", type=click.IntRange(8), default=256, show_default=True, help="Calibration sequence length."
 )
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a hub id.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is an empty directory or a d2moe store (atomically, at the "
+                   "end); anything else there is refused, never deleted.")
 def convert(
     src,
     out,
@@ -192,40 +205,31 @@ def convert(
     Works offline from the local Hugging Face cache with HF_HUB_OFFLINE=1.
     Refuses pickle (.bin/.pt) checkpoints and remote code.
     """
-    from .convert.convert import convert as run_convert
+    from .convert.convert import prepare
     from .convert.source import SourceError
     from .mwq import DEFAULT_SPEC, MWQSpec
     from .store.format import StoreError
 
-    try:
+    errors = (SourceError, StoreError, ValueError, OSError)  # OSError: FileExistsError, disk full
+    try:  # everything that can be checked, before the header and the bar
         spec = MWQSpec.parse(levels, int(group_size), planes) if levels else DEFAULT_SPEC
         if not levels and int(group_size) != spec.group_size:
             spec = MWQSpec(spec.base_bits, spec.plane_bits, int(group_size))
         text = Path(calib).read_text(encoding="utf-8", errors="replace") if calib else None
-    except (ValueError, OSError) as e:
-        _fail(str(e))
+        job = prepare(src, out, spec=spec, method=method, dense_bits=int(dense_bits), dtype=dtype,
+                      calib_text=text, calib_tokens=calib_tokens, seq_len=seq_len,
+                      overwrite=overwrite, revision=revision)
+    except errors as e:
+        _fail(_cli_words(e))
     levels_text = ", ".join(f"{spec.level_bits(i)}" for i in range(spec.num_levels))
     click.echo(
         f"converting {src} -> {out}  (MWQ levels: {levels_text} bits, group {spec.group_size})", err=True
     )
     with progress_bar("layers") as progress:
         try:
-            report = run_convert(
-                src,
-                out,
-                spec=spec,
-                method=method,
-                dense_bits=int(dense_bits),
-                dtype=dtype,
-                calib_text=text,
-                calib_tokens=calib_tokens,
-                seq_len=seq_len,
-                overwrite=overwrite,
-                revision=revision,
-                progress=progress,
-            )
-        except (SourceError, StoreError, ValueError, FileExistsError) as e:
-            _fail(str(e))
+            report = job.run(progress)
+        except errors as e:
+            _fail(_cli_words(e))
     from .memory import format_bytes
 
     click.echo(
@@ -346,12 +350,12 @@ def inspect(store, verify, as_json):
     if as_json:
         click.echo(json.dumps({**summary, "problems": problems}, indent=2))
     else:
+        if verify:
+            summary = {**summary, "integrity": "FAILED" if problems else "OK"}
         for key, value in summary.items():
             click.echo(f"{key:>18}: {value}")
-        if verify:
-            click.echo("     integrity: OK" if not problems else "     integrity: FAILED")
-            for p in problems:
-                click.echo(f"  - {p}")
+        for p in problems:
+            click.echo(f"  - {p}")
     if problems:
         sys.exit(1)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
-
 from . import mwq
+from .convert.calibrate import describe_calibration
 from .model import open_store
 from .memory import format_bytes
 from .progress import progress_bar
+from .store.format import MANIFEST_NAME, MODEL_KEYS, StoreError
 
 
 def describe(path: str, verify: bool = True, progress: bool = False) -> tuple[dict, list[str]]:
@@ -15,6 +15,10 @@ def describe(path: str, verify: bool = True, progress: bool = False) -> tuple[di
     store = open_store(path)
     with store:
         m = store.manifest
+        if "mwq" not in m:  # Store.open checked the sections: all of them or none
+            raise StoreError(f"{store.path / MANIFEST_NAME}: has no model sections "
+                             f"({', '.join(MODEL_KEYS)}): these experts were not written by "
+                             "`d2moe convert`")
         spec = mwq.MWQSpec.from_dict(m["mwq"])
         raw = store.summary()
         levels = []
@@ -39,7 +43,8 @@ def describe(path: str, verify: bool = True, progress: bool = False) -> tuple[di
             + (f"{dense.get('bits')}-bit (mlx-lm affine)" if dense.get("bits") else f"{dense.get('dtype')} unquantized"),
             "expert files": format_bytes(raw["expert_file_bytes"]),
             "total": f"{format_bytes(raw['total_bytes'])} in {raw['num_files']} files",
-            "calibration": f"{calib.get('tokens')} tokens ({calib.get('source')})",
+            "calibration": describe_calibration(calib["tokens"], calib["source"])
+            if {"tokens", "source"} <= set(calib) else "not recorded",
         }
         problems: list[str] = []
         if verify:

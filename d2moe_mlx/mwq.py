@@ -49,18 +49,18 @@ class MWQSpec:
         object.__setattr__(self, "plane_bits", tuple(int(b) for b in self.plane_bits))
         if self.base_bits not in MLX_BITS:
             raise ValueError(
-                f"base_bits={self.base_bits} unsupported: use one of {MLX_BITS} "
-                "(the widths MLX's quantized kernels accept)"
+                f"a base of {self.base_bits} bits is unsupported: the base (the lowest level) "
+                f"has one of {MLX_BITS} bits, the widths MLX's quantized kernels accept"
             )
         for i, b in enumerate(self.plane_bits):
             if b != 1 and b not in MLX_BITS:
                 raise ValueError(
-                    f"plane_bits[{i}]={b} unsupported: use 1 (binary ±1 plane) "
-                    f"or an affine width in {MLX_BITS}"
+                    f"a plane of {b} bits (plane {i + 1}) is unsupported: a plane adds 1 bit "
+                    f"(binary ±1 plane) or an affine width in {MLX_BITS}"
                 )
         if self.group_size not in GROUP_SIZES:
             raise ValueError(
-                f"group_size={self.group_size} unsupported: use one of {GROUP_SIZES}"
+                f"group size {self.group_size} unsupported: use one of {GROUP_SIZES}"
             )
 
     @property
@@ -108,21 +108,22 @@ class MWQSpec:
             lv = [int(t) for t in str(levels).replace("->", ",").split(",") if t.strip()]
         except ValueError:
             raise ValueError(
-                f"bad levels {levels!r}: give increasing total bit-widths like '2,3,4'"
+                f"levels={levels!r} (--levels {levels}) is not a list of bit-widths: give "
+                "increasing total bit-widths like '2,3,4'"
             ) from None
         if not lv:
-            raise ValueError("levels is empty: give total bit-widths like '2,3,4'")
+            raise ValueError("no levels given: give total bit-widths like '2,3,4'")
         steps = [b - a for a, b in zip(lv, lv[1:])]
         if any(s <= 0 for s in steps):
-            raise ValueError(f"levels {levels!r} must strictly increase")
+            raise ValueError(f"levels={levels!r} (--levels {levels}) must strictly increase")
         if planes == "binary":
             if any(s != 1 for s in steps):
                 raise ValueError(
-                    f"levels {levels!r}: binary planes add exactly 1 bit per level; "
-                    "use planes='affine' for larger steps"
+                    f"levels={levels!r} (--levels {levels}): binary planes add exactly 1 bit per "
+                    "level; use planes='affine' (--planes affine) for larger steps"
                 )
         elif planes != "affine":
-            raise ValueError(f"planes={planes!r}: use 'binary' or 'affine'")
+            raise ValueError(f"planes={planes!r} (--planes {planes}): use 'binary' or 'affine'")
         return cls(lv[0], tuple(steps), group_size)
 
 

@@ -354,3 +354,88 @@ def test_cli_keeps_torch_out(store):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1] == "torch None True", res.stdout
+
+
+def _one_error_line(res) -> str:
+    """The CLI failed with exactly one `Error:` line on stderr and printed nothing else."""
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert res.stdout == ""
+    return lines[0]
+
+
+def test_convert_checks_its_input_before_the_progress_bar(tmp_path, hf_checkpoint):
+    """A bad SRC or a refused OUT fails before the "converting ..." header and the bar."""
+    src = hf_checkpoint("qwen3_moe")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "keep.txt").write_text("precious")
+    cases = [((tmp_path / "missing", "-o", tmp_path / "o"), "neither an existing directory"),
+             ((llama, "-o", tmp_path / "o"), "llama"),
+             ((src, "-o", user), "already exists"),
+             ((src, "-o", user, "--overwrite"), "keep.txt")]
+    for args, match in cases:
+        line = _one_error_line(run("convert", *args, *FAST))
+        assert match in line and "converting" not in line
+    assert [p.name for p in user.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "user"]
+
+
+def test_convert_errors_name_cli_flags(tmp_path, hf_checkpoint):
+    """The library names options both ways; the CLI shows only its own flags."""
+    from d2moe_mlx.mwq import MWQSpec
+
+    with pytest.raises(ValueError, match=r"planes='affine'"):
+        MWQSpec.parse("2,4", planes="binary")  # the Python API keeps its spelling
+    src = hf_checkpoint("qwen3_moe")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    for args, flags in [(("-o", out), ["--overwrite"]),
+                        (("-o", out, "--overwrite"), ["--overwrite only replaces"]),
+                        (("-o", tmp_path / "n", "--levels", "2,4", "--planes", "binary"),
+                         ["--levels 2,4", "--planes affine"]),
+                        (("-o", tmp_path / "n", "--levels", "3,2"), ["--levels 3,2", "strictly increase"]),
+                        (("-o", tmp_path / "n", "--levels", "2,x"), ["--levels 2,x"])]:
+        line = _one_error_line(run("convert", src, *args))
+        for flag in flags:
+            assert flag in line, line
+        assert "=True" not in line and "planes=" not in line and "levels=" not in line, line
+
+
+def test_inspect_output_is_aligned_and_advises_reconverting(store, tmp_path):
+    """`key: value` lines share one column (integrity too), calibration reads plainly, and
+    the problems of a damaged store say to re-convert, not to run inspect again."""
+    import re
+    import shutil
+
+    def key_lines(stdout):
+        lines = [line for line in stdout.splitlines() if not line.startswith("  - ")]
+        assert lines and all(": " in line for line in lines), stdout
+        return lines
+
+    ok = run("inspect", store)
+    assert ok.returncode == 0, ok.stderr
+    lines = key_lines(ok.stdout)
+    assert len({line.index(": ") for line in lines}) == 1, ok.stdout
+    assert [line.split(": ", 1) for line in lines if "integrity" in line] == [["integrity".rjust(18), "OK"]]
+    calib = [line.split(": ", 1)[1] for line in lines if line.strip().startswith("calibration:")]
+    assert len(calib) == 1 and re.fullmatch(r"128 tokens from text \(\d+ available\)", calib[0]), calib
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    victim = copy / "experts" / "L001.c1.bin"
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 1
+    victim.write_bytes(bytes(data))
+    bad = run("inspect", copy)
+    assert bad.returncode == 1
+    assert len({line.index(": ") for line in key_lines(bad.stdout)}) == 1, bad.stdout
+    assert "integrity".rjust(18) + ": FAILED" in bad.stdout.splitlines()
+    problems = [line for line in bad.stdout.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and "L001.c1.bin" in problems[0], bad.stdout
+    assert "d2moe convert" in problems[0] and "d2moe inspect" not in problems[0], problems

@@ -122,6 +122,64 @@ def test_existing_output_needs_overwrite(qwen3, tmp_path):
     convert(qwen3, tmp_path / "s", overwrite=True, **FAST)
 
 
+def test_overwrite_never_deletes_what_is_not_a_store(qwen3, tmp_path, monkeypatch):
+    """--overwrite over a directory of user files is refused before any conversion work."""
+    from d2moe_mlx.convert import calibrate
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+
+    def started(*args, **kwargs):
+        raise AssertionError("conversion work started before the output was checked")
+
+    monkeypatch.setattr(calibrate, "calibration_tokens", started)
+    with pytest.raises(FileExistsError, match="keep.txt") as ei:
+        convert(qwen3, out, overwrite=True, **FAST)
+    assert str(out) in str(ei.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def test_prepare_checks_before_any_work_and_writes_nothing(qwen3, tmp_path, monkeypatch):
+    """prepare() refuses bad options, sources and outputs without converting or writing."""
+    from d2moe_mlx.convert import calibrate
+    from d2moe_mlx.convert.convert import prepare
+
+    def started(*args, **kwargs):
+        raise AssertionError("conversion work started in prepare()")
+
+    monkeypatch.setattr(calibrate, "calibration_tokens", started)
+    out = tmp_path / "s"
+    with pytest.raises(ValueError, match="dense_group_size"):
+        prepare(qwen3, out, **{**FAST, "dense_group_size": 48})
+    spec = mwq.MWQSpec(2, (2,), 128)
+    with pytest.raises(ValueError, match="not a multiple of the MWQ group size 128"):
+        prepare(qwen3, out, spec=spec, **FAST)
+    with pytest.raises(SourceError, match="neither an existing directory"):
+        prepare(tmp_path / "missing", out, **FAST)
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        prepare(qwen3, out, **FAST)
+    out.rmdir()
+    job = prepare(qwen3, out, **FAST)
+    assert job.num_layers == json.loads((qwen3 / "config.json").read_text())["num_hidden_layers"]
+    assert list(tmp_path.iterdir()) == []  # nothing written yet
+    monkeypatch.undo()
+    report = job.run()
+    with Store.open(report.path) as store:
+        assert store.manifest["dense"] == {"bits": 0, "group_size": 64, "dtype": "float32"}
+    with pytest.raises(RuntimeError, match="already run"):
+        job.run()
+
+
+def test_runtime_loads_every_dense_dtype_the_reader_accepts():
+    from d2moe_mlx.model import DTYPES
+    from d2moe_mlx.store.format import DENSE_DTYPES
+
+    assert sorted(DTYPES) == sorted(DENSE_DTYPES)
+
+
 def test_unsupported_family_is_refused_by_name(tmp_path):
     ckpt = tmp_path / "llama"
     ckpt.mkdir()
@@ -272,3 +330,23 @@ def test_gptq_conversion_uses_the_full_hessian(qwen3, tmp_path):
     report = convert(qwen3, tmp_path / "s", method="gptq", **FAST)
     with Store.open(report.path) as store:
         assert store.verify() == []
+
+
+def test_calibration_note_reads_plainly(qwen3, tmp_path):
+    """Where the calibration tokens came from, as `d2moe inspect` and `d2moe convert` print it."""
+    from d2moe_mlx.convert import calibrate
+
+    vocab = json.loads((qwen3 / "config.json").read_text())["vocab_size"]
+    text = "hello world, some calibration text. " * 40
+    tokens, note = calibrate.calibration_tokens(qwen3, text, 64, 16, vocab)
+    n = int(note.split("(")[1].split()[0])
+    assert n >= 64 and note == f"text ({n} available)"
+    assert calibrate.describe_calibration(int(tokens.size), note) == f"64 tokens from text ({n} available)"
+    tokens, note = calibrate.calibration_tokens(qwen3, "hi", 64, 16, vocab)
+    assert tokens.size == 64 and note.startswith("text (") and "random token ids" in note
+    assert note.count("(") == note.count(")") == 2 and "((" not in note  # no nesting
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    tokens, note = calibrate.calibration_tokens(bare, None, 64, 16, vocab)
+    assert calibrate.describe_calibration(int(tokens.size), note) == \
+        "64 tokens from random token ids (the checkpoint has no tokenizer)"

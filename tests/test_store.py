@@ -54,9 +54,18 @@ def write_store(out, seed=0, overwrite=False, dense=True, calib=True):
         (w.tmp_dir / "src_tok.json").write_text('{"tok": 1}')
         w.copy_file(w.tmp_dir / "src_tok.json", "tokenizer.json")
         os.remove(w.tmp_dir / "src_tok.json")
-        w.finalize({"model_type": "toy", "num_experts": EXPERTS, "moe_layers": list(LAYERS),
-                    "mwq": {"base_bits": 2, "plane_bits": [1, 1], "group_size": 32}})
+        w.finalize(model_manifest())
     return blocks
+
+
+def model_manifest():
+    """What the converter adds to the manifest, for the blocks of make_block (spec 2 + 1 + 1 bits)."""
+    return {"model_type": "toy", "num_experts": EXPERTS, "moe_layers": list(LAYERS),
+            "mwq": {"base_bits": 2, "plane_bits": [1, 1], "group_size": 32},
+            "switch_modules": {str(l): f"model.layers.{l}.mlp.switch_mlp" for l in LAYERS},
+            "projections": {p: {"shape": [48, 64], "bias": True} for p in ("gate_proj", "down_proj")},
+            "dense": {"bits": 0, "group_size": 64, "dtype": "float32"},
+            "calibration": {"tokens": 128, "seq_len": 32, "source": "text (500 available)"}}
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +335,124 @@ def _entry(m, i=0):
     return m["experts"]["files"][i]
 
 
+def _tensor(m, name, i=0):
+    return next(t for t in _entry(m, i)["tensors"] if t["name"] == name)
+
+
+# The sections the runtime reads: mwq, switch_modules, dense, projections (and their fit
+# with the expert files). Entry 0 is layer 1 component 0 (2-bit base); entry 1 a 1-bit plane.
+MODEL_MUTATIONS = [
+    (lambda m: m["mwq"].update(plane_bits=[1]), "layer 1 has 3 components.*'mwq'.*2 levels"),
+    (lambda m: m["mwq"].update(plane_bits=[1, 1, 1]), "layer 1 has 3 components.*'mwq'.*4 levels"),
+    (lambda m: m["mwq"].update(base_bits=7), "'mwq'.*base of 7 bits"),
+    (lambda m: m["mwq"].update(plane_bits=[0, 1]), "'mwq'.*plane of 0 bits"),
+    (lambda m: m["mwq"].update(plane_bits=[1, 7]), "'mwq'.*plane of 7 bits"),
+    (lambda m: m["mwq"].update(base_bits="2"), "'mwq'"),
+    (lambda m: m["mwq"].update(base_bits=True), "'mwq'"),
+    (lambda m: m["mwq"].update(plane_bits="11"), "'mwq'"),
+    (lambda m: m["mwq"].update(group_size=48), "'mwq'.*group size 48"),
+    (lambda m: m["mwq"].pop("group_size"), "'mwq'"),
+    (lambda m: m["mwq"].update(nested="yes"), "'mwq' nested must be true or false"),
+    (lambda m: m.update(mwq=[2, 1, 1]), "'mwq'"),
+    (lambda m: m.pop("mwq"), "'mwq'.*missing"),
+    (lambda m: m.update(switch_modules=["model.layers.1.mlp.switch_mlp"]), "'switch_modules'"),
+    (lambda m: m["switch_modules"].update({"1": 5}), "'switch_modules'"),
+    (lambda m: m["switch_modules"].update({"1": ""}), "'switch_modules'"),
+    (lambda m: m["switch_modules"].update({"x": "model.layers.x"}), "'switch_modules'"),
+    (lambda m: m["switch_modules"].update({"01": "model.layers.1.mlp"}), "'switch_modules'"),
+    (lambda m: m["switch_modules"].pop("3"), "'switch_modules'.*layers"),
+    (lambda m: m["switch_modules"].update({"2": "model.layers.2.mlp.switch_mlp"}), "'switch_modules'.*layers"),
+    (lambda m: m.pop("switch_modules"), "'switch_modules'.*missing"),
+    (lambda m: m["dense"].update(dtype="float64"), "'dense'.*dtype"),
+    (lambda m: m["dense"].update(dtype=None), "'dense'.*dtype"),
+    (lambda m: m["dense"].update(bits=7), "'dense'.*bits"),
+    (lambda m: m["dense"].update(bits="8"), "'dense'.*bits"),
+    (lambda m: m["dense"].update(group_size=0), "'dense'.*group_size"),
+    (lambda m: m["dense"].pop("dtype"), "'dense'.*dtype"),
+    (lambda m: m.update(dense="float32"), "'dense'"),
+    (lambda m: m.pop("dense"), "'dense'.*missing"),
+    (lambda m: m.update(model_type=3), "'model_type'"),
+    (lambda m: m.update(calibration=[128]), "'calibration'"),
+    (lambda m: m["calibration"].update(tokens="many"), "'calibration'"),
+    (lambda m: m.update(projections={}), "'projections'"),
+    (lambda m: m.update(projections=[]), "'projections'"),
+    (lambda m: m.pop("projections"), "'projections'.*missing"),
+    (lambda m: m["projections"]["gate_proj"].update(shape=[48, 128]), "gate_proj.weight"),
+    (lambda m: m["projections"]["gate_proj"].update(shape=[96, 32]), "gate_proj.weight"),
+    (lambda m: m["projections"]["gate_proj"].update(shape=[48, 48]), "gate_proj.*group_size"),
+    (lambda m: m["projections"]["gate_proj"].update(shape=[48]), "'projections'.*gate_proj"),
+    (lambda m: m["projections"]["gate_proj"].update(shape=[0, 64]), "'projections'.*gate_proj"),
+    (lambda m: m["projections"]["gate_proj"].update(bias="yes"), "'projections'.*gate_proj"),
+    (lambda m: m["projections"]["gate_proj"].update(bias=False), "unexpected.*gate_proj.bias"),
+    (lambda m: m["projections"].pop("down_proj"), "unexpected.*down_proj"),
+    (lambda m: m["projections"].update(up_proj={"shape": [48, 64], "bias": False}), "missing.*up_proj"),
+    (lambda m: m["projections"].update({"a.b": {"shape": [48, 64], "bias": False}}), "'projections'"),
+    (lambda m: _tensor(m, "gate_proj.scales").update(dtype="int16"), "gate_proj.scales.*float16"),
+    (lambda m: _tensor(m, "gate_proj.bias").update(dtype="int32"), "gate_proj.bias"),
+    (lambda m: _tensor(m, "gate_proj.weight").update(dtype="int32"), "gate_proj.weight.*uint32"),
+    (lambda m: _tensor(m, "gate_proj.weight").update(shape=[24, 8]), "gate_proj.weight.*48, 4"),
+    (lambda m: _tensor(m, "gate_proj.weight", 1).update(shape=[24, 4]), "gate_proj.weight.*48, 2"),
+    (lambda m: _tensor(m, "down_proj.scales", 1).update(shape=[96, 1]), "down_proj.scales.*48, 2"),
+]
+
+
+@pytest.mark.parametrize("mutate,match", MODEL_MUTATIONS)
+def test_model_sections_validated_before_allocation(store, monkeypatch, mutate, match):
+    """A bad mwq / switch_modules / dense / projections section is a StoreError naming
+    d2moe.json and the field, raised at open, before anything is allocated."""
+    out, _ = store
+    edit_manifest(out, mutate)
+    allocs = []
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda *a, **k: allocs.append(a) or real_empty(*a, **k))
+    with pytest.raises(StoreError, match=match) as ei:
+        Store.open(out)
+    assert str(out / MANIFEST_NAME) in str(ei.value) and "d2moe convert" in str(ei.value)
+    assert allocs == []
+
+
+def test_model_sections_validated_in_a_binary_plane_store(store):
+    """1-bit planes store 1 bit per weight and no biases: a plane that has them is refused."""
+    out, blocks = store
+    with Store.open(out) as s:  # the valid store opens, with the layout the spec implies
+        assert [t.shape for t in s.layout(1, 1)][:2] == [(48, 2), (48, 2)]
+    edit_manifest(out, lambda m: m["mwq"].update(plane_bits=[2, 1]))  # component 1 claimed 2-bit
+    with pytest.raises(StoreError, match=r"component 1.*gate_proj.weight.*48, 4|missing.*biases"):
+        Store.open(out)
+
+
+def test_container_store_without_model_sections_opens(tmp_path):
+    """The expert container alone (no model sections at all) still opens; a partial set does not."""
+    with StoreWriter(tmp_path / "s") as w:
+        w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}])
+        w.write_json("config.json", {})
+        w.finalize({"num_experts": 1})
+    Store.open(tmp_path / "s").close()
+    edit_manifest(tmp_path / "s", lambda m: m.update(mwq={"base_bits": 2, "plane_bits": [], "group_size": 64}))
+    with pytest.raises(StoreError, match="missing"):
+        Store.open(tmp_path / "s")
+
+
+def test_format_layout_is_what_the_packer_writes():
+    """format.component_tensors (what the reader checks) matches mwq.pack_component (what the
+    converter writes) for every component width."""
+    from d2moe_mlx import mwq
+    from d2moe_mlx.store.format import component_tensors
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    for spec in (mwq.MWQSpec(2, (1, 1), 32), mwq.MWQSpec(3, (2, 3), 64), mwq.MWQSpec(4, (4,), 128)):
+        for c, comp in enumerate(mwq.quantize_mwq(w, spec, method="rtn")):
+            packed = {f"p.{k}": v for k, v in mwq.pack_component(comp).items()}
+            want = component_tensors({"p": (16, 128, False)}, spec.component_bits(c), spec.group_size, c)
+            assert set(packed) == set(want), (spec, c)
+            for k, v in packed.items():
+                assert v.dtype.name in want[k][0] and v.shape == want[k][1], (spec, c, k)
+        with_bias = component_tensors({"p": (16, 128, True)}, spec.base_bits, spec.group_size, 0)
+        assert with_bias["p.bias"][1] == (16,)
+        assert "p.bias" not in component_tensors({"p": (16, 128, True)}, 1, spec.group_size, 1)
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda m: _entry(m)["tensors"][0].update(shape=[2**40, 2**40]), "bad shape|does not fit"),
     (lambda m: _entry(m)["tensors"][0].update(shape=[-1, 4]), "bad shape"),
@@ -529,14 +656,41 @@ def test_clean_stale_tmp_keeps_live_writers(tmp_path):
     assert live.exists() and other.exists() and not dead.exists() and not old.exists()
 
 
+def _use_like_the_runtime(out):
+    """Read what load_model (model.py, moe.py) and `d2moe inspect` read from an opened store."""
+    from d2moe_mlx import mwq
+    from d2moe_mlx.inspect import describe
+    from d2moe_mlx.model import DTYPES
+
+    describe(out, verify=False)
+    with Store.open(out) as s:
+        m = s.manifest
+        spec = mwq.MWQSpec.from_dict(m["mwq"])
+        assert m["dense"]["dtype"] in DTYPES
+        assert sorted(int(k) for k in m["switch_modules"]) == s.moe_layers
+        for layer in s.moe_layers:
+            assert s.num_components(layer) == spec.num_levels
+            for c in range(spec.num_levels):
+                block = s.read_block(layer, c, 0, verify=False)
+                for name, proj in m["projections"].items():
+                    packed = {k.split(".", 1)[1]: v for k, v in block.items() if k.startswith(name + ".")}
+                    packed.pop("bias", None)
+                    w, scales, biases, bits = mwq.component_to_mlx(packed, spec.component_bits(c))
+                    assert (w.shape[0], w.shape[1] * 32 // bits) == tuple(proj["shape"])
+                    assert scales.shape == biases.shape == (proj["shape"][0], proj["shape"][1] // spec.group_size)
+
+
 def test_fuzzed_manifests_raise_only_store_error(store):
-    """Random type/value mutations of a valid manifest: StoreError or a clean open, nothing else."""
+    """Random type/value mutations of a valid manifest: StoreError, or a store that opens and
+    that the runtime can use (mwq, dense, switch_modules, projections), nothing else."""
     import random
 
     out, _ = store
+    _use_like_the_runtime(out)
     base = json.loads((out / MANIFEST_NAME).read_text())
     values = [None, True, -1, 0, 1, 2**70, 1.5, "x", "../x", "float16", [], {}, [1], [[1]],
-              {"a": 1}, "config.json", "experts/L001.c0.bin", BLOCK_ALIGN, "\x00"]
+              {"a": 1}, "config.json", "experts/L001.c0.bin", BLOCK_ALIGN, "\x00",
+              3, 4, 7, 32, 48, 64, "1", "2", "bfloat16", "float64", [48, 64], [1, 1], [2, 1], [48, 2]]
 
     def paths(o, pre=()):
         if pre:
@@ -565,4 +719,150 @@ def test_fuzzed_manifests_raise_only_store_error(store):
         try:
             Store.open(out).close()
         except StoreError:
-            pass
+            continue
+        _use_like_the_runtime(out)
+
+
+# -- overwrite: only an empty directory or one of our stores is ever replaced ------------
+def _tree(path):
+    """{relative path: bytes or '/' for a directory}, without following symlinks."""
+    out = {}
+    for p in sorted(Path(path).rglob("*")):
+        out[str(p.relative_to(path))] = "/" if p.is_dir() and not p.is_symlink() else (
+            f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes())
+    return out
+
+
+def _assert_refused(tmp_path, out, *names):
+    """Writing over ``out`` with overwrite=True is refused naming it and ``names``; nothing changes."""
+    before = _tree(tmp_path)
+    for attempt in (lambda: StoreWriter(out, overwrite=True), lambda: write_store(out, overwrite=True)):
+        with pytest.raises(FileExistsError) as ei:
+            attempt()
+        msg = str(ei.value)
+        assert str(out) in msg and "overwrite" in msg, msg
+        for name in names:
+            assert name in msg, msg
+        assert _tree(tmp_path) == before  # nothing deleted, no temp directory left behind
+    return msg
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_store(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    msg = _assert_refused(tmp_path, out, "keep.txt")
+    assert "not a d2moe store" in msg
+    assert (out / "keep.txt").read_text() == "precious"
+    # a manifest of another format does not make it ours
+    (out / MANIFEST_NAME).write_text(json.dumps({"format": "something-else", "files": {"keep.txt": {}}}))
+    _assert_refused(tmp_path, out, "keep.txt")
+    (out / MANIFEST_NAME).write_text('{"format": "d2moe-mwq", "files": ')  # unreadable: not provably ours
+    _assert_refused(tmp_path, out, "keep.txt")
+
+
+def test_overwrite_refuses_a_store_holding_user_files(tmp_path):
+    out = tmp_path / "store"
+    write_store(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "experts" / "extra.bin").write_bytes(b"mine too")
+    (out / "results").mkdir()
+    (out / "results" / "run1.json").write_text("{}")
+    _assert_refused(tmp_path, out, "notes.txt", "experts/extra.bin", "results/")
+    with Store.open(out) as s:  # the store itself is untouched too
+        assert s.config["seed"] == 0 and s.verify() == []
+
+
+def test_overwrite_refuses_many_entries_with_a_short_list(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(30):
+        (out / f"f{i:02d}.txt").write_text(str(i))
+    msg = _assert_refused(tmp_path, out, "f00.txt", "25 more")
+    assert "f29.txt" not in msg
+
+
+def test_overwrite_replaces_a_damaged_store(tmp_path):
+    out = tmp_path / "store"
+    write_store(out, seed=0)
+    flip_byte(out / expert_file_name(1, 0), 70)
+    path = out / expert_file_name(3, 2)
+    os.truncate(path, path.stat().st_size - BLOCK_ALIGN)
+    (out / "model-00001-of-00002.safetensors").unlink()
+    (out / (MANIFEST_NAME + ".partial")).write_text("{")  # the writer's own temporary name
+    with pytest.raises(StoreError):
+        Store.open(out)
+    write_store(out, seed=3, overwrite=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+    with Store.open(out) as s:
+        assert s.config["seed"] == 3 and s.verify() == []
+
+
+def test_overwrite_replaces_an_empty_directory(tmp_path):
+    out = tmp_path / "store"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_store(out)  # without overwrite even an empty directory is kept
+    write_store(out, seed=4, overwrite=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+    with Store.open(out) as s:
+        assert s.config["seed"] == 4
+
+
+def test_overwrite_refuses_a_file(tmp_path):
+    out = tmp_path / "store"
+    out.write_text("not a directory")
+    _assert_refused(tmp_path, out)
+    assert out.read_text() == "not a directory"
+
+
+def test_overwrite_symlinks(tmp_path):
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    link = tmp_path / "store"
+    link.symlink_to(target)
+    _assert_refused(tmp_path, link, "not a d2moe store")
+    link.unlink()
+    link.symlink_to(tmp_path / "nowhere")  # dangling
+    _assert_refused(tmp_path, link, "nowhere")
+    assert link.is_symlink()
+    link.unlink()
+    link.symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(link)
+    _assert_refused(tmp_path, link, "loop")
+    (tmp_path / "loop").unlink()
+    # a symlink to a store: the link is replaced by the new store, the target kept as it was
+    link.unlink()
+    write_store(target.with_name("real"), seed=5)
+    link.symlink_to(tmp_path / "real")
+    write_store(link, seed=6, overwrite=True)
+    assert link.is_dir() and not link.is_symlink()
+    with Store.open(link) as s, Store.open(tmp_path / "real") as r:
+        assert s.config["seed"] == 6 and r.config["seed"] == 5 and r.verify() == []
+    assert (target / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_checks_again_before_the_final_rename(tmp_path):
+    """A directory that appears at ``out`` while the store is written is not replaced either."""
+    out = tmp_path / "store"
+    with pytest.raises(FileExistsError, match="keep.txt"):
+        with StoreWriter(out, overwrite=True) as w:
+            w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}])
+            w.write_json("config.json", {})
+            out.mkdir()
+            (out / "keep.txt").write_text("precious")
+            w.finalize({})
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+    assert [x.name for x in out.iterdir()] == ["keep.txt"]
+
+
+def test_inspect_of_an_expert_container_is_a_store_error(tmp_path):
+    from d2moe_mlx.inspect import describe
+
+    with StoreWriter(tmp_path / "s") as w:
+        w.write_expert_file(0, 0, [{"x": np.zeros(4, np.uint32)}])
+        w.write_json("config.json", {})
+        w.finalize({})
+    with pytest.raises(StoreError, match=f"{MANIFEST_NAME}: has no model sections"):
+        describe(tmp_path / "s")

@@ -7,6 +7,7 @@ and the reader both import from here.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -20,10 +21,22 @@ CONFIG_NAME = "config.json"
 DENSE_INDEX_NAME = "model.safetensors.index.json"
 CALIB_STATS_NAME = "calib_stats.safetensors"
 EXPERTS_DIR = "experts"
+# Names the writer uses inside its temporary directory only (see writer.py).
+MANIFEST_PARTIAL_NAME = MANIFEST_NAME + ".partial"
+_PARTIAL_DENSE = re.compile(r"partial-dense-\d{5,}\.safetensors")
 
 BLOCK_ALIGN = 16384  # expert block offsets and strides are multiples of this
 TENSOR_ALIGN = 64  # tensor offsets inside a block are multiples of this
 CHECKSUM = "crc32"  # zlib.crc32, unsigned 32-bit
+
+# Manifest sections the converter writes for the runtime (docs/FORMAT.md): a manifest
+# with any of them must have all of them; a bare expert container has none.
+MODEL_KEYS = ("model_type", "mwq", "switch_modules", "projections", "dense")
+# Non-expert ("dense") weights: mlx-lm's affine quantization (0 = not quantized) and the
+# dtypes of unquantized weights.
+DENSE_BITS = (0, 2, 3, 4, 5, 6, 8)
+DENSE_GROUP_SIZES = (32, 64, 128)
+DENSE_DTYPES = ("float16", "bfloat16", "float32")
 
 # Sanity bounds enforced by the reader before anything is allocated.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -99,6 +112,35 @@ def dense_shard_name(index: int, count: int) -> str:
     model*.safetensors) finds the dense weights.
     """
     return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def partial_shard_name(index: int) -> str:
+    """Temporary name of dense shard ``index`` (0-based) until finalize() renames it."""
+    return f"partial-dense-{index:05d}.safetensors"
+
+
+def is_partial_name(name: str) -> bool:
+    """True for the writer's temporary file names (the manifest or a dense shard being written)."""
+    return name == MANIFEST_PARTIAL_NAME or bool(_PARTIAL_DENSE.fullmatch(name))
+
+
+def component_tensors(projections: dict[str, tuple[int, int, bool]], bits: int, group_size: int,
+                      component: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """The tensors of one MWQ component's block: name -> (allowed dtypes, shape).
+
+    ``projections`` maps each expert projection to (out, in, has_bias). Codes pack
+    ``bits`` per weight into uint32 words; scales (and biases, for affine components:
+    bits > 1) are one float16 per group; a projection's own ``bias`` is in component 0.
+    """
+    want = {}
+    for name, (out, inp, has_bias) in projections.items():
+        want[f"{name}.weight"] = (("uint32",), (out, inp * bits // 32))
+        want[f"{name}.scales"] = (("float16",), (out, inp // group_size))
+        if bits != 1:
+            want[f"{name}.biases"] = (("float16",), (out, inp // group_size))
+        if has_bias and component == 0:
+            want[f"{name}.bias"] = (("float16", "float32"), (out,))
+    return want
 
 
 def round_up(n: int, align: int) -> int:

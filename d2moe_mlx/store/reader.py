@@ -127,12 +127,13 @@ class Store:
             raise IndexError(f"expert {expert} out of range 0..{e['num_blocks'] - 1}")
         return e, int(expert) * e["block_stride"]
 
-    def _check_crc(self, e: dict, expert: int, off: int, crc: int) -> None:
+    def _check_crc(self, e: dict, expert: int, off: int, crc: int,
+                   hint: str = f"{CONVERT_HINT} (`d2moe inspect --verify` lists all damage)") -> None:
         if crc != e["crc32"][expert]:
             raise StoreError(
                 f"{e['path']}: checksum mismatch in layer {e['layer']} component "
                 f"{e['component']} expert {expert} (block at offset {off}); the file is "
-                f"corrupted: {CONVERT_HINT} (`d2moe inspect --verify` lists all damage)"
+                f"corrupted: {hint}"
             )
 
     def tensor_views(self, layer: int, component: int, buf: np.ndarray) -> dict[str, np.ndarray]:
@@ -242,10 +243,10 @@ class Store:
                 off = x * e["block_stride"]
                 try:
                     _preadv_full(self._fd(key), [memoryview(buf)], off, e["path"])
-                    self._check_crc(e, x, off, zlib.crc32(buf[:e["block_bytes"]]))
+                    self._check_crc(e, x, off, zlib.crc32(buf[:e["block_bytes"]]), CONVERT_HINT)
                     if buf[e["block_bytes"]:].any():
                         problems.append(f"{e['path']}: non-zero padding after block of expert "
-                                        f"{x} (offset {off})")
+                                        f"{x} (offset {off}); {CONVERT_HINT}")
                 except (StoreError, OSError) as err:
                     problems.append(str(err))
                 tick(e["block_stride"])
@@ -257,7 +258,7 @@ class Store:
                 problems.append(f"{p}: cannot read ({err})")
                 continue
             if size != info["size"]:
-                problems.append(f"{p}: size {size} != {info['size']} in the manifest")
+                problems.append(f"{p}: size {size} != {info['size']} in the manifest; {CONVERT_HINT}")
             elif crc != info["crc32"]:
                 problems.append(f"{p}: checksum mismatch (file corrupted); {CONVERT_HINT}")
         problems += self._check_dense_index()
@@ -274,9 +275,9 @@ class Store:
             return [str(err)]
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict):
-            return [f"{p}: no 'weight_map' object"]
+            return [f"{p}: no 'weight_map' object; {CONVERT_HINT}"]
         stray = sorted({v for v in wm.values() if v not in dense}, key=str)
-        return [f"{p}: weight_map points at {stray[:5]} not in dense_files"] if stray else []
+        return [f"{p}: weight_map points at {stray[:5]} not in dense_files; {CONVERT_HINT}"] if stray else []
 
     def summary(self) -> dict:
         """Sizes for `d2moe inspect`: bytes per component and per level, file counts."""

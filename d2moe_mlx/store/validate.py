@@ -1,8 +1,10 @@
 """Validation of a store's manifest against its files (see docs/FORMAT.md).
 
 Everything is checked before anything is allocated or read: file names stay
-inside the store, sizes, offsets, shapes and dtypes are bounded, and only JSON
-is parsed. A damaged or malicious store fails here with a StoreError.
+inside the store, sizes, offsets, shapes and dtypes are bounded, the sections the
+runtime reads (mwq, switch_modules, projections, dense) are well formed and fit
+the expert files, and only JSON is parsed. A damaged or malicious store fails
+here with a StoreError.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections import Counter
 from pathlib import Path
 
+from ..mwq import MWQSpec
 from . import format as F
 from .format import StoreError, TensorSpec
 
@@ -76,6 +80,7 @@ def validate_store(root: Path) -> tuple[dict, dict, dict]:
         raise bad(f"{F.CONFIG_NAME} is not listed in 'files'")
 
     entries = _validate_experts(root, m, mpath)
+    _validate_model(m, entries, bad)
     config = load_json(root / F.CONFIG_NAME, "model config", F.MAX_JSON_FILE_BYTES)
     if not isinstance(config, dict):
         raise StoreError(f"{root / F.CONFIG_NAME}: config is not a JSON object; {CONVERT_HINT}")
@@ -192,3 +197,110 @@ def _validate_layout(tensors, block_bytes: int, where: str, bad) -> list[TensorS
             raise bad(f"{where}: tensors {a.name!r} and {b.name!r} overlap")
     return specs
 
+
+def _validate_model(m: dict, entries: dict, bad) -> None:
+    """The sections the runtime reads, and their fit with the expert files (all or none)."""
+    if not any(k in m for k in F.MODEL_KEYS):
+        return  # a bare expert container (tests, tools): nothing for the runtime to load
+    missing = [k for k in F.MODEL_KEYS if k not in m]
+    if missing:
+        raise bad(f"{', '.join(repr(k) for k in missing)} missing: a model's manifest has all "
+                  f"of {', '.join(F.MODEL_KEYS)}")
+    if not (isinstance(m["model_type"], str) and 0 < len(m["model_type"]) <= F.MAX_NAME_LEN):
+        raise bad(f"'model_type' must be a non-empty string, got {_show(m['model_type'], 80)}")
+    spec = _mwq_spec(m["mwq"], bad)
+    per_layer = Counter(layer for layer, _ in entries)
+    layers = sorted(per_layer)
+    for layer in layers:
+        if per_layer[layer] != spec.num_levels:
+            raise bad(f"layer {layer} has {per_layer[layer]} components (expert files) but "
+                      f"'mwq' {_show(m['mwq'], 200)} has {spec.num_levels} levels")
+    _check_switch_modules(m["switch_modules"], layers, bad)
+    _check_dense(m["dense"], bad)
+    _check_calibration(m.get("calibration", {}), bad)
+    projections = _projections(m["projections"], spec, bad)
+    for (layer, c), e in sorted(entries.items()):
+        bits = spec.component_bits(c)
+        want = F.component_tensors(projections, bits, spec.group_size, c)
+        got = {t.name: t for t in e["specs"]}
+        where = f"{e['file']} (layer {layer}, component {c}, {bits}-bit)"
+        if set(got) != set(want):
+            raise bad(f"{where}: tensors do not match 'projections' and 'mwq': missing "
+                      f"{sorted(set(want) - set(got))}, unexpected {sorted(set(got) - set(want))}")
+        for name, (dtypes, shape) in want.items():
+            t = got[name]
+            if t.dtype not in dtypes or t.shape != shape:
+                raise bad(f"{where}: tensor {name!r} is {t.dtype} {list(t.shape)}; 'projections' "
+                          f"and 'mwq' imply {' or '.join(dtypes)} {list(shape)}")
+
+
+def _mwq_spec(d, bad) -> MWQSpec:
+    """The MWQ spec of 'mwq', strictly typed, with MWQSpec's own rules."""
+    if not (isinstance(d, dict) and _int(d.get("base_bits"), 0, 64)
+            and _int(d.get("group_size"), 1, F.MAX_BLOCK_BYTES)
+            and isinstance(d.get("plane_bits"), list) and len(d["plane_bits"]) < F.MAX_COMPONENTS
+            and all(_int(b, 0, 64) for b in d["plane_bits"])):
+        raise bad("'mwq' must be {\"base_bits\": int, \"plane_bits\": [int, ...], "
+                  f"\"group_size\": int}}, got {_show(d, 200)}")
+    if not isinstance(d.get("nested", False), bool):
+        raise bad(f"'mwq' nested must be true or false, got {_show(d['nested'], 50)}")
+    try:
+        return MWQSpec.from_dict(d)
+    except ValueError as e:
+        raise bad(f"'mwq' is {_show(d, 200)}: {e}") from None
+
+
+def _check_switch_modules(d, layers: list[int], bad) -> None:
+    if not (isinstance(d, dict) and all(
+            isinstance(k, str) and len(k) <= 5 and k.isascii() and k.isdigit() and k == str(int(k))
+            and isinstance(v, str) and 0 < len(v) <= 4 * F.MAX_NAME_LEN for k, v in d.items())):
+        raise bad(f"'switch_modules' must map layer numbers to module paths, like "
+                  f"{{\"0\": \"model.layers.0.mlp.switch_mlp\"}}, got {_show(d, 200)}")
+    if sorted(int(k) for k in d) != layers:
+        raise bad(f"'switch_modules' names layers {_show(sorted(int(k) for k in d), 80)}, the "
+                  f"expert files have layers {_show(layers, 80)}")
+
+
+def _check_dense(d, bad) -> None:
+    if not isinstance(d, dict):
+        raise bad(f"'dense' must be an object with bits, group_size and dtype, got {_show(d, 80)}")
+    for key, allowed in (("dtype", F.DENSE_DTYPES), ("bits", F.DENSE_BITS),
+                         ("group_size", F.DENSE_GROUP_SIZES)):
+        v = d.get(key)
+        if type(v) is not type(allowed[0]) or v not in allowed:
+            raise bad(f"'dense' {key} is {_show(v, 80)}, expected one of {_show(list(allowed), 80)}")
+
+
+def _check_calibration(d, bad) -> None:
+    ok = isinstance(d, dict) and all(
+        _int(d[k], 0, 1 << 62) for k in ("tokens", "seq_len") if k in d)
+    if not ok or not isinstance(d.get("source", ""), str):
+        raise bad(f"'calibration' must be {{\"tokens\": int, \"seq_len\": int, \"source\": str}}, "
+                  f"got {_show(d, 200)}")
+
+
+def _projections(d, spec: MWQSpec, bad) -> dict[str, tuple[int, int, bool]]:
+    """'projections' as {name: (out, in, has_bias)}; `in` must split into groups and words."""
+    if not isinstance(d, dict) or not 1 <= len(d) <= F.MAX_TENSORS_PER_BLOCK:
+        raise bad(f"'projections' must map 1..{F.MAX_TENSORS_PER_BLOCK} projection names to "
+                  f"{{\"shape\": [out, in], \"bias\": bool}}, got {_show(d, 200)}")
+    out = {}
+    for name, p in d.items():
+        shape = p.get("shape") if isinstance(p, dict) else None
+        if not (isinstance(name, str) and 0 < len(name) <= F.MAX_NAME_LEN and "." not in name
+                and isinstance(shape, list) and len(shape) == 2
+                and all(_int(n, 1, F.MAX_BLOCK_BYTES) for n in shape)
+                and isinstance(p.get("bias"), bool)):
+            raise bad(f"'projections' entry {_show(name, 80)} must be {{\"shape\": [out, in], "
+                      f"\"bias\": bool}} with a name without dots, got {_show(p, 200)}")
+        if shape[1] % spec.group_size:
+            raise bad(f"'projections' {name!r}: input width {shape[1]} is not a multiple of the "
+                      f"'mwq' group_size {spec.group_size}")
+        out[name] = (shape[0], shape[1], p["bias"])
+    return out
+
+
+def _show(value, limit: int) -> str:
+    """A manifest value as JSON, cut to ``limit`` characters for a message."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."

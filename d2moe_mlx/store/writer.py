@@ -2,7 +2,9 @@
 
 Everything goes into a temporary sibling directory `<out>.d2moe-tmp-<pid>-<hex>`;
 `finalize()` writes d2moe.json last, fsyncs, and renames the directory into
-place, so an interrupted run never leaves a loadable store at `out`.
+place, so an interrupted run never leaves a loadable store at `out`. With
+`overwrite=True` only an empty directory or one of our stores is replaced
+(`check_out_dir`); nothing else is ever deleted.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import numpy as np
 
 from .format import (
     BLOCK_ALIGN, CALIB_STATS_NAME, CHECKSUM, CONFIG_NAME, DENSE_INDEX_NAME, EXPERTS_DIR,
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MAX_NAME_LEN, TENSOR_ALIGN,
-    as_numpy, block_layout, dense_shard_name, expert_file_name, round_up,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MANIFEST_PARTIAL_NAME, MAX_NAME_LEN,
+    TENSOR_ALIGN, as_numpy, block_layout, dense_shard_name, expert_file_name,
+    partial_shard_name, round_up,
 )
+from .outdir import check_out_dir
 
 TMP_TAG = ".d2moe-tmp-"
 OLD_TAG = ".d2moe-old-"
@@ -105,11 +109,7 @@ class StoreWriter:
     def __init__(self, out_dir: str | Path, overwrite: bool = False):
         self.out_dir = Path(out_dir).absolute()
         self.overwrite = overwrite
-        if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.out_dir} already exists: pass overwrite=True (--overwrite) "
-                "to replace it, or choose another output directory"
-            )
+        check_out_dir(self.out_dir, overwrite)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(self.out_dir)
         name = f"{self.out_dir.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
@@ -199,7 +199,7 @@ class StoreWriter:
             raise ValueError(f"dense weights written twice: {sorted(dup)[:5]}")
         arrays = {k: v if isinstance(v, mx.array) else mx.array(np.asarray(v))
                   for k, v in weights.items()}
-        partial = f"partial-dense-{len(self._shards):05d}.safetensors"
+        partial = partial_shard_name(len(self._shards))
         mx.save_safetensors(str(self._tmp / partial), arrays, metadata={"format": "mlx"})
         self._weight_names.update(arrays)
         self._shards.append((partial, sorted(arrays)))
@@ -280,7 +280,7 @@ class StoreWriter:
             doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    **manifest, "experts": experts, "files": files, "dense_files": dense}
-            tmp_manifest = self._tmp / (MANIFEST_NAME + ".partial")
+            tmp_manifest = self._tmp / MANIFEST_PARTIAL_NAME
             with open(tmp_manifest, "w") as f:
                 json.dump(doc, f, indent=1)
                 f.flush()
@@ -305,6 +305,7 @@ class StoreWriter:
         if out.exists() or out.is_symlink():
             if not self.overwrite:
                 raise FileExistsError(f"{out} appeared while converting; nothing was replaced")
+            check_out_dir(out, overwrite=True)  # again: it may have changed meanwhile
             old = parent / f"{out.name}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
             os.rename(out, old)
         os.rename(self._tmp, out)
