@@ -24,8 +24,9 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .generation import encode_prompt, format_stats, stream_generate, text_after_prompt
 from .engine import streaming_of
+from .generation import encode_prompt, format_stats, stream_generate, text_after_prompt
+from .limits import ContextError
 
 HELP = "type q or Ctrl-D to quit, r to reset, Ctrl-C stops a reply"
 
@@ -160,10 +161,18 @@ def run_chat(
             text = "\n".join(m["content"] for m in messages) + "\n"
         start = cache_tokens(cache)
         before = streaming.stats.snapshot() if streaming is not None else None
-        with ReplyInterrupt() as interrupt:
-            response, stopped = reply(model, tokenizer, text, cache, interrupt,
-                                      lambda s: click.echo(s, nl=False), **kwargs)
+        try:
+            with ReplyInterrupt() as interrupt:
+                response, stopped = reply(model, tokenizer, text, cache, interrupt,
+                                          lambda s: click.echo(s, nl=False), **kwargs)
+        except ContextError as e:  # the question does not fit in what is left of the context
+            click.echo(f"({e}; r resets the conversation)", err=True)
+            continue
         click.echo()
+        if response is not None and response.finish_reason == "context":
+            click.echo(f"(the reply stopped: the {streaming.plan.context}-token context the memory "
+                       "budget reserves is full; r resets the conversation, --context reserves more)",
+                       err=True)
         if stopped:
             if rewind(cache, start):
                 click.echo("(reply stopped; it and its question are left out of the conversation)",

@@ -25,14 +25,16 @@ def _fail(message: str) -> None:
 @contextmanager
 def _store_errors():
     """A StoreError raised while generating (a streaming model reads experts then: a
-    damaged or missing file shows only there) becomes one ``Error:`` line."""
+    damaged or missing file shows only there), or a prompt longer than the context the
+    budget reserves, becomes one ``Error:`` line."""
+    from .limits import ContextError
     from .store.format import StoreError
 
     try:
         yield
-    except StoreError as e:
+    except (StoreError, ContextError) as e:
         click.echo()  # end the partial reply's line
-        _fail(str(e))
+        _fail(_cli_words(e))
 
 
 class _Size(click.ParamType):
@@ -60,7 +62,8 @@ def _cli_words(error: Exception) -> str:
 
 
 def _load(store: str, level: int | None, dtype: str | None, memory: int | None = None,
-          cache_policy: str = "lru", prefetch: bool = False, context: int = 4096):
+          cache_policy: str = "lru", prefetch: bool = False, context: int = 4096,
+          prefill_step: int = 512):
     from .memory import format_size
     from .model import load
     from .store.format import StoreError
@@ -69,9 +72,10 @@ def _load(store: str, level: int | None, dtype: str | None, memory: int | None =
         click.echo(f"memory budget: {format_size(memory)}", err=True)
     try:
         model, tokenizer = load(store, level=level, dtype=dtype, memory_budget=memory,
-                                cache_policy=cache_policy, prefetch=prefetch, context=context)
+                                cache_policy=cache_policy, prefetch=prefetch, context=context,
+                                prefill_step=prefill_step)
     except (StoreError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        _fail(_cli_words(e))
     from .engine import streaming_of
 
     streaming = streaming_of(model)
@@ -95,7 +99,11 @@ def _streaming_options(f):
                      help="With --memory: load the next layer's likely experts early "
                           "(docs/BENCHMARKS.md says when it pays)."),
         click.option("--context", type=click.IntRange(1), default=4096, show_default=True,
-                     help="With --memory: tokens of KV cache the budget reserves."),
+                     help="With --memory: tokens of KV cache the budget reserves; a reply stops "
+                          "when it is full."),
+        click.option("--prefill-step", type=click.IntRange(1), default=512, show_default=True,
+                     help="With --memory: most tokens one forward pass computes (the prompt runs "
+                          "in steps of this size); a smaller step needs less working memory."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -276,7 +284,7 @@ def convert(
 )
 @_streaming_options
 def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template, dtype,
-             memory, cache_policy, prefetch, context):
+             **streaming):
     """Generate text from STORE and print speed and memory."""
     import mlx.core as mx
 
@@ -285,7 +293,7 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
     if prompt == "-":
         prompt = sys.stdin.read()
     mx.random.seed(seed)
-    model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
+    model, tokenizer = _load(store, level, dtype, **streaming)
     text = format_prompt(tokenizer, prompt, use_chat_template=chat_template)
     ids = encode_prompt(tokenizer, text)
     if text == prompt:  # a continuation: print it after the prompt; a chat reply stands alone
@@ -297,6 +305,9 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
             click.echo(segment, nl=False)
     click.echo()
     if response is not None:
+        if response.finish_reason == "context":
+            click.echo(f"(stopped: the {streaming['context']}-token context the memory budget "
+                       "reserves is full; --context reserves more)", err=True)
         click.echo(format_stats(response, model), err=True)
 
 
@@ -319,8 +330,7 @@ def generate(store, prompt, max_tokens, level, temp, top_p, seed, chat_template,
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Activation dtype (default: float32 on CPU, else the store's).")
 @_streaming_options
-def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype,
-         memory, cache_policy, prefetch, context):
+def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtype, **streaming):
     """Chat with STORE in the terminal (streaming; 'q' or Ctrl-D quits, 'r' resets,
     Ctrl-C stops a reply)."""
     import mlx.core as mx
@@ -328,8 +338,8 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
     from .chat import banner, run_chat
 
     mx.random.seed(seed)
-    model, tokenizer = _load(store, level, dtype, memory, cache_policy, prefetch, context)
-    click.echo(banner(store, level, memory), err=True)
+    model, tokenizer = _load(store, level, dtype, **streaming)
+    click.echo(banner(store, level, streaming["memory"]), err=True)
     with _store_errors():
         run_chat(model, tokenizer, system_prompt=system_prompt, stats=stats, max_tokens=max_tokens,
                  sampler=_sampler(temp, top_p))

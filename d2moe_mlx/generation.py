@@ -7,6 +7,7 @@ tokenizer's chat template when it has one.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Generator, Iterable, List, Tuple, Union
 
 import mlx.core as mx
@@ -15,9 +16,10 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .engine import streaming_of
+from .limits import ContextError, kv_length
 from .memory import format_bytes, peak_rss_bytes
 from .scheduler import StreamStats
-from .engine import streaming_of
 
 
 def stream_generate(
@@ -30,11 +32,29 @@ def stream_generate(
     """Yield a :class:`mlx_lm.generate.GenerationResponse` per generated token (mlx-lm's signature).
 
     A model loaded with a memory budget prefills in steps of the size its budget
-    planned for (``prefill_step_size`` overrides it)."""
+    planned for (``prefill_step_size`` overrides it) and stops where the KV context
+    the budget reserved is full: the last response then has ``finish_reason ==
+    "context"``. A prompt that does not fit at all raises :class:`ContextError`."""
     streaming = streaming_of(model)
+    capped = False
     if streaming is not None:
         kwargs.setdefault("prefill_step_size", streaming.plan.prefill_step)
-    yield from _mlx_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+        if isinstance(prompt, str):
+            prompt = encode_prompt(tokenizer, prompt)
+        held = kv_length(kwargs.get("prompt_cache")) or 0
+        n = len(prompt) if not isinstance(prompt, mx.array) else prompt.size
+        room = streaming.plan.context - held - n
+        if room < 1:
+            raise ContextError(
+                f"the prompt ({n} tokens) and what the conversation holds ({held}) leave no room in "
+                f"the {streaming.plan.context}-token context the memory budget reserves: raise it "
+                "(--context / context=) or start a new conversation")
+        capped = room < max_tokens
+        max_tokens = min(max_tokens, room)
+    for response in _mlx_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        if capped and response.finish_reason == "length":
+            response = dataclasses.replace(response, finish_reason="context")
+        yield response
 
 
 def generate(

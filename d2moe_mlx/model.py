@@ -25,6 +25,7 @@ from .convert.hf_config import apply_mlx_lm_fixes
 from .budget import plan_budget
 from .engine import choose_layout, fill, install_engine
 from .layout import make_layout
+from .limits import bound_calls
 from .memory import parse_size
 from .store.format import MANIFEST_NAME, StoreError
 from .store.reader import Store
@@ -165,6 +166,7 @@ def load_model(
         store.close()
         raise
     if plan is not None:
+        bound_calls(model, plan.prefill_step, plan.context)  # whatever step the caller uses
         mx.set_cache_limit(plan.mlx_cache)  # freed buffers MLX keeps are planned in the budget
         set_wired_limit(plan.total)  # macOS: keep the budget wired (no-op elsewhere)
     return model, config

@@ -70,6 +70,14 @@ def test_chat_with_a_memory_budget_streams_and_reports(store):
     chat = run("chat", store, "-m", "6", "--temp", "0", "--memory", budget, input="hello\nagain\nq\n")
     assert chat.returncode == 0, chat.stderr
     assert chat.stderr.count("hit rate") == 2  # one stats line per reply
+    # The KV context the budget reserves: a reply stops where it is full, and says so.
+    full = run("generate", store, "-p", "hello", "-m", "200", "--memory", budget, "--context", "64")
+    assert full.returncode == 0, full.stderr
+    assert "64-token context the memory budget reserves is full" in full.stderr
+    assert "generation: 59 tokens" in full.stderr  # 64 - the 5-token prompt
+    long = run("generate", store, "-p", "x" * 80, "--memory", budget, "--context", "64")
+    assert long.returncode == 1 and long.stderr.count("Error:") == 1 and "Traceback" not in long.stderr
+    assert "64-token context" in long.stderr and "--context" in long.stderr
 
 
 def test_memory_sizes_need_a_unit_and_are_echoed(store):

@@ -115,3 +115,53 @@ def test_set_level_on_a_streaming_model_runs_the_next_token_at_that_level(stores
         set_level(small, 2)
     assert engine_of(small).level == 0  # refused: still runs at its level
     mx.eval(small(x))
+
+
+def test_long_inputs_run_in_planned_steps_with_the_same_result(stores, fixed_baseline):
+    """A budgeted model computes a forward pass of more tokens than its planned step in
+    chunks through the KV cache: the same logits as the resident model's one pass."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    path = stores("nested")
+    budget = _budget(path, 3, "levels")
+    model, _ = load_model(path, dtype="float32", memory_budget=budget, prefill_step=16, context=256)
+    ref, _ = load_model(path, dtype="float32")
+    x = mx.array(np.random.default_rng(2).integers(3, 250, (1, 100)))
+    calls = []
+    engine = streaming_of(model)
+    first = engine.layers[min(engine.layers)]
+    real = type(first).__call__
+    type(first).__call__ = lambda self, xx, idx: (calls.append(xx.shape[1]) if self is first else None,
+                                                  real(self, xx, idx))[1]
+    try:
+        got = model(x, cache=make_prompt_cache(model))
+        got_nocache = model(x)
+    finally:
+        type(first).__call__ = real
+    want = ref(x)
+    assert calls and max(calls) <= 16, calls  # no pass saw more tokens than planned
+    for out in (got, got_nocache):
+        assert out.shape == want.shape
+        assert np.abs(np.array(out) - np.array(want)).max() <= 1e-4
+
+
+def test_context_the_budget_reserves_is_never_exceeded(stores, fixed_baseline):
+    """Our stream_generate stops where the reserved context is full and says so; mlx-lm's
+    own loop gets a ContextError from the model instead of a KV cache past the budget."""
+    from mlx_lm.generate import stream_generate as mlx_stream_generate
+
+    from d2moe_mlx import generation
+    from d2moe_mlx.limits import ContextError
+    from d2moe_mlx.model import load
+
+    path = stores("nested")
+    model, tokenizer = load(path, dtype="float32", memory_budget=_budget(path, 3, "levels"), context=64)
+    prompt = list(range(3, 23))  # 20 tokens
+    out = list(generation.stream_generate(model, tokenizer, prompt, max_tokens=200))
+    assert len(out) == 64 - 20 and out[-1].finish_reason == "context"
+    with pytest.raises(ContextError, match="64"):
+        list(mlx_stream_generate(model, tokenizer, prompt, max_tokens=200))
+    with pytest.raises(ContextError, match="no room"):
+        list(generation.stream_generate(model, tokenizer, list(range(3, 70)), max_tokens=5))
+    short = list(generation.stream_generate(model, tokenizer, prompt, max_tokens=5))
+    assert len(short) == 5 and short[-1].finish_reason == "length"

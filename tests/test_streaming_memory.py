@@ -131,3 +131,65 @@ def test_peak_rss_within_budget_while_streaming(synthetic_store, tmp_path):
     assert r["mx_peak"] <= PEAK_TOLERANCE * (r["budget"] - r["baseline"])  # MLX's own peak
     assert r["peak_rss"] <= PEAK_TOLERANCE * r["budget"], (
         f"peak RSS {_mib(r['peak_rss'])} is over the budget {_mib(r['budget'])} x {PEAK_TOLERANCE}")
+
+
+LONG_CHILD = r"""
+import json, sys
+import mlx.core as mx
+mx.set_default_device(mx.cpu)
+import numpy as np
+from mlx_lm.generate import stream_generate
+import d2moe_mlx.model as d2model
+from d2moe_mlx import mwq
+from d2moe_mlx.budget import budget_for_slots
+from d2moe_mlx.engine import choose_layout, streaming_of
+from d2moe_mlx.layout import make_layout
+from d2moe_mlx.memory import peak_rss_bytes
+from d2moe_mlx.store.reader import Store
+from d2moe_mlx.system import current_rss_bytes
+
+path, prompt_tokens, bounded = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+if not bounded:  # the control run: what mlx-lm's default step does to an unbounded model
+    d2model.bound_calls = lambda *args, **kwargs: None
+opts = dict(context=prompt_tokens + 64, prefill_step=128)
+d2model._start_device()
+with Store.open(path) as store:
+    spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+    lay = make_layout(choose_layout("auto", spec, store.manifest, True), spec)
+    budget = budget_for_slots(store.num_experts // 2, store, lay, spec.num_levels - 1, 4,
+                              current_rss_bytes(), **opts)
+model, tokenizer = d2model.load(path, memory_budget=budget, dtype="float32", **opts)
+prompt = np.random.default_rng(0).integers(3, 6000, prompt_tokens).tolist()
+tokens = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=4)]  # mlx-lm's step
+print(json.dumps(dict(budget=budget, peak_rss=peak_rss_bytes(), tokens=len(tokens),
+                      plan=streaming_of(model).plan.describe())))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    from d2moe_mlx.convert.convert import convert
+    from d2moe_mlx.demo import bundled_model
+
+    out = tmp_path_factory.mktemp("tiny") / "store"
+    return convert(bundled_model(), out, calib_tokens=256, seq_len=64).path
+
+
+def test_budget_holds_under_mlx_lm_default_prefill_step(tiny_store, tmp_path):
+    """mlx-lm's own stream_generate prefills a 2100-token prompt in steps of 2048; the
+    model planned for 128-token steps runs them in 128-token chunks and stays within its
+    budget. The control run (chunking switched off) does not, so the check can fail."""
+    script = tmp_path / "long.py"
+    script.write_text(textwrap.dedent(LONG_CHILD))
+    results = {}
+    for bounded in ("1", "0"):
+        run = subprocess.run([sys.executable, str(script), str(tiny_store), "2100", bounded],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-4000:]
+        results[bounded] = json.loads(run.stdout.strip().splitlines()[-1])
+    ok, control = results["1"], results["0"]
+    print(f"\n{ok['plan']}\npeak RSS bounded {_mib(ok['peak_rss'])} = {ok['peak_rss'] / ok['budget']:.3f} "
+          f"x budget; unbounded {_mib(control['peak_rss'])} = {control['peak_rss'] / control['budget']:.3f} x")
+    assert ok["tokens"] == control["tokens"] == 4
+    assert ok["peak_rss"] <= PEAK_TOLERANCE * ok["budget"]
+    assert control["peak_rss"] > PEAK_TOLERANCE * control["budget"], "the control run stayed in budget"
