@@ -63,7 +63,7 @@ def _cli_words(error: Exception) -> str:
 
 def _load(store: str, level: int | None, dtype: str | None, memory: int | None = None,
           cache_policy: str = "lru", prefetch: bool = False, context: int = 4096,
-          prefill_step: int = 512):
+          prefill_step: int = 512, verify: bool = True):
     from .memory import format_size
     from .model import load
     from .store.format import StoreError
@@ -73,7 +73,7 @@ def _load(store: str, level: int | None, dtype: str | None, memory: int | None =
     try:
         model, tokenizer = load(store, level=level, dtype=dtype, memory_budget=memory,
                                 cache_policy=cache_policy, prefetch=prefetch, context=context,
-                                prefill_step=prefill_step)
+                                prefill_step=prefill_step, verify=verify)
     except (StoreError, ValueError, FileNotFoundError) as e:
         _fail(_cli_words(e))
     from .engine import streaming_of
@@ -85,7 +85,8 @@ def _load(store: str, level: int | None, dtype: str | None, memory: int | None =
 
 
 def _streaming_options(f):
-    """--memory, --cache-policy, --prefetch and --context for commands that load a model."""
+    """--memory, --cache-policy, --prefetch, --context, --verify and --prefill-step for
+    commands that load a model."""
     from .policies import POLICIES
 
     options = [
@@ -101,6 +102,9 @@ def _streaming_options(f):
         click.option("--context", type=click.IntRange(1), default=4096, show_default=True,
                      help="With --memory: tokens of KV cache the budget reserves; a reply stops "
                           "when it is full."),
+        click.option("--verify/--no-verify", default=True, show_default=True,
+                     help="Check every expert block read from disk, and the dense weight files "
+                          "at load, against their crc32 (about 2 percent of a read)."),
         click.option("--prefill-step", type=click.IntRange(1), default=512, show_default=True,
                      help="With --memory: most tokens one forward pass computes (the prompt runs "
                           "in steps of this size); a smaller step needs less working memory."),

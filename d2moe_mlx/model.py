@@ -195,8 +195,8 @@ def check_dense_files(store: Store, verify: bool = True) -> None:
             info = store.manifest["files"][name]
             if (size, crc) != (info["size"], info["crc32"]):
                 raise StoreError(f"{store.path / name}: checksum mismatch (file corrupted); re-run "
-                                 "d2moe convert to rebuild the store (or pass verify=False to skip "
-                                 "this check)")
+                                 "d2moe convert to rebuild the store (or skip this check: "
+                                 "verify=False (--no-verify))")
 
 
 def _start_device() -> None:
