@@ -61,6 +61,7 @@ class BudgetPlan:
     prefill_step: int
     level: int = 0
     loader_threads: int = 4
+    batch: int = 1
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -82,7 +83,8 @@ class BudgetPlan:
         parts = [
             f"budget {format_bytes(self.total)}: process baseline {format_bytes(self.baseline)}",
             f"dense weights {format_bytes(self.dense)}",
-            f"KV cache for {self.context} tokens {format_bytes(self.kv)}",
+            f"KV cache for {self.batch} x {self.context} tokens {format_bytes(self.kv)}"
+            if self.batch > 1 else f"KV cache for {self.context} tokens {format_bytes(self.kv)}",
             f"working memory {format_bytes(self.working)}",
             f"expert cache {format_bytes(self.cache_used)} = {min(self.slots.values())} of "
             f"{self.num_experts} experts per layer ({100 * self.expert_fraction:.1f}%)",
@@ -147,10 +149,12 @@ def plan_budget(
     prefill_step: int = 512,
     loader_threads: int = 4,
     parts: list[int] | None = None,
+    batch: int = 1,
 ) -> BudgetPlan:
     """Split ``total`` bytes for running ``level`` in ``layout`` (pools for ``parts``,
-    default the parts that compute ``level``); BudgetError if the minimum working set
-    does not fit.
+    default the parts that compute ``level``) with ``batch`` sequences of up to
+    ``context`` tokens each (forward passes are held to ``prefill_step`` tokens in all,
+    see :mod:`d2moe_mlx.limits`); BudgetError if the minimum working set does not fit.
 
     Slots per part: every part gets the same count (each pair of the level needs all
     of its parts, so a part with more slots than another could not be used by a call)."""
@@ -164,7 +168,9 @@ def plan_budget(
                                    for c in range(max(layout.parts[p].hi for p in parts) + 1))
     top_k = _top_k(config)
     dense = dense_bytes(store, act_itemsize)
-    kv = kv_bytes(config, context, act_itemsize)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    kv = batch * kv_bytes(config, context, act_itemsize)
     work = workspace_bytes(config, prefill_step, act_itemsize)
     mlx_cache = int(MLX_CACHE_FRACTION * work)
     fixed = baseline + dense + kv + work + mlx_cache + staging + RUNTIME_SLACK
@@ -177,7 +183,7 @@ def plan_budget(
         raise BudgetError(
             f"a memory budget of {format_bytes(total)} is too small: the process needs "
             f"{format_bytes(baseline)} (interpreter and libraries) + {format_bytes(dense)} dense "
-            f"weights + {format_bytes(kv)} KV cache ({context} tokens) + "
+            f"weights + {format_bytes(kv)} KV cache ({batch} x {context} tokens) + "
             f"{format_bytes(work + mlx_cache + staging + RUNTIME_SLACK)} working memory, and at "
             f"least {top_k} experts per "
             f"layer at level {level} ({format_bytes((top_k + 1) * one_expert)} over {len(layers)} "
@@ -189,7 +195,7 @@ def plan_budget(
         slack=RUNTIME_SLACK, staging=staging,
         cache=cache, slot_bytes=per_slot, slots={p: int(n) for p in parts}, layers=len(layers),
         num_experts=store.num_experts, top_k=top_k, context=context, prefill_step=prefill_step,
-        level=level, loader_threads=loader_threads,
+        level=level, loader_threads=loader_threads, batch=batch,
     )
 
 
@@ -220,7 +226,7 @@ def replan(plan: BudgetPlan, store: Store, layout: Layout, parts: list[int],
     level = max(layout.parts[p].hi for p in parts)
     return plan_budget(plan.total, store, store.config, layout, level, act_itemsize, plan.baseline,
                        context=plan.context, prefill_step=plan.prefill_step,
-                       loader_threads=plan.loader_threads, parts=parts)
+                       loader_threads=plan.loader_threads, parts=parts, batch=plan.batch)
 
 
 def _top_k(config: dict) -> int:

@@ -4,7 +4,8 @@
 every MoE block's routed experts (found by the family adapter) and builds one
 :class:`~d2moe_mlx.cache.ExpertCache` per layer. Resident and streaming models are
 the same engine: resident pools hold every expert in the slot of its id (filled
-at load), streaming pools are sized by the budget plan and filled on demand.
+at load), streaming pools are sized by the budget plan and filled on demand (a
+budget that holds every expert fills them at load and then runs as resident).
 :class:`Engine` is what a model carries (``engine_of(model)``); :meth:`Engine.set_level`
 switches the running level of either kind.
 """
@@ -116,11 +117,15 @@ class Engine:
                                        **self.policy_options)
         if plan is not None:
             self.plan = plan
-        elif fill:
+        if fill and self._holds_all(parts):
             self._fill()
 
+    def _holds_all(self, parts: list[int]) -> bool:
+        """Resident, or a budget whose pools hold every expert (then loaded at start)."""
+        return self.plan is None or all(self.plan.slots[p] >= self.store.num_experts for p in parts)
+
     def _fill(self) -> None:
-        """Resident: read every expert of every pool into the slot of its id."""
+        """Read every expert of every pool into the slot of its id (resident)."""
         futures = []
         for cache in self.scheduler.caches.values():
             for pool in cache.pools:
@@ -201,8 +206,9 @@ def install_engine(model: nn.Module, store: Store, spec: mwq.MWQSpec, level: int
 
 
 def fill(engine: Engine) -> None:
-    """Read every expert of a resident engine into its pools (after the dense weights)."""
-    if not engine.streaming:
+    """Read every expert into its pools (after the dense weights) when they hold them all:
+    a resident model, or a budget large enough for every expert."""
+    if engine._holds_all(engine._parts):
         engine._fill()
 
 

@@ -89,6 +89,7 @@ def load_model(
     io_mode: str = "random",
     layout: str = "auto",
     verify: bool = True,
+    batch: int = 1,
 ) -> tuple[nn.Module, dict]:
     """Build the mlx-lm model of the store at ``path`` with MWQ experts; returns ``(model, config)``.
 
@@ -108,6 +109,8 @@ def load_model(
     needs a nested-fitted store), ``planes`` (one tensor per stored component) or
     ``auto`` (levels where possible). ``verify``: check every expert block read
     from disk and the dense files against their crc32 (default; ~2% of a read).
+    ``batch``: sequences the budget plans KV cache for (mlx-lm's ``BatchGenerator``
+    runs several at once; every forward pass is held to ``prefill_step`` tokens).
     """
     _start_device()
     baseline = current_rss_bytes()
@@ -131,7 +134,7 @@ def load_model(
         if memory_budget is not None:
             plan = plan_budget(parse_size(memory_budget), store, store.config, make_layout(kind, spec),
                                level, act_dtype.size, baseline, context=context,
-                               prefill_step=prefill_step, loader_threads=loader_threads)
+                               prefill_step=prefill_step, loader_threads=loader_threads, batch=batch)
         check_dense_files(store, verify)
     except BaseException:
         store.close()

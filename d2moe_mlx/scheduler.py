@@ -407,12 +407,20 @@ class Scheduler:
         return {int(lv): np.flatnonzero(levels == lv) for lv in np.unique(levels)}
 
     def _count_fast(self, layer: int, lc: ExpertCache, parts, inds: mx.array, level: int) -> None:
+        """Counters of a call that needed no sync: every lookup hit. Distinct experts are
+        not known without reading the ids back: min(pairs, experts) stands in for them
+        (exact for a decode step, whose k experts are distinct)."""
         s = self.stats
         pairs = inds.size
         if layer == self.layers[0]:
             s.steps += 1
             s.tokens += pairs // inds.shape[-1]
         s.pairs[level] = s.pairs.get(level, 0) + pairs
+        n = min(pairs, lc.pools[parts[0]].num_experts) * len(parts)
+        s.lookups += n
+        s.hits += n
+        h, m = s.per_layer_hits.get(layer, (0, 0))
+        s.per_layer_hits[layer] = (h + n, m + n)
 
     def _account(self, layer: int, lc: ExpertCache, idx: np.ndarray, groups, flat) -> None:
         s = self.stats

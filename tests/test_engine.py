@@ -165,3 +165,18 @@ def test_context_the_budget_reserves_is_never_exceeded(stores, fixed_baseline):
         list(generation.stream_generate(model, tokenizer, list(range(3, 70)), max_tokens=5))
     short = list(generation.stream_generate(model, tokenizer, prompt, max_tokens=5))
     assert len(short) == 5 and short[-1].finish_reason == "length"
+
+
+def test_a_budget_that_holds_every_expert_runs_as_resident(stores, fixed_baseline):
+    path = stores("nested")
+    with Store.open(path) as store:
+        experts = store.num_experts
+    model, _ = load_model(path, dtype="float32", memory_budget=_budget(path, experts, "levels"))
+    engine = streaming_of(model)
+    assert engine.plan.slots == {2: experts}
+    assert all(c.pools[2].all_ready() for c in engine.scheduler.caches.values())  # read at load
+    x = mx.array([[5, 9, 33, 70, 2, 8]])
+    want = load_model(path, dtype="float32")[0](x)
+    assert mx.allclose(model(x), want, atol=1e-5).item()
+    s = engine.stats
+    assert s.syncs == 0 and s.hit_rate == 1.0 and s.bytes_read == 0  # no sync, no read per token

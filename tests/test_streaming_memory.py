@@ -148,10 +148,10 @@ from d2moe_mlx.memory import peak_rss_bytes
 from d2moe_mlx.store.reader import Store
 from d2moe_mlx.system import current_rss_bytes
 
-path, prompt_tokens, bounded = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+path, prompt_tokens, bounded, batch = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 if not bounded:  # the control run: what mlx-lm's default step does to an unbounded model
     d2model.bound_calls = lambda *args, **kwargs: None
-opts = dict(context=prompt_tokens + 64, prefill_step=128)
+opts = dict(context=prompt_tokens + 64, prefill_step=128, batch=batch)
 d2model._start_device()
 with Store.open(path) as store:
     spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
@@ -159,8 +159,13 @@ with Store.open(path) as store:
     budget = budget_for_slots(store.num_experts // 2, store, lay, spec.num_levels - 1, 4,
                               current_rss_bytes(), **opts)
 model, tokenizer = d2model.load(path, memory_budget=budget, dtype="float32", **opts)
-prompt = np.random.default_rng(0).integers(3, 6000, prompt_tokens).tolist()
-tokens = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=4)]  # mlx-lm's step
+prompts = [np.random.default_rng(s).integers(3, 6000, prompt_tokens - 7 * s).tolist() for s in range(batch)]
+if batch == 1:  # mlx-lm's own loop and default prefill step
+    tokens = [r.token for r in stream_generate(model, tokenizer, prompts[0], max_tokens=4)]
+else:  # mlx-lm's BatchGenerator with its defaults (prefill batches of 8, steps of 2048)
+    from mlx_lm.generate import batch_generate
+    out = batch_generate(model, tokenizer, prompts, max_tokens=4, return_token_ids=True)
+    tokens = [t for ids in out.token_ids for t in ids][:4] if all(len(i) == 4 for i in out.token_ids) else []
 print(json.dumps(dict(budget=budget, peak_rss=peak_rss_bytes(), tokens=len(tokens),
                       plan=streaming_of(model).plan.describe())))
 """
@@ -183,7 +188,7 @@ def test_budget_holds_under_mlx_lm_default_prefill_step(tiny_store, tmp_path):
     script.write_text(textwrap.dedent(LONG_CHILD))
     results = {}
     for bounded in ("1", "0"):
-        run = subprocess.run([sys.executable, str(script), str(tiny_store), "2100", bounded],
+        run = subprocess.run([sys.executable, str(script), str(tiny_store), "2100", bounded, "1"],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-4000:]
         results[bounded] = json.loads(run.stdout.strip().splitlines()[-1])
@@ -193,3 +198,17 @@ def test_budget_holds_under_mlx_lm_default_prefill_step(tiny_store, tmp_path):
     assert ok["tokens"] == control["tokens"] == 4
     assert ok["peak_rss"] <= PEAK_TOLERANCE * ok["budget"]
     assert control["peak_rss"] > PEAK_TOLERANCE * control["budget"], "the control run stayed in budget"
+
+
+def test_budget_holds_with_four_concurrent_sequences(tiny_store, tmp_path):
+    """Four 600-token prompts through mlx-lm's BatchGenerator with its default prefill
+    batch and step, on a model planned for batch=4: within the budget."""
+    script = tmp_path / "batch.py"
+    script.write_text(textwrap.dedent(LONG_CHILD))
+    run = subprocess.run([sys.executable, str(script), str(tiny_store), "600", "1", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"\n{r['plan']}\npeak RSS {_mib(r['peak_rss'])} = {r['peak_rss'] / r['budget']:.3f} x budget")
+    assert r["tokens"] == 4 and "4 x 664 tokens" in r["plan"]
+    assert r["peak_rss"] <= PEAK_TOLERANCE * r["budget"]
