@@ -7,7 +7,9 @@ tiny-moe tokenizer (vocab 6144). Dense weights are mlx-lm's random init,
 quantized with the converter's own rules; expert codes are random packed words
 (any uint32 word is a valid code stream) with scales/biases chosen so each
 component is zero-mean and the dequantized base has std ~0.02, each plane
-2^bits smaller than the levels below, so a forward pass stays finite.
+2^bits smaller than the levels below, so a forward pass stays finite. The scales
+are nested as a ``--method nested`` conversion's are (component c's scale is the
+top level's step times 2^(bits below c)), so the runtime's levels layout runs it.
 
     python scripts/make_synthetic_store.py /tmp/synth --layers 6 --spec 2,2,4
 """
@@ -76,16 +78,29 @@ def component_scale(spec: mwq.MWQSpec, c: int) -> float:
     return std if bits == 1 else std / math.sqrt((4**bits - 1) / 12)  # std of uniform codes 0..2^b-1
 
 
-def expert_blocks(rng: np.random.Generator, shapes: dict[str, tuple[int, int]], bits: int,
-                  group_size: int, scale: float, experts: int, tick: Callable[[], None]) -> Iterator[dict]:
-    """One component's blocks, expert by expert, in the converter's tensor names/dtypes/shapes."""
+def expert_blocks(spec: mwq.MWQSpec, component: int, shapes: dict[str, tuple[int, int]],
+                  seed: int, layer: int, experts: int, tick: Callable[[], None]) -> Iterator[dict]:
+    """One component's blocks, expert by expert, in the converter's tensor names/dtypes/shapes.
+
+    Each group's step ``st`` (the top level's scale) is drawn from a generator of its
+    own, the same for every component of an expert; component c's affine scale is
+    ``st * 2^(bits of the components after c)`` (a binary plane's value scale half that)."""
+    codes = np.random.default_rng([seed, layer, component])
+    steps = np.random.default_rng([seed, layer, 1000])
+    bits = spec.component_bits(component)
+    shift = sum(spec.component_bits(c) for c in range(component + 1, spec.num_levels))
+    top = component_scale(spec, spec.num_levels - 1)
+    gs = spec.group_size
     for _ in range(experts):
         block = {}
         for name, (out, inp) in shapes.items():
-            block[f"{name}.weight"] = rng.integers(0, 2**32, (out, inp * bits // 32), dtype=np.uint32)
-            s = scale * rng.uniform(0.5, 1.5, (out, inp // group_size)).astype(np.float32)
-            block[f"{name}.scales"] = s.astype(np.float16)
-            if bits != 1:  # zero-mean affine component: bias = -scale * (2^b - 1) / 2
+            st = (top * steps.uniform(0.5, 1.5, (out, inp // gs))).astype(np.float16).astype(np.float32)
+            block[f"{name}.weight"] = codes.integers(0, 2**32, (out, inp * bits // 32), dtype=np.uint32)
+            if bits == 1:  # value s * (2q - 1): affine scale 2s
+                block[f"{name}.scales"] = (st * 2.0 ** (shift - 1)).astype(np.float16)
+            else:  # zero-mean affine component: bias = -scale * (2^b - 1) / 2
+                s = st * 2.0**shift
+                block[f"{name}.scales"] = s.astype(np.float16)
                 block[f"{name}.biases"] = (-s * ((2**bits - 1) / 2)).astype(np.float16)
         yield block
         tick()
@@ -154,10 +169,7 @@ def make_synthetic_store(
         config, switches, shapes = _write_dense(writer, hf, seed, quantization)
         for l in sorted(switches):
             for c in range(spec.num_levels):
-                rng = np.random.default_rng([seed, l, c])
-                blocks = expert_blocks(rng, shapes, spec.component_bits(c), spec.group_size,
-                                       component_scale(spec, c), experts, tick)
-                writer.write_expert_file(l, c, blocks)
+                writer.write_expert_file(l, c, expert_blocks(spec, c, shapes, seed, l, experts, tick))
         out_config = dict(config)
         if quantization:
             out_config["quantization"] = quantization
@@ -171,7 +183,7 @@ def make_synthetic_store(
             "model_type": config["model_type"],
             "converter": f"d2moe-mlx {__version__}",
             "source": "synthetic",
-            "mwq": spec.to_dict(),
+            "mwq": {**spec.to_dict(), "nested": True},
             "num_experts": experts,
             "switch_modules": {str(l): p for l, p in sorted(switches.items())},
             "projections": {n: {"shape": list(s), "bias": False} for n, s in shapes.items()},

@@ -64,7 +64,31 @@ def test_expert_bytes_match_spec(tmp_path, spec, dense_bits):
         assert len(files) == spec.num_levels
         assert sum(f.stat().st_size for f in files) == want
     with Store.open(store_path) as s:
-        assert s.manifest["mwq"] == spec.to_dict()
+        assert s.manifest["mwq"] == {**spec.to_dict(), "nested": True}
+
+
+@pytest.mark.parametrize("spec", [mwq.DEFAULT_SPEC, mwq.MWQSpec(2, (1, 1), 32)])
+def test_components_are_nested_so_the_levels_layout_runs_it(tmp_path, spec):
+    """The levels layout packs the synthetic components (it checks the scales per group);
+    level k equals the sum of components 0..k."""
+    from d2moe_mlx.engine import engine_of
+    from d2moe_mlx.layout import build_part, make_layout
+
+    store_path = make_synthetic_store(tmp_path / "s", **TINY, spec=spec, dense_bits=0)
+    model, _ = load_model(store_path, layout="levels", dtype="float32")
+    assert engine_of(model).layout.kind == "levels"
+    with Store.open(store_path) as s:
+        blocks = {c: s.read_block(0, c, 3) for c in range(spec.num_levels)}
+    planes, levels = make_layout("planes", spec), make_layout("levels", spec)
+    top = levels.parts[-1]
+    packed = build_part(top, spec, blocks, "test")
+    w = mx.dequantize(mx.array(packed["up_proj.weight"]), mx.array(packed["up_proj.scales"]),
+                      mx.array(packed["up_proj.biases"]), group_size=spec.group_size, bits=top.bits)
+    total = sum(mx.dequantize(*(mx.array(t[f"up_proj.{k}"]) for k in ("weight", "scales", "biases")),
+                              group_size=spec.group_size, bits=part.bits)
+                for part in planes.parts
+                for t in [build_part(part, spec, blocks, "test")])
+    assert np.allclose(np.array(w), np.array(total), atol=1e-6)
 
 
 def test_refuses_existing_output(tmp_path, capsys):
