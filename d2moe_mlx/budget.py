@@ -25,14 +25,15 @@ from .store.reader import Store
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
              "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FLOAT = {"F64", "F32", "F16", "BF16"}
-# Working memory is an estimate; this factor covers MLX temporaries we do not model.
-WORKSPACE_SAFETY = 1.5
 # MLX keeps freed buffers for reuse: its cache limit is this fraction of the workspace,
-# planned on top of it (live temporaries and cached ones coexist).
-MLX_CACHE_FRACTION = 0.25
+# planned on top of it (live temporaries and cached ones coexist; a prefill fills it).
+MLX_CACHE_FRACTION = 0.1
 # Memory outside MLX that grows after the baseline is measured: the C allocator's
-# retained arenas (~15 MiB measured in a 128-token prefill), Python objects, thread stacks.
-RUNTIME_SLACK = 24 << 20
+# retained arenas, Python objects, thread stacks: 8-47 MiB measured in prefills of the
+# synthetic and tiny stores (scripts/measure_budget.py); plus twice the loader's
+# staging for the heap churn of its threads.
+RUNTIME_SLACK = 32 << 20
+KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
 
 
 class BudgetError(ValueError):
@@ -111,8 +112,8 @@ def dense_bytes(store: Store, act_itemsize: int) -> int:
     return total
 
 
-def kv_bytes(config: dict, context: int, act_itemsize: int) -> int:
-    """KV-cache bytes for ``context`` tokens (keys and values of every layer)."""
+def _attention_dims(config: dict) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) as mlx-lm's KV cache holds them."""
     heads = config.get("num_attention_heads", 1)
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config.get("hidden_size", 0) // max(heads, 1)
@@ -120,20 +121,38 @@ def kv_bytes(config: dict, context: int, act_itemsize: int) -> int:
         kv_heads = heads
         head_dim = (config.get("qk_nope_head_dim", 0) + config.get("qk_rope_head_dim", 0)
                     + config.get("v_head_dim", 0)) / 2
+    return heads, kv_heads, head_dim
+
+
+def kv_bytes(config: dict, context: int, act_itemsize: int) -> int:
+    """KV-cache bytes for ``context`` tokens of every layer, as mlx-lm allocates them (in
+    steps of 256 tokens), plus one layer's copy while the cache grows (a layer at a time)."""
+    _, kv_heads, head_dim = _attention_dims(config)
     layers = config.get("num_hidden_layers", 1)
-    return int(2 * layers * kv_heads * head_dim * context * act_itemsize)
+    tokens = -(-context // KV_STEP) * KV_STEP
+    per_layer = 2 * kv_heads * head_dim * tokens * act_itemsize
+    return int(per_layer * (layers + 1))
 
 
-def workspace_bytes(config: dict, prefill_step: int, act_itemsize: int) -> int:
-    """Estimated peak temporaries of one forward pass over ``prefill_step`` tokens."""
+def workspace_bytes(config: dict, prefill_step: int, context: int, act_itemsize: int) -> int:
+    """Peak temporaries of one forward pass of ``prefill_step`` tokens that attend to up to
+    ``context`` tokens, in activations of ``act_itemsize`` bytes (float32 on the CPU).
+
+    Per token of the pass the routed pairs' intermediates, k·(2H + 2I); per token of
+    context heads·head_dim (keys and values as attention reads them); per (pass token,
+    context token) half a score per head. Fitted to what the process holds (peak RSS)
+    in prefills of 64-1024 tokens with 300-1100 tokens of context on MLX 0.32's CPU
+    backend (scripts/measure_budget.py; MLX's own peak counts allocated pages that were
+    never touched, ~1.2x more at 1024 tokens)."""
     hidden = config.get("hidden_size", 0)
     inter = config.get("moe_intermediate_size") or config.get("intermediate_size", 0)
-    dense_inter = config.get("intermediate_size", inter)
-    heads = config.get("num_attention_heads", 1)
+    heads, _, head_dim = _attention_dims(config)
     k = _top_k(config)
-    per_token = k * (4 * hidden + 6 * inter) + 8 * hidden + 3 * dense_inter + heads * prefill_step
-    logits = config.get("vocab_size", 0) * 4  # one row of float32 logits
-    return int(WORKSPACE_SAFETY * (prefill_step * per_token * max(act_itemsize, 4) + 4 * logits))
+    per_token = k * 2 * (hidden + inter)
+    per_context = heads * head_dim
+    per_pair = heads / 2
+    return int(act_itemsize * (prefill_step * per_token + context * per_context
+                               + prefill_step * context * per_pair))
 
 
 def plan_budget(
@@ -171,9 +190,10 @@ def plan_budget(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     kv = batch * kv_bytes(config, context, act_itemsize)
-    work = workspace_bytes(config, prefill_step, act_itemsize)
+    work = workspace_bytes(config, min(prefill_step, context), context, act_itemsize)
     mlx_cache = int(MLX_CACHE_FRACTION * work)
-    fixed = baseline + dense + kv + work + mlx_cache + staging + RUNTIME_SLACK
+    slack = RUNTIME_SLACK + 2 * staging
+    fixed = baseline + dense + kv + work + mlx_cache + staging + slack
     one_expert = len(layers) * sum(per_slot.values())  # one slot in every layer's pools
     cache = total - fixed
     n = cache // one_expert - 1 if cache > 0 else -1  # -1: every pool's zero slot
@@ -184,7 +204,7 @@ def plan_budget(
             f"a memory budget of {format_bytes(total)} is too small: the process needs "
             f"{format_bytes(baseline)} (interpreter and libraries) + {format_bytes(dense)} dense "
             f"weights + {format_bytes(kv)} KV cache ({batch} x {context} tokens) + "
-            f"{format_bytes(work + mlx_cache + staging + RUNTIME_SLACK)} working memory, and at "
+            f"{format_bytes(work + mlx_cache + staging + slack)} working memory, and at "
             f"least {top_k} experts per "
             f"layer at level {level} ({format_bytes((top_k + 1) * one_expert)} over {len(layers)} "
             f"layers). The smallest budget that works is {suggest_budget(need)}; or use a lower "
@@ -192,7 +212,7 @@ def plan_budget(
         )
     return BudgetPlan(
         total=total, baseline=baseline, dense=dense, kv=kv, workspace=work, mlx_cache=mlx_cache,
-        slack=RUNTIME_SLACK, staging=staging,
+        slack=slack, staging=staging,
         cache=cache, slot_bytes=per_slot, slots={p: int(n) for p in parts}, layers=len(layers),
         num_experts=store.num_experts, top_k=top_k, context=context, prefill_step=prefill_step,
         level=level, loader_threads=loader_threads, batch=batch,

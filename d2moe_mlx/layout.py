@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import mwq
-from .packing import binary_to_2bit, pack_codes, unpack_codes
+from .packing import binary_to_2bit, concat_codes
 from .store.format import StoreError
 
 LAYOUTS = ("planes", "levels")
@@ -160,7 +160,7 @@ def _packed(part: Part, spec: mwq.MWQSpec, blocks: dict[int, dict[str, np.ndarra
     base = blocks[part.lo]
     out = {}
     for proj in projections_of(base):
-        scales, biases, codes = [], [], []
+        scales, biases, words = [], [], []
         for c, b in zip(part.components, bits):
             blk = blocks[c]
             s = blk[f"{proj}.scales"].astype(np.float32)
@@ -170,12 +170,10 @@ def _packed(part: Part, spec: mwq.MWQSpec, blocks: dict[int, dict[str, np.ndarra
             else:
                 scales.append(s)
                 biases.append(blk[f"{proj}.biases"].astype(np.float32))
-            n = s.shape[1] * spec.group_size
-            codes.append(unpack_codes(blk[f"{proj}.weight"], b, n))
+            words.append(blk[f"{proj}.weight"])
         step = scales[0] / np.float32(2.0 ** shifts[0])  # exact: a power of two
-        q = np.zeros(codes[0].shape, dtype=np.uint16)
         bias = np.zeros_like(step)
-        for s, z, c, shift in zip(scales, biases, codes, shifts):
+        for j, (s, z, shift) in enumerate(zip(scales, biases, shifts)):
             want = step * np.float32(2.0 ** shift)
             off = s == 0
             if not np.all((s == want) | off):
@@ -185,10 +183,11 @@ def _packed(part: Part, spec: mwq.MWQSpec, blocks: dict[int, dict[str, np.ndarra
                     f"({s[tuple(bad)]} vs {want[tuple(bad)]}), so levels cannot be packed into "
                     "one tensor: this store was not fitted with --method nested; load it "
                     "with layout='planes'")
-            keep = np.repeat(~off, spec.group_size, axis=1)
-            q |= (c.astype(np.uint16) << shift) * keep
+            if off.any():  # the plane adds nothing there: its codes must not either
+                per_group = words[j].shape[-1] // off.shape[-1]
+                words[j] = words[j] * np.repeat(~off, per_group, axis=-1)
             bias += np.where(off, 0.0, z)
-        out[f"{proj}.weight"] = pack_codes(q.astype(np.uint8), part.bits)
+        out[f"{proj}.weight"] = concat_codes(list(zip(words, bits)), part.bits)
         out[f"{proj}.scales"] = step
         out[f"{proj}.biases"] = bias
         if f"{proj}.bias" in base:

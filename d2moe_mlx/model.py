@@ -29,7 +29,7 @@ from .limits import bound_calls
 from .memory import parse_size
 from .store.format import MANIFEST_NAME, StoreError
 from .store.reader import Store
-from .system import IO_MODES, current_rss_bytes, set_wired_limit
+from .system import IO_MODES, current_rss_bytes, return_freed_memory, set_wired_limit
 
 # Files that make a tokenizer loadable (any one of them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -132,6 +132,7 @@ def load_model(
         plan = None
         kind = choose_layout(layout, spec, store.manifest, memory_budget is not None)
         if memory_budget is not None:
+            return_freed_memory()  # RSS follows what is held, not its high-water mark
             plan = plan_budget(parse_size(memory_budget), store, store.config, make_layout(kind, spec),
                                level, act_dtype.size, baseline, context=context,
                                prefill_step=prefill_step, loader_threads=loader_threads, batch=batch)

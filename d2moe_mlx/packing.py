@@ -92,6 +92,44 @@ def _spread_bits(x: np.ndarray) -> np.ndarray:
     return x
 
 
+_SPREAD = ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555))
+
+
+def widen(words: np.ndarray, bits: int) -> np.ndarray:
+    """Packed ``bits``-bit codes [..., k] -> the same codes as ``2*bits``-bit fields [..., 2k]
+    (each field's value in its low half), on whole words: no per-weight arrays."""
+    words = np.asarray(words, dtype=np.uint32)
+    halves = []
+    for half in (words & np.uint32(0xFFFF), words >> np.uint32(16)):
+        x = half
+        for shift, mask in _SPREAD:
+            if shift >= bits:
+                x = (x | (x << np.uint32(shift))) & np.uint32(mask)
+        halves.append(x)
+    return np.stack(halves, axis=-1).reshape(*words.shape[:-1], 2 * words.shape[-1])
+
+
+def concat_codes(parts: list[tuple[np.ndarray, int]], bits: int) -> np.ndarray:
+    """Packed codes Q = sum_j c_j << (bits of the parts after j), ``bits`` wide, from packed
+    parts [(words, part bits), ...] (the first part is the high bits). Word operations
+    when every width is a power of two; else through per-weight codes."""
+    if all(b in (1, 2, 4, 8) for _, b in parts) and bits in (2, 4, 8):
+        out, shift = None, bits
+        for words, b in parts:
+            shift -= b
+            while b < bits:
+                words, b = widen(words, b), 2 * b
+            words = words << np.uint32(shift) if shift else words
+            out = words if out is None else out | words
+        return out
+    n = parts[0][0].shape[-1] * 32 // parts[0][1]
+    q, shift = np.zeros((*parts[0][0].shape[:-1], n), dtype=np.uint16), bits
+    for words, b in parts:
+        shift -= b
+        q |= unpack_codes(words, b, n).astype(np.uint16) << shift
+    return pack_codes(q.astype(np.uint8), bits)
+
+
 def binary_to_2bit(words: np.ndarray) -> np.ndarray:
     """1-bit packed words [..., k] -> MLX 2-bit packed words [..., 2k] (code b -> b)."""
     words = np.asarray(words, dtype=np.uint32)

@@ -71,3 +71,27 @@ def test_levels_need_mlx_widths():
     with pytest.raises(ValueError, match="7 bits.*planes"):
         make_layout("levels", mwq.MWQSpec(5, (1, 1, 1), 64))
     assert make_layout("planes", mwq.MWQSpec(5, (1, 1, 1), 64)).cover(2) == (0, 1, 2)
+
+
+@pytest.mark.parametrize("widths,total", [((2, 2), 4), ((2, 2, 4), 8), ((4, 4), 8), ((1, 1), 2),
+                                          ((2, 1, 1), 4), ((2, 1), 3), ((3, 3), 6), ((1, 1, 1, 1, 4), 8)])
+def test_concat_codes_on_words_equals_per_weight_codes(widths, total):
+    from d2moe_mlx.packing import concat_codes, pack_codes, unpack_codes
+
+    rng = np.random.default_rng(sum(widths))
+    n = 192
+    codes = [rng.integers(0, 2**b, (5, n)).astype(np.uint8) for b in widths]
+    words = [pack_codes(c, b) for c, b in zip(codes, widths)]
+    q, shift = np.zeros((5, n), np.uint16), total
+    for c, b in zip(codes, widths):
+        shift -= b
+        q |= c.astype(np.uint16) << shift
+    got = concat_codes(list(zip(words, widths)), total)
+    assert np.array_equal(unpack_codes(got, total, n), q)
+
+
+def test_return_freed_memory_is_glibc_only(monkeypatch):
+    from d2moe_mlx import system
+
+    monkeypatch.setattr(system, "_platform", lambda: "darwin")
+    assert system.return_freed_memory() is False

@@ -28,6 +28,7 @@ CACHE_FRACTION = 0.15  # experts >= 3x (budget - baseline) with the planned work
 PROMPT_TOKENS, DECODE_TOKENS = 200, 16
 CONTEXT, PREFILL_STEP = 512, 128
 PEAK_TOLERANCE = 1.05
+NON_CACHE_TOLERANCE = 1.15
 
 CHILD = r"""
 import json, sys, time
@@ -131,6 +132,11 @@ def test_peak_rss_within_budget_while_streaming(synthetic_store, tmp_path):
     assert r["mx_peak"] <= PEAK_TOLERANCE * (r["budget"] - r["baseline"])  # MLX's own peak
     assert r["peak_rss"] <= PEAK_TOLERANCE * r["budget"], (
         f"peak RSS {_mib(r['peak_rss'])} is over the budget {_mib(r['budget'])} x {PEAK_TOLERANCE}")
+    # An accurate plan: what it reserves besides the expert cache is within 15% of what the
+    # process holds besides it, so a user's budget goes to experts (issue: it was ~2x).
+    planned, held = r["budget"] - r["cache_used"], r["peak_rss"] - r["cache_used"]
+    print(f"non-cache part: planned {_mib(planned)}, held {_mib(held)}: {planned / held:.3f}")
+    assert planned <= NON_CACHE_TOLERANCE * held
 
 
 LONG_CHILD = r"""
