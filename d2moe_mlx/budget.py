@@ -34,6 +34,11 @@ MLX_CACHE_FRACTION = 0.1
 # staging for the heap churn of its threads.
 RUNTIME_SLACK = 32 << 20
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
+# prefill_step=None: the largest of these (up to the context) whose working memory is at
+# most PREFILL_SHARE of what the budget leaves after baseline, dense weights and KV cache:
+# a long prompt then runs through each layer in few passes, reading each expert once a pass.
+AUTO_STEPS = (4096, 2048, 1024, 512, 256, 128)
+PREFILL_SHARE = 0.25
 
 
 class BudgetError(ValueError):
@@ -165,7 +170,7 @@ def plan_budget(
     baseline: int,
     *,
     context: int = 4096,
-    prefill_step: int = 512,
+    prefill_step: int | None = None,
     loader_threads: int = 4,
     parts: list[int] | None = None,
     batch: int = 1,
@@ -173,13 +178,16 @@ def plan_budget(
     """Split ``total`` bytes for running ``level`` in ``layout`` (pools for ``parts``,
     default the parts that compute ``level``) with ``batch`` sequences of up to
     ``context`` tokens each (forward passes are held to ``prefill_step`` tokens in all,
-    see :mod:`d2moe_mlx.limits`); BudgetError if the minimum working set does not fit.
+    see :mod:`d2moe_mlx.limits`; None: the largest step the budget affords, AUTO_STEPS);
+    BudgetError if the minimum working set does not fit.
 
     Slots per part: every part gets the same count (each pair of the level needs all
     of its parts, so a part with more slots than another could not be used by a call)."""
     layers = store.moe_layers
     if not layers:
         raise StoreError(f"{store.path} has no expert layers")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     parts = sorted(parts) if parts is not None else list(layout.cover(level))
     first = layers[0]
     per_slot = {p: slot_bytes(store, layout, p, act_itemsize) for p in parts}
@@ -187,12 +195,12 @@ def plan_budget(
                                    for c in range(max(layout.parts[p].hi for p in parts) + 1))
     top_k = _top_k(config)
     dense = dense_bytes(store, act_itemsize)
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
     kv = batch * kv_bytes(config, context, act_itemsize)
+    slack = RUNTIME_SLACK + 2 * staging
+    if prefill_step is None:
+        prefill_step = auto_step(total - baseline - dense - kv, config, context, act_itemsize)
     work = workspace_bytes(config, min(prefill_step, context), context, act_itemsize)
     mlx_cache = int(MLX_CACHE_FRACTION * work)
-    slack = RUNTIME_SLACK + 2 * staging
     fixed = baseline + dense + kv + work + mlx_cache + staging + slack
     one_expert = len(layers) * sum(per_slot.values())  # one slot in every layer's pools
     cache = total - fixed
@@ -204,8 +212,8 @@ def plan_budget(
             f"a memory budget of {format_bytes(total)} is too small: the process needs "
             f"{format_bytes(baseline)} (interpreter and libraries) + {format_bytes(dense)} dense "
             f"weights + {format_bytes(kv)} KV cache ({batch} x {context} tokens) + "
-            f"{format_bytes(work + mlx_cache + staging + slack)} working memory, and at "
-            f"least {top_k} experts per "
+            f"{format_bytes(work + mlx_cache + staging + slack)} working memory (prefill steps of "
+            f"{prefill_step} tokens), and at least {top_k} experts per "
             f"layer at level {level} ({format_bytes((top_k + 1) * one_expert)} over {len(layers)} "
             f"layers). The smallest budget that works is {suggest_budget(need)}; or use a lower "
             f"level, a shorter context, or a smaller prefill step."
@@ -219,11 +227,40 @@ def plan_budget(
     )
 
 
+def auto_step(left: int, config: dict, context: int, act_itemsize: int) -> int:
+    """The largest of AUTO_STEPS (capped at the context) whose working memory is at most
+    PREFILL_SHARE of ``left`` bytes; the smallest if none is."""
+    steps = sorted({min(s, context) for s in AUTO_STEPS}, reverse=True)
+    for step in steps:
+        work = workspace_bytes(config, step, context, act_itemsize)
+        if work * (1 + MLX_CACHE_FRACTION) <= PREFILL_SHARE * left:
+            return step
+    return steps[-1]
+
+
 def budget_for_slots(slots: int, store: Store, layout: Layout, level: int, act_itemsize: int,
                      baseline: int, **options) -> int:
     """A budget whose plan gives ``slots`` expert slots per pool: plan_budget's fixed
     part plus ``slots`` + 1 slots per pool (its inverse; ``options`` as for it), and
-    half a slot more, since load_model measures the baseline again a moment later."""
+    half a slot more, since load_model measures the baseline again a moment later.
+    Without a ``prefill_step``, the step the returned budget's own plan picks."""
+    if options.get("prefill_step") is None:
+        options = {k: v for k, v in options.items() if k != "prefill_step"}
+        context = options.get("context", 4096)
+        steps = sorted({min(s, context) for s in AUTO_STEPS}, reverse=True)
+        for step in steps:  # a budget whose own auto step is the one it was made for
+            budget = budget_for_slots(slots, store, layout, level, act_itemsize, baseline,
+                                      prefill_step=step, **options)
+            try:
+                plan = plan_budget(budget, store, store.config, layout, level, act_itemsize,
+                                   baseline, **options)
+            except BudgetError:
+                continue
+            if plan.prefill_step == step:
+                return budget
+        # none: the largest step's budget (its auto step needs no more working memory)
+        return budget_for_slots(slots, store, layout, level, act_itemsize, baseline,
+                                prefill_step=steps[0], **options)
     probe = plan_budget(1 << 60, store, store.config, layout, level, act_itemsize, baseline, **options)
     one = probe.layers * sum(probe.slot_bytes.values())  # one more slot in every pool
     return probe.total - probe.cache + (slots + 1) * one + one // 2

@@ -63,7 +63,7 @@ def _cli_words(error: Exception) -> str:
 
 def _load(store: str, level: int | None, dtype: str | None, memory: int | None = None,
           cache_policy: str = "lru", prefetch: bool = False, context: int = 4096,
-          prefill_step: int = 512, verify: bool = True):
+          prefill_step: int | None = None, verify: bool = True):
     from .memory import format_size
     from .model import load
     from .store.format import StoreError
@@ -105,9 +105,11 @@ def _streaming_options(f):
         click.option("--verify/--no-verify", default=True, show_default=True,
                      help="Check every expert block read from disk, and the dense weight files "
                           "at load, against their crc32 (about 2 percent of a read)."),
-        click.option("--prefill-step", type=click.IntRange(1), default=512, show_default=True,
+        click.option("--prefill-step", type=click.IntRange(1), default=None,
                      help="With --memory: most tokens one forward pass computes (the prompt runs "
-                          "in steps of this size); a smaller step needs less working memory."),
+                          "in steps of this size); a smaller step needs less working memory. "
+                          "Default: the largest step up to 4096 whose working memory is at most a "
+                          "quarter of the budget left after the weights and KV cache."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -83,7 +83,7 @@ def load_model(
     prefetch: bool = False,
     overlap: bool = True,
     context: int = 4096,
-    prefill_step: int = 512,
+    prefill_step: int | None = None,
     loader_threads: int = 4,
     mode: str = "stream",
     io_mode: str = "random",
@@ -95,7 +95,10 @@ def load_model(
 
     Without ``memory_budget`` every expert is read into memory. With it, the
     budget (process total: interpreter, dense weights, KV cache for ``context``
-    tokens, working memory for ``prefill_step`` tokens, expert cache) is split
+    tokens, working memory for ``prefill_step`` tokens (default: the largest step up to
+    4096 whose working memory is at most a quarter of what the budget leaves after the
+    weights and KV cache, so a long prompt reads each expert once per pass), expert
+    cache) is split
     by :func:`d2moe_mlx.budget.plan_budget` and experts stream from the store:
     ``cache_policy`` ``lru`` / ``lfu`` / ``score`` (SMoE's lowest mean gate
     score), ``prefetch`` loads the next layer's likely experts early,

@@ -20,6 +20,7 @@ from d2moe_mlx.packing import unpack_component
 from d2moe_mlx.store.reader import Store
 
 BASELINE = 64 << 20
+STEP = 512  # the prefill step budgets here are planned with
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def _budget(path, slots, layout, parts=None, level=2):
     with Store.open(path) as store:
         spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
         p = plan_budget(1 << 50, store, store.config, make_layout(layout, spec), level, 4, BASELINE,
-                        parts=parts)
+                        parts=parts, prefill_step=STEP)
     one = p.layers * sum(p.slot_bytes.values())
     return p.baseline + p.dense + p.kv + p.working + (slots + 1) * one
 
@@ -77,7 +78,7 @@ def _reference(path, layer, x, inds, levels):
 def test_mixed_per_pair_levels_equal_numpy_pair_by_pair(method, layout, streaming, stores, fixed_baseline):
     path = stores(method)
     budget = _budget(path, 4, layout, parts=[0, 1, 2]) if streaming else None
-    model, _ = load_model(path, dtype="float32", layout=layout, memory_budget=budget)
+    model, _ = load_model(path, dtype="float32", layout=layout, memory_budget=budget, prefill_step=STEP)
     engine = engine_of(model)
     assert engine.layout.kind == layout and engine.streaming == streaming
     rng = np.random.default_rng(1)
@@ -97,7 +98,7 @@ def test_mixed_per_pair_levels_equal_numpy_pair_by_pair(method, layout, streamin
 def test_set_level_on_a_streaming_model_runs_the_next_token_at_that_level(stores, fixed_baseline):
     path = stores("nested")
     budget = _budget(path, 3, "levels")  # room for 3 experts at level 2, so more at level 0
-    model, _ = load_model(path, dtype="float32", memory_budget=budget)
+    model, _ = load_model(path, dtype="float32", memory_budget=budget, prefill_step=STEP)
     engine = streaming_of(model)
     x = mx.array([[5, 9, 33, 70, 2, 8, 41, 13]])
     for level in (0, 1, 2):
@@ -110,7 +111,7 @@ def test_set_level_on_a_streaming_model_runs_the_next_token_at_that_level(stores
     set_level(model, 0)
     assert engine.plan.slots[0] > 3  # a level-0 expert is smaller: more of them fit
     tight = _budget(path, 2, "levels", level=0)
-    small, _ = load_model(path, dtype="float32", memory_budget=tight, level=0)
+    small, _ = load_model(path, dtype="float32", memory_budget=tight, level=0, prefill_step=STEP)
     with pytest.raises(BudgetError, match="too small"):
         set_level(small, 2)
     assert engine_of(small).level == 0  # refused: still runs at its level
@@ -155,7 +156,8 @@ def test_context_the_budget_reserves_is_never_exceeded(stores, fixed_baseline):
     from d2moe_mlx.model import load
 
     path = stores("nested")
-    model, tokenizer = load(path, dtype="float32", memory_budget=_budget(path, 3, "levels"), context=64)
+    model, tokenizer = load(path, dtype="float32", memory_budget=_budget(path, 3, "levels"), context=64,
+                            prefill_step=STEP)
     prompt = list(range(3, 23))  # 20 tokens
     out = list(generation.stream_generate(model, tokenizer, prompt, max_tokens=200))
     assert len(out) == 64 - 20 and out[-1].finish_reason == "context"
@@ -171,7 +173,8 @@ def test_a_budget_that_holds_every_expert_runs_as_resident(stores, fixed_baselin
     path = stores("nested")
     with Store.open(path) as store:
         experts = store.num_experts
-    model, _ = load_model(path, dtype="float32", memory_budget=_budget(path, experts, "levels"))
+    model, _ = load_model(path, dtype="float32", memory_budget=_budget(path, experts, "levels"),
+                          prefill_step=STEP)
     engine = streaming_of(model)
     assert engine.plan.slots == {2: experts}
     assert all(c.pools[2].all_ready() for c in engine.scheduler.caches.values())  # read at load
@@ -180,3 +183,40 @@ def test_a_budget_that_holds_every_expert_runs_as_resident(stores, fixed_baselin
     assert mx.allclose(model(x), want, atol=1e-5).item()
     s = engine.stats
     assert s.syncs == 0 and s.hit_rate == 1.0 and s.bytes_read == 0  # no sync, no read per token
+
+
+def test_a_long_prompt_reads_each_needed_expert_once_per_layer(stores, fixed_baseline, monkeypatch):
+    """With the prefill step the budget affords (auto), a 300-token prompt goes through
+    each layer in one pass: every needed block is read once, in groups of the slots,
+    though the cache holds 3 of 8 experts. 64-token passes read blocks again each pass."""
+    from collections import Counter
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from d2moe_mlx.budget import budget_for_slots
+
+    path = stores("nested")
+    real = Store.read_block_scattered
+    reads = Counter()
+
+    def counting(self, layer, comp, expert, bufs, verify=True):
+        reads[layer, comp, expert] += 1
+        return real(self, layer, comp, expert, bufs, verify)
+
+    monkeypatch.setattr(Store, "read_block_scattered", counting)
+    prompt = mx.array(np.random.default_rng(3).integers(3, 250, (1, 300)))
+    runs = {}
+    for step in (None, 64):
+        with Store.open(path) as store:
+            spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+            budget = budget_for_slots(3, store, make_layout("levels", spec), 2, 4, BASELINE,
+                                      context=512, prefill_step=step)
+        model, _ = load_model(path, dtype="float32", memory_budget=budget, context=512, prefill_step=step)
+        engine = streaming_of(model)
+        assert engine.plan.slots == {2: 3}
+        reads.clear()
+        mx.eval(model(prompt, cache=make_prompt_cache(model)))
+        runs[step] = (engine.plan.prefill_step, max(reads.values()), engine.stats.groups)
+    auto_step, most, groups = runs[None]
+    assert auto_step >= 300 and most == 1 and groups > 0, runs
+    assert runs[64][1] > 1, runs  # the control: 64-token passes read blocks again

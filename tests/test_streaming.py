@@ -81,8 +81,12 @@ def resident(stores):
     return get
 
 
+STEP = 512  # the prefill step every budget here is planned with (not the auto step)
+
+
 def pieces(store_path, level=None, act_itemsize=4, layout="auto", **kw):
     """plan_budget's fixed parts and per-slot sizes (a plan with room for every expert)."""
+    kw.setdefault("prefill_step", STEP)
     with Store.open(store_path) as store:
         spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
         level = spec.num_levels - 1 if level is None else level
@@ -99,6 +103,7 @@ def budget_for(store_path, slots: int, **kw) -> int:
 
 def stream_model(store_path, slots: int, **kw):
     kw.setdefault("dtype", "float32")
+    kw.setdefault("prefill_step", STEP)
     budget = budget_for(store_path, slots, layout=kw.get("layout", "auto"))
     model, _ = load_model(store_path, memory_budget=budget, **kw)
     state = streaming_of(model)
@@ -247,7 +252,7 @@ def test_mlx_lm_generate_step_and_stream_generate(family, stores, fixed_baseline
         return [t for t, _ in steps], np.stack([lp for _, lp in steps]), streamed
 
     want_tokens, want_lp, want_streamed = run(*load(path, dtype="float32"))
-    model, tokenizer = load(path, dtype="float32", memory_budget=budget_for(path, pieces(path).top_k),
+    model, tokenizer = load(path, dtype="float32", memory_budget=budget_for(path, pieces(path).top_k), prefill_step=STEP,
                             prefetch=True)
     tokens, lp, streamed = run(model, tokenizer)
     assert tokens == want_tokens and streamed == want_streamed == want_tokens[:len(streamed)]
@@ -265,13 +270,13 @@ def test_budget_too_small_refused_before_loading(stores, fixed_baseline, monkeyp
     monkeypatch.setattr(d2model, "mlx_load_model", lambda *a, **k: (loads.append(1), real(*a, **k))[1])
     for small in (need - 1, need // 2, BASELINE):
         with pytest.raises(BudgetError) as err:
-            load_model(path, memory_budget=small, dtype="float32")
+            load_model(path, memory_budget=small, dtype="float32", prefill_step=STEP)
         msg = str(err.value)
         suggested = re.search(r"smallest budget that works is ([0-9.]+ [KMGT]B)", msg).group(1)
         assert need <= parse_size(suggested) <= 1.1 * need + (16 << 20), (need, suggested)
         assert format_bytes(small) in msg
     assert loads == [], "the model was (partly) loaded before the budget was refused"
-    model, _ = load_model(path, memory_budget=need, dtype="float32")
+    model, _ = load_model(path, memory_budget=need, dtype="float32", prefill_step=STEP)
     assert loads == [1] and set(streaming_of(model).plan.slots.values()) == {pieces(path).top_k}
 
 
@@ -587,7 +592,8 @@ def test_slots_hold_the_store_blocks(levels, layout, dtype, stores, fixed_baseli
     act = getattr(mx, dtype)
     p = pieces(path, act_itemsize=act.size, layout=layout)
     budget = budget_for(path, p.top_k + 1, act_itemsize=act.size, layout=layout)
-    model, _ = load_model(path, dtype=dtype, memory_budget=budget, prefetch=True, layout=layout)
+    model, _ = load_model(path, dtype=dtype, memory_budget=budget, prefetch=True, layout=layout,
+                          prefill_step=STEP)
     state = streaming_of(model)
     assert state.layout.kind == layout
     assert mwq.MWQSpec.from_dict(state.store.manifest["mwq"]) == spec
@@ -631,7 +637,8 @@ def test_batch_generator_gives_each_sequence_its_tokens_alone(family, mode, stor
     resident, tokenizer = load(path, dtype="float32")
     want = [alone(resident, p) for p in BATCH_PROMPTS]
     budget = budget_for(path, pieces(path).top_k + 1, batch=4)
-    model, tokenizer = load(path, dtype="float32", memory_budget=budget, mode=mode, batch=4)
+    model, tokenizer = load(path, dtype="float32", memory_budget=budget, mode=mode, batch=4,
+                            prefill_step=STEP)
     for m in ((resident, model) if mode == "stream" else (model,)):
         got = batch_generate(m, tokenizer, BATCH_PROMPTS, max_tokens=8, return_token_ids=True)
         assert [list(map(int, t)) for t in got.token_ids] == want, (family, mode)
