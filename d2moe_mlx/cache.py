@@ -60,6 +60,7 @@ class PartPool:
         self.views: dict[str, np.ndarray] = {}  # writable numpy views of the same memory
         self.identity = False  # every expert ready in the slot of its own id (resident)
         self.ready_count = 0  # slots in state READY
+        self.is_ready = np.zeros(num_experts, dtype=bool)  # expert -> ready in a slot
         for name, shape, is_float in tensors:
             self._add(name, (capacity + 1, *shape), act_dtype if is_float else mx.uint32)
         self._add("#table", (num_experts,), mx.uint32)
@@ -102,12 +103,7 @@ class PartPool:
     # -- queries ------------------------------------------------------------------
     def ready(self, experts: np.ndarray) -> np.ndarray:
         """Mask of ``experts`` whose part is in a slot and fully read."""
-        if self.identity:
-            return np.ones(np.shape(experts), dtype=bool)
-        slots = self.slot_of[experts]
-        ok = slots >= 0
-        ok[ok] = self.state[slots[ok]] == READY
-        return ok
+        return self.is_ready[experts]
 
     def all_ready(self) -> bool:
         """Every expert of the layer is ready in this pool (no call can miss)."""
@@ -183,6 +179,7 @@ class ExpertCache:
             raise RuntimeError(f"layer {self.layer} part {part} slot {slot} was not loading")
         pool.state[slot] = READY
         pool.ready_count += 1
+        pool.is_ready[pool.expert_of[slot]] = True
         pool._table_view[pool.expert_of[slot]] = slot
 
     def failed(self, part: int, slot: int) -> None:
@@ -196,10 +193,11 @@ class ExpertCache:
 
     def release(self, part: int, slots: np.ndarray) -> None:
         """Unpin slots a finished computation (or load) pinned."""
-        pool = self.pools[part]
-        pool.pins[slots] -= 1  # distinct slots (as acquire pinned them)
-        if len(slots) and pool.pins[slots].min() < 0:
+        pins = self.pools[part].pins
+        left = pins[slots] - 1  # distinct slots (as acquire pinned them)
+        if len(left) and left.min() < 0:
             raise RuntimeError("slot unpinned more often than pinned")
+        pins[slots] = left
 
     def drop(self, part: int) -> None:
         """Evict every unpinned ready expert of a pool (the naive baseline's cache)."""
@@ -221,6 +219,7 @@ class ExpertCache:
             pool.state[:pool.num_experts] = READY
             pool._table_view[:] = np.arange(pool.num_experts)
             pool.ready_count = pool.num_experts
+            pool.is_ready[:] = True
             pool.identity = True
 
     @staticmethod
@@ -233,3 +232,4 @@ class ExpertCache:
         pool.expert_of[slot] = NO_SLOT
         pool.state[slot] = FREE
         pool.ready_count -= 1
+        pool.is_ready[expert] = False

@@ -19,7 +19,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .engine import streaming_of
 from .limits import ContextError, kv_length
 from .memory import format_bytes, peak_rss_bytes
-from .scheduler import StreamStats
+from .stats import StreamStats
 
 
 def stream_generate(

@@ -34,7 +34,7 @@ class EvictionPolicy:
     def on_access(self, experts: np.ndarray, counts: np.ndarray | None = None) -> None:
         """Record one step in which ``experts`` (with ``counts`` tokens each) were used."""
         self.step += 1
-        self.last_used[np.asarray(experts, dtype=np.int64)] = self.step
+        self.last_used[experts] = self.step
 
     def on_scores(self, scores: np.ndarray) -> None:
         """The router's mean score of every expert for this step (policies that use it)."""

@@ -1,0 +1,244 @@
+"""Benchmark the expert engine (issue 9): streaming overhead, mixed levels, packed levels, TTFT.
+
+Every configuration runs in a fresh subprocess (clean memory, cold page cache where
+it says so) and is compared with its baseline from the same run:
+
+1. decode tok/s of the resident engine vs streaming with every expert cached (the
+   budget holds them all: runs as resident), with every expert cached but the
+   scheduled path forced (one sync per layer: the cost of streaming's machinery), and
+   at 50/25/12.5% caches (the synthetic model's own routing); host time per MoE layer
+   call (Python: neither computing nor waiting), hit rate, bytes read per token;
+2. per-pair mixed levels (half the pairs at level 0, half at level 1) vs every pair at
+   level 1, both through the scheduled path;
+3. a nested store at level 1 (one packed 4-bit pass) vs the same store in the planes
+   layout (two 2-bit passes) vs a single-level 4-bit store of the same model;
+4. time to first token of a long prompt at a 25% cache, cold, vs its bound: bytes of
+   every expert at the running level / the disk's sustained read rate (measured cold,
+   4 threads of 8 MiB reads over at least --disk-gb) + resident prefill time.
+
+    python scripts/bench_engine.py --out docs/bench/engine-cpu.json
+    python scripts/bench_engine.py --gpu --layers 6 --hidden 2048 --inter 768 --experts 128 \\
+        --prompt 2048 --out docs/bench/engine-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD = r"""
+import json, sys, time
+import mlx.core as mx
+import numpy as np
+cfg = json.loads(sys.argv[1])
+mx.set_default_device(mx.gpu if cfg["gpu"] else mx.cpu)
+if cfg["gpu"]:
+    mx.set_memory_limit(cfg["gpu_limit_gb"] << 30)
+from mlx_lm.models.cache import make_prompt_cache
+import d2moe_mlx.model as d2model
+from d2moe_mlx import mwq, system
+from d2moe_mlx.budget import budget_for_slots
+from d2moe_mlx.engine import choose_layout, engine_of
+from d2moe_mlx.layout import make_layout
+from d2moe_mlx.levels import PerPair
+from d2moe_mlx.memory import peak_rss_bytes
+from d2moe_mlx.store.reader import Store
+
+dtype = "bfloat16" if cfg["gpu"] else "float32"
+itemsize = 2 if cfg["gpu"] else 4
+store = Store.open(cfg["store"])
+spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+if cfg.get("cold"):
+    for layer in store.moe_layers:
+        for c in range(spec.num_levels):
+            system.drop_file_cache(store.expert_file(layer, c))
+kw = dict(level=cfg["level"], dtype=dtype, layout=cfg.get("layout", "auto"))
+opts = dict(context=cfg["prompt"] + cfg["decode"] + 8)
+if cfg.get("prefill_step"):
+    opts["prefill_step"] = cfg["prefill_step"]
+budget = None
+if cfg.get("fraction") is not None:
+    d2model._start_device()
+    kind = choose_layout(kw["layout"], spec, store.manifest, True)
+    slots = max(int(round(cfg["fraction"] * store.num_experts)), store.config["num_experts_per_tok"])
+    budget = budget_for_slots(slots, store, make_layout(kind, spec), cfg["level"], itemsize,
+                              system.current_rss_bytes(), **opts)
+    kw.update(memory_budget=budget, io_mode="nocache" if cfg.get("cold") else "random", **opts)
+t0 = time.perf_counter()
+model, config = d2model.load_model(cfg["store"], **kw)
+load_s = time.perf_counter() - t0
+engine = engine_of(model)
+if cfg.get("scheduled"):
+    engine.scheduler.fast_path = False
+if cfg.get("mixed") is not None:
+    k = config["num_experts_per_tok"]
+    pattern = np.array([cfg["mixed"][j % len(cfg["mixed"])] for j in range(k)])
+    engine.set_policy(PerPair(lambda layer, ids, scores: np.broadcast_to(pattern, ids.shape),
+                              tuple(sorted(set(cfg["mixed"])))))
+prompt = mx.array(np.random.default_rng(0).integers(3, config["vocab_size"], cfg["prompt"]))[None]
+cache = make_prompt_cache(model)
+t0 = time.perf_counter()
+y = model(prompt, cache=cache)[0, -1].argmax()
+mx.eval(y)
+ttft = time.perf_counter() - t0
+s0 = engine.stats.snapshot()
+times = []
+for _ in range(cfg["decode"]):
+    t0 = time.perf_counter()
+    y = model(y.reshape(1, 1), cache=cache)[0, -1].argmax()
+    mx.eval(y)
+    times.append(time.perf_counter() - t0)
+d = engine.stats.delta(s0)
+warm = times[len(times) // 4:]  # the first quarter warms the cache and the kernels
+print(json.dumps(dict(
+    load_s=load_s, ttft_s=ttft, decode_ms=1e3 * float(np.median(warm)),
+    decode_tps=1 / float(np.median(warm)), host_ms_per_call=1e3 * d.host_seconds / max(d.calls, 1),
+    syncs_per_token=d.syncs / max(d.tokens, 1), hit_rate=d.hit_rate,
+    bytes_per_token=d.bytes_read / max(d.tokens, 1), peak_rss=peak_rss_bytes(), budget=budget,
+    layers=len(engine.layers), layout=engine.layout.kind,
+    plan=engine.plan.describe() if engine.plan is not None else None)))
+"""
+
+
+def run(cfg: dict) -> dict:
+    """One configuration in a fresh process; its JSON result."""
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if out.returncode:
+        raise RuntimeError(f"{cfg}: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def disk_rate(files: list[Path], min_bytes: int, threads: int = 4, chunk: int = 8 << 20) -> float:
+    """Sustained cold read rate (bytes/s): the files read cold, in ``chunk`` reads on
+    ``threads`` threads, again and again until at least ``min_bytes`` were read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from d2moe_mlx.system import drop_file_cache
+
+    jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, chunk)]
+    total, seconds = 0, 0.0
+    while total < min_bytes:
+        for f in files:
+            drop_file_cache(f)
+
+        def read(job):
+            f, off = job
+            with open(f, "rb", buffering=0) as fh:
+                return len(os.pread(fh.fileno(), chunk, off))
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            total += sum(pool.map(read, jobs))
+        seconds += time.perf_counter() - start
+    return total / seconds
+
+
+def make_stores(args) -> dict[str, Path]:
+    """The nested synthetic store and a single-level 4-bit store of the same model."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_synthetic_store import make_synthetic_store, parse_spec
+
+    geometry = dict(layers=args.layers, hidden=args.hidden, moe_intermediate=args.inter,
+                    experts=args.experts, top_k=args.top_k)
+    stores = {}
+    for name, spec in (("nested", "2,2,4"), ("single4", "4")):
+        path = Path(args.work) / f"{name}-{args.layers}x{args.experts}x{args.hidden}"
+        if not path.exists():
+            make_synthetic_store(path, spec=parse_spec(spec), **geometry)
+        stores[name] = path
+    return stores
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="/tmp/d2moe-bench", help="where the synthetic stores are made")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--inter", type=int, default=512)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens (TTFT)")
+    p.add_argument("--decode", type=int, default=24, help="decoded tokens per configuration")
+    p.add_argument("--disk-gb", type=float, default=2.0, help="cold bytes read for the disk rate")
+    p.add_argument("--gpu", action="store_true", help="MLX's GPU backend (bfloat16)")
+    p.add_argument("--gpu-limit-gb", type=int, default=48, help="mx.set_memory_limit on the GPU")
+    p.add_argument("--only", default="1,2,3,4", help="sections to run, e.g. 1,3")
+    p.add_argument("--out", default=None, help="write all results as JSON here")
+    a = p.parse_args(argv)
+    stores = make_stores(a)
+    base = dict(gpu=a.gpu, gpu_limit_gb=a.gpu_limit_gb, prompt=16, decode=a.decode, level=1)
+    results: dict[str, dict] = {}
+
+    def bench(name, **cfg):
+        results[name] = r = run({**base, **cfg})
+        print(f"{name:34s} {r['decode_tps']:8.2f} tok/s  host {r['host_ms_per_call']:.3f} ms/call  "
+              f"syncs/token {r['syncs_per_token']:.1f}  hit {r['hit_rate']:.2f}  "
+              f"read {r['bytes_per_token'] / 1e6:.1f} MB/token  ttft {r['ttft_s']:.2f} s", flush=True)
+        return r
+
+    nested = str(stores["nested"])
+    only = set(a.only.split(","))
+    summary = {}
+    if "1" in only:
+        print("== 1. decode: resident vs streaming")
+        res = bench("resident", store=nested)
+        held = bench("stream 100% (held: resident-like)", store=nested, fraction=1.0)
+        sched = bench("stream 100%, scheduled path", store=nested, fraction=1.0, scheduled=True)
+        for f in (0.5, 0.25, 0.125):
+            bench(f"stream {f:.1%}", store=nested, fraction=f)
+        summary.update(
+            stream_100_vs_resident=held["decode_tps"] / res["decode_tps"],
+            scheduled_100_vs_resident=sched["decode_tps"] / res["decode_tps"],
+            overhead_ms_per_layer=(sched["decode_ms"] - res["decode_ms"]) / res["layers"],
+            host_ms_per_layer_scheduled=sched["host_ms_per_call"],
+            host_ms_per_layer_resident=res["host_ms_per_call"])
+    if "2" in only:
+        print("== 2. mixed per-pair levels (scheduled path, resident)")
+        one = bench("all pairs level 1", store=nested, mixed=[1])
+        mixed = bench("half level 0, half level 1", store=nested, mixed=[0, 1])
+        summary["mixed_vs_level1_time"] = one["decode_tps"] / mixed["decode_tps"]
+    if "3" in only:
+        print("== 3. packed levels vs passes vs a single-level store (resident)")
+        lv = bench("nested store level 1, levels layout", store=nested)
+        pl = bench("nested store level 1, planes layout", store=nested, layout="planes")
+        s4 = bench("single-level 4-bit store", store=str(stores["single4"]), level=0)
+        summary.update(levels_vs_single4=lv["decode_tps"] / s4["decode_tps"],
+                       planes_vs_single4=pl["decode_tps"] / s4["decode_tps"])
+    if "4" in only:
+        summary.update(ttft(a, nested, bench, results))
+    results["summary"] = summary
+    print(json.dumps(summary, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
+
+
+def ttft(a, nested: str, bench, results: dict) -> dict:
+    """Section 4: time to first token at a 25% cache, cold, against its bound."""
+    print("== 4. time to first token, 25% cache, cold")
+    from d2moe_mlx.store.reader import Store
+
+    with Store.open(nested) as s:
+        files = [s.expert_file(layer, c) for layer in s.moe_layers for c in range(2)]
+        level_bytes = sum(s.block_stride(layer, c) * s.num_experts for layer in s.moe_layers
+                          for c in range(2))
+    rate = disk_rate(files, int(a.disk_gb * 1e9))
+    warm = bench("resident prefill", store=nested, prompt=a.prompt, decode=4)
+    cold = bench("stream 25% prefill, cold", store=nested, prompt=a.prompt, decode=4, fraction=0.25,
+                 cold=True)
+    bound = level_bytes / rate + warm["ttft_s"]
+    results["ttft"] = dict(disk_gbps=rate / 1e9, level_bytes=level_bytes, bound_s=bound,
+                           ttft_s=cold["ttft_s"], ratio=cold["ttft_s"] / bound)
+    print(f"disk {rate / 1e9:.2f} GB/s cold; experts at level 1: {level_bytes / 1e9:.2f} GB; "
+          f"TTFT {cold['ttft_s']:.2f} s vs bound {bound:.2f} s = {cold['ttft_s'] / bound:.2f}x")
+    return {"ttft_vs_bound": cold["ttft_s"] / bound}
+
+
+if __name__ == "__main__":
+    main()
