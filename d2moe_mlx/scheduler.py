@@ -83,7 +83,7 @@ class Scheduler:
             if all(lc.pools[p].all_ready() for p in parts):
                 self._count_fast(el.layer, lc, parts, inds, level)
                 y = el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
-                mx.async_eval(y)
+                self._start(y)
                 return y
         return self._scheduled(el, lc, x, inds)
 
@@ -109,7 +109,7 @@ class Scheduler:
             # Every pair hits: start the compute now, keep the books while it runs.
             parts = self.layout.cover(level)
             y = el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
-            mx.async_eval(y)
+            self._start(y)
             self._books(el.layer, lc, idx, flat, level, y)
             return y
         pair_scores = None
@@ -143,6 +143,13 @@ class Scheduler:
             raise
         self._pending.append((y, pins))
         return y
+
+    def _start(self, y: mx.array) -> None:
+        """Start computing ``y`` now (the next layer's graph is built meanwhile). MLX may
+        block here while the stream is busy: that time counts as sync time."""
+        t0 = time.perf_counter()
+        mx.async_eval(y)
+        self.stats.sync_seconds += time.perf_counter() - t0
 
     def _books(self, layer: int, lc: ExpertCache, idx: np.ndarray, flat: np.ndarray, level: int,
                y: mx.array) -> None:
