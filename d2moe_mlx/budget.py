@@ -39,6 +39,10 @@ KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
 # a long prompt then runs through each layer in few passes, reading each expert once a pass.
 AUTO_STEPS = (4096, 2048, 1024, 512, 256, 128)
 PREFILL_SHARE = 0.25
+# A per-pair level policy runs every pair at least at its floor level and only important
+# or hot pairs above it: the parts that compute the floor get this many times the slots
+# of the parts above (more base slots than plane slots).
+FLOOR_SHARE = 2
 
 
 class BudgetError(ValueError):
@@ -68,6 +72,7 @@ class BudgetPlan:
     level: int = 0
     loader_threads: int = 4
     batch: int = 1
+    weights: dict[int, int] = field(default_factory=dict)  # slots of part p per base count
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -173,6 +178,7 @@ def plan_budget(
     prefill_step: int | None = None,
     loader_threads: int = 4,
     parts: list[int] | None = None,
+    floor_parts: list[int] | None = None,
     batch: int = 1,
 ) -> BudgetPlan:
     """Split ``total`` bytes for running ``level`` in ``layout`` (pools for ``parts``,
@@ -181,8 +187,9 @@ def plan_budget(
     see :mod:`d2moe_mlx.limits`; None: the largest step the budget affords, AUTO_STEPS);
     BudgetError if the minimum working set does not fit.
 
-    Slots per part: every part gets the same count (each pair of the level needs all
-    of its parts, so a part with more slots than another could not be used by a call)."""
+    Slots per part: the same count for every part of one level (each pair of the level
+    needs all of them); with ``floor_parts`` (a per-pair level policy's floor) those
+    get FLOOR_SHARE times the slots of the parts above them."""
     layers = store.moe_layers
     if not layers:
         raise StoreError(f"{store.path} has no expert layers")
@@ -202,28 +209,32 @@ def plan_budget(
     work = workspace_bytes(config, min(prefill_step, context), context, act_itemsize)
     mlx_cache = int(MLX_CACHE_FRACTION * work)
     fixed = baseline + dense + kv + work + mlx_cache + staging + slack
-    one_expert = len(layers) * sum(per_slot.values())  # one slot in every layer's pools
+    weight = {p: FLOOR_SHARE if floor_parts and p in floor_parts and set(floor_parts) != set(parts)
+              else 1 for p in parts}
+    one_expert = len(layers) * sum(weight[p] * b for p, b in per_slot.items())  # n slots each
+    zero = len(layers) * sum(per_slot.values())  # every pool's all-zero slot
     cache = total - fixed
-    n = cache // one_expert - 1 if cache > 0 else -1  # -1: every pool's zero slot
+    n = (cache - zero) // one_expert if cache > zero else -1
     n = min(n, store.num_experts)
     if n < top_k:
-        need = fixed + (top_k + 1) * one_expert
+        need = fixed + zero + top_k * one_expert
         raise BudgetError(
             f"a memory budget of {format_bytes(total)} is too small: the process needs "
             f"{format_bytes(baseline)} (interpreter and libraries) + {format_bytes(dense)} dense "
             f"weights + {format_bytes(kv)} KV cache ({batch} x {context} tokens) + "
             f"{format_bytes(work + mlx_cache + staging + slack)} working memory (prefill steps of "
             f"{prefill_step} tokens), and at least {top_k} experts per "
-            f"layer at level {level} ({format_bytes((top_k + 1) * one_expert)} over {len(layers)} "
+            f"layer at level {level} ({format_bytes(zero + top_k * one_expert)} over {len(layers)} "
             f"layers). The smallest budget that works is {suggest_budget(need)}; or use a lower "
             f"level, a shorter context, or a smaller prefill step."
         )
     return BudgetPlan(
         total=total, baseline=baseline, dense=dense, kv=kv, workspace=work, mlx_cache=mlx_cache,
         slack=slack, staging=staging,
-        cache=cache, slot_bytes=per_slot, slots={p: int(n) for p in parts}, layers=len(layers),
+        cache=cache, slot_bytes=per_slot, layers=len(layers),
+        slots={p: min(int(n) * weight[p], store.num_experts) for p in parts},
         num_experts=store.num_experts, top_k=top_k, context=context, prefill_step=prefill_step,
-        level=level, loader_threads=loader_threads, batch=batch,
+        level=level, loader_threads=loader_threads, batch=batch, weights=weight,
     )
 
 
@@ -262,8 +273,9 @@ def budget_for_slots(slots: int, store: Store, layout: Layout, level: int, act_i
         return budget_for_slots(slots, store, layout, level, act_itemsize, baseline,
                                 prefill_step=steps[0], **options)
     probe = plan_budget(1 << 60, store, store.config, layout, level, act_itemsize, baseline, **options)
-    one = probe.layers * sum(probe.slot_bytes.values())  # one more slot in every pool
-    return probe.total - probe.cache + (slots + 1) * one + one // 2
+    zero = probe.layers * sum(probe.slot_bytes.values())  # every pool's all-zero slot
+    one = probe.layers * sum(probe.weights[p] * b for p, b in probe.slot_bytes.items())
+    return probe.total - probe.cache + zero + slots * one + one // 2
 
 
 def suggest_budget(need: int) -> str:
@@ -278,12 +290,13 @@ def suggest_budget(need: int) -> str:
 
 
 def replan(plan: BudgetPlan, store: Store, layout: Layout, parts: list[int],
-           act_itemsize: int) -> BudgetPlan:
-    """``plan``'s budget split again for the level whose parts are ``parts``."""
+           floor_parts: list[int], act_itemsize: int) -> BudgetPlan:
+    """``plan``'s budget split again for pools of ``parts`` (see plan_budget)."""
     level = max(layout.parts[p].hi for p in parts)
     return plan_budget(plan.total, store, store.config, layout, level, act_itemsize, plan.baseline,
                        context=plan.context, prefill_step=plan.prefill_step,
-                       loader_threads=plan.loader_threads, parts=parts, batch=plan.batch)
+                       loader_threads=plan.loader_threads, parts=parts, floor_parts=floor_parts,
+                       batch=plan.batch)
 
 
 def _top_k(config: dict) -> int:

@@ -24,7 +24,7 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .engine import streaming_of
+from .engine import engine_of, streaming_of
 from .generation import encode_prompt, format_stats, stream_generate, text_after_prompt
 from .limits import ContextError
 
@@ -160,7 +160,8 @@ def run_chat(
         else:
             text = "\n".join(m["content"] for m in messages) + "\n"
         start = cache_tokens(cache)
-        before = streaming.stats.snapshot() if streaming is not None else None
+        engine = engine_of(model)
+        before = engine.stats.snapshot() if engine is not None else None
         try:
             with ReplyInterrupt() as interrupt:
                 response, stopped = reply(model, tokenizer, text, cache, interrupt,

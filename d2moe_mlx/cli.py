@@ -63,7 +63,8 @@ def _cli_words(error: Exception) -> str:
 
 def _load(store: str, level: int | None, dtype: str | None, memory: int | None = None,
           cache_policy: str = "lru", prefetch: bool = False, context: int = 4096,
-          prefill_step: int | None = None, verify: bool = True):
+          prefill_step: int | None = None, verify: bool = True, quality: str = "exact",
+          alpha: float | None = None, min_level: int | None = None):
     from .memory import format_size
     from .model import load
     from .store.format import StoreError
@@ -73,7 +74,8 @@ def _load(store: str, level: int | None, dtype: str | None, memory: int | None =
     try:
         model, tokenizer = load(store, level=level, dtype=dtype, memory_budget=memory,
                                 cache_policy=cache_policy, prefetch=prefetch, context=context,
-                                prefill_step=prefill_step, verify=verify)
+                                prefill_step=prefill_step, verify=verify, quality=quality,
+                                quality_options=_quality_options(quality, alpha, min_level))
     except (StoreError, ValueError, FileNotFoundError) as e:
         _fail(_cli_words(e))
     from .engine import streaming_of
@@ -84,9 +86,19 @@ def _load(store: str, level: int | None, dtype: str | None, memory: int | None =
     return model, tokenizer
 
 
+def _quality_options(quality: str, alpha: float | None, min_level: int | None) -> dict:
+    """--alpha / --min-level as quality_options; they need a dual-routing --quality."""
+    options = {k: v for k, v in (("alpha", alpha), ("floor", min_level)) if v is not None}
+    if options and quality == "exact":
+        _fail("--alpha and --min-level tune a dual-routing --quality (high, balanced or fast); "
+              "with --quality exact every expert runs at --level")
+    return options
+
+
 def _streaming_options(f):
-    """--memory, --cache-policy, --prefetch, --context, --verify and --prefill-step for
-    commands that load a model."""
+    """--memory, --cache-policy, --prefetch, --context, --quality, --alpha, --min-level,
+    --verify and --prefill-step for commands that load a model."""
+    from .levels import QUALITIES
     from .policies import POLICIES
 
     options = [
@@ -102,6 +114,18 @@ def _streaming_options(f):
         click.option("--context", type=click.IntRange(1), default=4096, show_default=True,
                      help="With --memory: tokens of KV cache the budget reserves; a reply stops "
                           "when it is full."),
+        click.option("--quality", type=click.Choice(list(QUALITIES)), default="exact",
+                     show_default=True,
+                     help="exact: every expert at --level. high / balanced / fast: important "
+                          "and hot experts at --level, the rest lower, unimportant cache misses "
+                          "substituted by resident experts (faster, slightly lower quality; "
+                          "docs/BENCHMARKS.md measures both)."),
+        click.option("--alpha", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="With --quality: the SMoE substitution band (0 = no substitution; "
+                          "default: the preset's, 0.25 for balanced)."),
+        click.option("--min-level", type=click.IntRange(0), default=None,
+                     help="With --quality: the lowest level a pair may run at (the bit floor; "
+                          "--level is the ceiling). Default: the preset's."),
         click.option("--verify/--no-verify", default=True, show_default=True,
                      help="Check every expert block read from disk, and the dense weight files "
                           "at load, against their crc32 (about 2 percent of a read)."),

@@ -63,6 +63,15 @@ class Engine:
         """The level every pair runs at (None under a per-pair level policy)."""
         return self.scheduler.levels.uniform
 
+    @property
+    def policy(self) -> LevelPolicy:
+        return self.scheduler.levels
+
+    @property
+    def ceiling(self) -> int:
+        """The highest level the current policy runs pairs at (the loaded level)."""
+        return max(self.scheduler.levels.levels_used)
+
     def set_level(self, level: int) -> None:
         """Run every expert at ``level`` from the next call on. Resident: the experts are
         read again at that level where the layout needs it. Streaming: the budget is
@@ -71,17 +80,19 @@ class Engine:
         self.set_policy(Exact(self._check_level(level)))
 
     def set_policy(self, policy: LevelPolicy) -> None:
-        """Use a level policy; pools are rebuilt if it needs parts they do not hold."""
+        """Use a level policy from the next call on. Pools are kept when they hold every
+        part the policy uses, else made again for its parts (resident: read from the
+        store; streaming: the budget planned again, BudgetError if it cannot hold them)."""
         for level in policy.levels_used:
             self._check_level(level)
         self.scheduler.drain()
-        parts = sorted({p for lv in policy.levels_used for p in self.layout.cover(lv)})
-        if parts != self._parts:
+        parts, floor = policy_parts(policy, self.layout)
+        if not set(parts) <= set(self._parts):
             plan = None
             if self.plan is not None:
                 from .budget import replan
 
-                plan = replan(self.plan, self.store, self.layout, parts, self.act_dtype.size)
+                plan = replan(self.plan, self.store, self.layout, parts, floor, self.act_dtype.size)
             self._build(parts, plan)
         self.scheduler.levels = policy
 
@@ -142,6 +153,12 @@ class Engine:
         self.store.close()
 
 
+def policy_parts(policy: LevelPolicy, layout: Layout) -> tuple[list[int], list[int]]:
+    """(parts the policy's levels need, parts of its floor level)."""
+    parts = sorted({p for lv in policy.levels_used for p in layout.cover(lv)})
+    return parts, list(layout.cover(policy.floor))
+
+
 def engine_of(model: nn.Module) -> Engine | None:
     """The :class:`Engine` of a model loaded by d2moe, else None."""
     return getattr(model, "_d2moe_engine", None)
@@ -167,14 +184,14 @@ def choose_layout(name: str, spec: mwq.MWQSpec, manifest: dict, streaming: bool)
     return name
 
 
-def install_engine(model: nn.Module, store: Store, spec: mwq.MWQSpec, level: int,
+def install_engine(model: nn.Module, store: Store, spec: mwq.MWQSpec, policy: LevelPolicy,
                    act_dtype: mx.Dtype, *, plan=None, layout: str = "auto",
                    cache_policy: str = "lru", policy_options: dict | None = None,
                    mode: str = "stream", prefetch: bool = False, overlap: bool = True,
                    loader_threads: int = 4, verify: bool = True) -> Engine:
     """Replace every MoE block's experts of ``model`` (being built, weights not yet
-    loaded) by expert layers over caches for ``level``; returns the engine. Resident
-    pools are allocated here and filled by :func:`fill`."""
+    loaded) by expert layers over caches for the levels of ``policy``; returns the
+    engine. Pools are allocated here; resident ones are filled by :func:`fill`."""
     family = family_of(model)
     blocks = family.blocks(model)
     _check_blocks(store, family, blocks)
@@ -183,13 +200,12 @@ def install_engine(model: nn.Module, store: Store, spec: mwq.MWQSpec, level: int
     make_policy(cache_policy, store.num_experts, **policy_options)  # bad options fail early
     caches = {layer: ExpertCache(layer, [], None) for layer, _ in blocks}
     loader = ExpertLoader(store, spec, threads=loader_threads, verify=verify)
-    levels = Exact(level)
-    scheduler = Scheduler(caches, loader, lay, levels, family.gating(model.args), mode=mode,
+    scheduler = Scheduler(caches, loader, lay, policy, family.gating(model.args), mode=mode,
                           prefetch=prefetch, overlap=overlap)
     engine = Engine(store=store, spec=spec, layout=lay, scheduler=scheduler, loader=loader,
                     act_dtype=act_dtype, family=family, plan=plan, cache_policy=cache_policy,
                     policy_options=policy_options)
-    parts = list(lay.cover(level))
+    parts, _ = policy_parts(policy, lay)
     engine._build(parts, plan, fill=False)
 
     def make(layer, block, switch):

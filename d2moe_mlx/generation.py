@@ -16,7 +16,7 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .engine import streaming_of
+from .engine import engine_of, streaming_of
 from .limits import ContextError, kv_length
 from .memory import format_bytes, peak_rss_bytes
 from .stats import StreamStats
@@ -27,14 +27,23 @@ def stream_generate(
     tokenizer: TokenizerWrapper,
     prompt: Union[str, mx.array, List[int]],
     max_tokens: int = 256,
+    *,
+    quality: str | None = None,
+    quality_options: dict | None = None,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield a :class:`mlx_lm.generate.GenerationResponse` per generated token (mlx-lm's signature).
 
-    A model loaded with a memory budget prefills in steps of the size its budget
-    planned for (``prefill_step_size`` overrides it) and stops where the KV context
-    the budget reserved is full: the last response then has ``finish_reason ==
-    "context"``. A prompt that does not fit at all raises :class:`ContextError`."""
+    ``quality`` (``exact``, ``high``, ``balanced``, ``fast``; ``quality_options`` as for
+    :func:`d2moe_mlx.load`) applies to this request only, at the model's current ceiling
+    level; the model's policy is restored afterwards. A model loaded with a memory
+    budget prefills in steps of the size its budget planned for (``prefill_step_size``
+    overrides it) and stops where the KV context the budget reserved is full: the last
+    response then has ``finish_reason == "context"``. A prompt that does not fit at all
+    raises :class:`ContextError`."""
+    if quality is not None:
+        yield from _with_quality(model, tokenizer, prompt, max_tokens, quality, quality_options, kwargs)
+        return
     streaming = streaming_of(model)
     capped = False
     if streaming is not None:
@@ -55,6 +64,20 @@ def stream_generate(
         if capped and response.finish_reason == "length":
             response = dataclasses.replace(response, finish_reason="context")
         yield response
+
+
+def _with_quality(model, tokenizer, prompt, max_tokens, quality, options, kwargs):
+    from .levels import for_quality
+
+    engine = engine_of(model)
+    if engine is None:
+        raise ValueError("quality= needs a model loaded by d2moe_mlx.load")
+    previous = engine.policy
+    engine.set_policy(for_quality(quality, engine.ceiling, **(options or {})))
+    try:
+        yield from stream_generate(model, tokenizer, prompt, max_tokens, **kwargs)
+    finally:
+        engine.set_policy(previous)
 
 
 def generate(
@@ -121,9 +144,10 @@ def text_after_prompt(
 def format_stats(response: GenerationResponse, model: nn.Module | None = None,
                  since: StreamStats | None = None) -> str:
     """One line: prompt and generation speed (n/a for one generated token) and MLX's peak
-    memory. For a streaming ``model`` also the expert cache hit rate, MB read per token
-    and peak RSS against the budget, counted from ``since`` (a ``stats.snapshot()`` taken
-    before the reply)."""
+    memory. For a d2moe ``model`` also the level mix and substitution rate when pairs ran
+    at more than one level, and for a streaming one the expert cache hit rate, MB read
+    per token and peak RSS against the budget, counted from ``since`` (a
+    ``stats.snapshot()`` taken before the reply)."""
     n = response.generation_tokens
     # mlx-lm times generation from the first token: one token has no speed.
     speed = f"{response.generation_tps:.1f} tokens/s" if n >= 2 else "speed n/a (one token)"
@@ -131,12 +155,18 @@ def format_stats(response: GenerationResponse, model: nn.Module | None = None,
         f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
         f"generation: {n} tokens, {speed} | peak memory: {response.peak_memory:.3f} GB"
     )
-    streaming = streaming_of(model) if model is not None else None
-    if streaming is None:
+    engine = engine_of(model) if model is not None else None
+    if engine is None:
         return line
-    d = streaming.stats if since is None else streaming.stats.delta(since)
+    d = engine.stats if since is None else engine.stats.delta(since)
+    mix = d.level_mix
+    if len(mix) > 1 or d.substituted:
+        levels = " ".join(f"L{lv} {100 * f:.0f}%" for lv, f in mix.items())
+        line += f" | levels: {levels}, substituted {100 * d.substitution_rate:.1f}%"
+    if not engine.streaming:
+        return line
     per_token = d.bytes_read / max(d.tokens, 1) / 1e6
     return (
         f"{line} | experts: hit rate {100 * d.hit_rate:.1f}%, {per_token:.1f} MB read/token | "
-        f"peak RSS {format_bytes(peak_rss_bytes())} of {format_bytes(streaming.plan.total)} budget"
+        f"peak RSS {format_bytes(peak_rss_bytes())} of {format_bytes(engine.plan.total)} budget"
     )

@@ -1,21 +1,50 @@
-"""Level policies: which MWQ level each (token, expert) pair is computed at.
+"""Level policies: which MWQ level each (token, expert) pair runs at, and substitutions.
 
-A policy sees, per MoE layer call, the pairs' expert ids [N, k], their router
-scores when it ``needs_scores``, and the layer's cache (residency); it returns one
-level for every pair (an int) or a level per pair ([N, k]). ``uniform`` is the
-level every pair gets when the policy always gives one (then resident calls need
-no host sync), else None. ``levels_used`` lists every level it can return, so the
-engine holds a pool for each.
+A policy sees one MoE layer call (:class:`Call`: the pairs' expert ids [N, k], their
+router scores and every expert's scores when it ``needs_scores``, and the level at
+which each expert is resident now) and returns a :class:`Decision`: one level for
+every pair (an int) or a level per pair ([N, k]), and optionally other experts to
+run in some pairs' place. ``uniform`` is the level every pair gets when the policy
+always gives one (then resident calls need no host sync), else None;
+``levels_used`` lists every level it can return, so the engine holds a pool for each.
 
 * :class:`Exact`: the same level for every pair (what the model was loaded at).
 * :class:`PerPair`: levels from a function of (layer, ids, scores) (tests, tools).
+* :class:`DualRouting`: training-free D²MoE dual routing with SMoE substitution and
+  HOBBIT's low level on a miss; :data:`QUALITIES` are its presets.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+
+@dataclass
+class Call:
+    """What a level policy sees of one MoE layer call (host arrays)."""
+
+    layer: int
+    ids: np.ndarray  # [N, k] the router's experts
+    scores: np.ndarray | None  # [N, k] their router probabilities (None: not computed)
+    full: np.ndarray | None  # [N, E] every expert's router probability
+    ready: np.ndarray  # [levels, E]: expert e can run at level l with no read
+
+    def highest_ready(self) -> np.ndarray:
+        """[E] the highest level each expert can run at with no read (-1: none)."""
+        levels = np.arange(self.ready.shape[0])[:, None]
+        return np.where(self.ready, levels, -1).max(axis=0)
+
+
+@dataclass
+class Decision:
+    """Levels for the pairs of a call, and the experts that run in their place."""
+
+    levels: int | np.ndarray
+    ids: np.ndarray | None = None  # [N, k] experts to compute (None: the router's)
+    substituted: int = 0  # pairs whose expert was replaced
 
 
 class LevelPolicy:
@@ -24,12 +53,17 @@ class LevelPolicy:
     needs_scores = False
     uniform: int | None = None
 
-    def levels(self, layer: int, ids: np.ndarray, scores: np.ndarray | None, cache) -> int | np.ndarray:
+    def decide(self, call: Call) -> Decision:
         raise NotImplementedError
 
     @property
     def levels_used(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    @property
+    def floor(self) -> int:
+        """The lowest level it gives (its pool gets the most slots)."""
+        return min(self.levels_used)
 
 
 class Exact(LevelPolicy):
@@ -40,8 +74,8 @@ class Exact(LevelPolicy):
             raise ValueError(f"level must be an integer >= 0, got {level!r}")
         self.uniform = int(level)
 
-    def levels(self, layer, ids, scores, cache) -> int:
-        return self.uniform
+    def decide(self, call: Call) -> Decision:
+        return Decision(self.uniform)
 
     @property
     def levels_used(self) -> tuple[int, ...]:
@@ -60,15 +94,124 @@ class PerPair(LevelPolicy):
         self._used = tuple(sorted(set(int(v) for v in levels_used)))
         self.needs_scores = needs_scores
 
-    def levels(self, layer, ids, scores, cache) -> np.ndarray:
-        out = np.asarray(self._fn(layer, ids, scores))
-        if out.shape != ids.shape:
-            raise ValueError(f"level policy returned shape {out.shape} for pairs {ids.shape}")
+    def decide(self, call: Call) -> Decision:
+        out = np.asarray(self._fn(call.layer, call.ids, call.scores))
+        if out.shape != call.ids.shape:
+            raise ValueError(f"level policy returned shape {out.shape} for pairs {call.ids.shape}")
         if not np.isin(out, self._used).all():
             raise ValueError(f"level policy returned levels {sorted(set(out.ravel()))}, "
                              f"outside its levels_used {self._used}")
-        return out
+        return Decision(out)
 
     @property
     def levels_used(self) -> tuple[int, ...]:
         return self._used
+
+
+class DualRouting(LevelPolicy):
+    """Training-free dual routing: a level per (token, expert) pair from its importance
+    (router probability relative to the token's strongest expert), its hotness (how
+    many of the call's tokens chose the expert) and its residency; unimportant misses
+    run at the floor (HOBBIT) or are substituted (SMoE).
+
+    Per pair: ``ceiling`` if relative importance >= ``tau`` or the expert is hot
+    (chosen by >= ``hot`` of the call's tokens, and more than one), else ``floor``;
+    a pair whose level is not ready but a higher one (up to the ceiling) is runs at
+    that one, which costs no read. SMoE with ``alpha`` > 0: let S be the token's (k+1)-th
+    highest score; an activated expert scoring in [S, (1+alpha)S) that is resident
+    at no level >= floor is replaced by the highest-scoring inactive expert in
+    [(1-alpha)S, S) that is (at its resident level); if none, it runs at its highest
+    resident level if it has one, else is loaded at the floor. Experts scoring
+    >= (1+alpha)S are never touched. ``alpha=0`` substitutes nothing.
+    """
+
+    needs_scores = True
+
+    def __init__(self, floor: int, ceiling: int, *, tau: float = 0.5, hot: float = 0.25,
+                 alpha: float = 0.0):
+        if not 0 <= floor <= ceiling:
+            raise ValueError(f"need 0 <= floor <= ceiling, got floor {floor}, ceiling {ceiling}")
+        if not 0.0 <= tau <= 1.0 or not 0.0 < hot <= 1.0 or not 0.0 <= alpha < 1.0:
+            raise ValueError(f"need tau in [0, 1], hot in (0, 1], alpha in [0, 1); got tau {tau}, "
+                             f"hot {hot}, alpha {alpha}")
+        self.floor_level, self.ceiling = int(floor), int(ceiling)
+        self.tau, self.hot, self.alpha = float(tau), float(hot), float(alpha)
+        self.uniform = self.ceiling if floor == ceiling and alpha == 0 else None
+
+    @property
+    def levels_used(self) -> tuple[int, ...]:
+        return tuple(range(self.floor_level, self.ceiling + 1))
+
+    def __repr__(self) -> str:
+        return (f"DualRouting(floor={self.floor_level}, ceiling={self.ceiling}, tau={self.tau}, "
+                f"hot={self.hot}, alpha={self.alpha})")
+
+    def decide(self, call: Call) -> Decision:
+        ids, scores = call.ids, call.scores
+        n, k = ids.shape
+        lo, hi = self.floor_level, self.ceiling
+        importance = scores / np.maximum(scores.max(axis=-1, keepdims=True), 1e-30)
+        experts, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        hot = (counts[inverse].reshape(ids.shape) >= max(2.0, self.hot * n))
+        levels = np.where((importance >= self.tau) | hot, hi, lo)
+        ready_now = np.take_along_axis(call.ready[:, ids.reshape(-1)], levels.reshape(1, -1), 0)
+        have = call.highest_ready()[ids]  # (ready levels are <= the ceiling: pools end there)
+        levels = np.where(~ready_now.reshape(ids.shape) & (have > levels), have, levels)
+        decision = Decision(levels)
+        if self.alpha > 0 and call.full is not None and call.full.shape[-1] > k:
+            self._substitute(call, decision)
+        return decision
+
+    def _substitute(self, call: Call, decision: Decision) -> None:
+        ids, levels, full = call.ids, decision.levels, call.full
+        resident = call.highest_ready()
+        lo, hi, a = self.floor_level, self.ceiling, self.alpha
+        k = ids.shape[-1]
+        s = np.partition(full, -(k + 1), axis=-1)[:, -(k + 1)]  # the (k+1)-th highest score
+        mine = np.take_along_axis(full, ids, -1)
+        band = (mine >= s[:, None]) & (mine < (1 + a) * s[:, None])
+        missing = resident[ids] < lo
+        rows, cols = np.nonzero(band & missing)
+        if rows.size == 0:
+            return
+        new_ids = ids.copy()
+        usable = (resident >= lo)[None, :] & (full >= ((1 - a) * s)[:, None]) & (full < s[:, None])
+        active = np.zeros_like(full, dtype=bool)
+        np.put_along_axis(active, ids, True, axis=-1)
+        usable &= ~active
+        for t, j in zip(rows.tolist(), cols.tolist()):  # only the few unimportant misses
+            candidates = np.flatnonzero(usable[t])
+            if candidates.size:  # else it is loaded at the floor, as decided
+                best = candidates[np.argmax(full[t, candidates])]
+                usable[t, best] = False  # one pair per substitute in a token
+                new_ids[t, j] = best
+                levels[t, j] = min(int(resident[best]), hi)
+                decision.substituted += 1
+        if decision.substituted:
+            decision.ids = new_ids
+
+
+# Presets by name: (floor offset below the load level, tau, alpha). The load level is
+# the ceiling; "exact" runs every pair at it.
+QUALITIES = {
+    "exact": None,
+    "high": dict(drop=1, tau=0.3, alpha=0.0),
+    "balanced": dict(drop=1, tau=0.5, alpha=0.25),
+    "fast": dict(drop=2, tau=0.7, alpha=0.35),
+}
+
+
+def for_quality(quality: str, level: int, **overrides) -> LevelPolicy:
+    """The level policy of a quality preset for a model loaded at ``level`` (the
+    ceiling); ``overrides`` (tau, hot, alpha, floor) replace the preset's values."""
+    if quality not in QUALITIES:
+        raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    preset = QUALITIES[quality]
+    if preset is None:
+        if overrides:
+            raise ValueError(f"quality 'exact' takes no options (got {', '.join(overrides)})")
+        return Exact(level)
+    floor = overrides.pop("floor", None)
+    floor = max(0, level - preset["drop"]) if floor is None else floor
+    opts = {"tau": preset["tau"], "alpha": preset["alpha"], **overrides}
+    return DualRouting(min(floor, level), level, **opts)

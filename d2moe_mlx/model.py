@@ -10,6 +10,7 @@ models (a memory budget) get pools sized by the budget plan.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from mlx_lm.utils import load_model as mlx_load_model
 from . import mwq
 from .convert.hf_config import apply_mlx_lm_fixes
 from .budget import plan_budget
-from .engine import choose_layout, fill, install_engine
+from .engine import choose_layout, fill, install_engine, policy_parts
 from .layout import make_layout
+from .levels import for_quality
 from .limits import bound_calls
 from .memory import parse_size
 from .store.format import MANIFEST_NAME, StoreError
@@ -90,6 +92,8 @@ def load_model(
     layout: str = "auto",
     verify: bool = True,
     batch: int = 1,
+    quality: str = "exact",
+    quality_options: dict | None = None,
 ) -> tuple[nn.Module, dict]:
     """Build the mlx-lm model of the store at ``path`` with MWQ experts; returns ``(model, config)``.
 
@@ -114,8 +118,16 @@ def load_model(
     from disk and the dense files against their crc32 (default; ~2% of a read).
     ``batch``: sequences the budget plans KV cache for (mlx-lm's ``BatchGenerator``
     runs several at once; every forward pass is held to ``prefill_step`` tokens).
+
+    ``quality``: ``exact`` (every expert at ``level``) or a dual-routing preset
+    (``high``, ``balanced``, ``fast``: important and hot experts at ``level``, the
+    rest at a lower level, unimportant cache misses substituted; see
+    :mod:`d2moe_mlx.levels`); ``quality_options`` (``alpha``, ``tau``, ``hot``,
+    ``floor``) override the preset's knobs.
     """
     _start_device()
+    gc.collect()  # what earlier models left: free it, so the baseline is what stays
+    mx.clear_cache()
     baseline = current_rss_bytes()
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
@@ -132,13 +144,17 @@ def load_model(
         if dtype is None and mx.default_device() == mx.cpu:
             dtype = "float32"  # MLX's CPU quantized matmul is lossy in fp16/bf16
         act_dtype = _dtype(dtype or store.manifest["dense"]["dtype"])
+        policy = for_quality(quality, level, **(quality_options or {}))
         plan = None
         kind = choose_layout(layout, spec, store.manifest, memory_budget is not None)
         if memory_budget is not None:
             return_freed_memory()  # RSS follows what is held, not its high-water mark
-            plan = plan_budget(parse_size(memory_budget), store, store.config, make_layout(kind, spec),
-                               level, act_dtype.size, baseline, context=context,
-                               prefill_step=prefill_step, loader_threads=loader_threads, batch=batch)
+            lay = make_layout(kind, spec)
+            parts, floor = policy_parts(policy, lay)
+            plan = plan_budget(parse_size(memory_budget), store, store.config, lay, level,
+                               act_dtype.size, baseline, context=context, prefill_step=prefill_step,
+                               loader_threads=loader_threads, parts=parts, floor_parts=floor,
+                               batch=batch)
         check_dense_files(store, verify)
     except BaseException:
         store.close()
@@ -153,7 +169,7 @@ def load_model(
             nonlocal engine
             model = model_class(args)
             apply_mlx_lm_fixes(model, config)
-            engine = install_engine(model, store, spec, level, act_dtype, plan=plan, layout=kind,
+            engine = install_engine(model, store, spec, policy, act_dtype, plan=plan, layout=kind,
                                     cache_policy=cache_policy, policy_options=policy_options,
                                     mode=mode, prefetch=prefetch, overlap=overlap,
                                     loader_threads=loader_threads, verify=verify)

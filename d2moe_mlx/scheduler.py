@@ -28,7 +28,7 @@ import numpy as np
 
 from .cache import CacheFullError, ExpertCache
 from .layout import Layout
-from .levels import LevelPolicy
+from .levels import Call, LevelPolicy
 from .loader import ExpertLoader
 from .stats import StreamStats
 
@@ -112,12 +112,22 @@ class Scheduler:
             self._start(y)
             self._books(el.layer, lc, idx, flat, level, y)
             return y
-        pair_scores = None
+        full = pair_scores = None
         if scores is not None:
-            sc = np.array(scores).reshape(-1, scores.shape[-1])
-            pair_scores = np.take_along_axis(sc, flat.reshape(-1, k), -1)
-            lc.policy.on_scores(sc.mean(axis=0))
-        levels = self.levels.levels(el.layer, flat.reshape(-1, k), pair_scores, lc)
+            full = np.array(scores).reshape(-1, scores.shape[-1])
+            pair_scores = np.take_along_axis(full, flat.reshape(-1, k), -1)
+            lc.policy.on_scores(full.mean(axis=0))
+        if level is not None:
+            levels = level
+        else:
+            decision = self.levels.decide(Call(el.layer, flat.reshape(-1, k), pair_scores, full,
+                                               self._ready(lc)))
+            levels = decision.levels
+            if decision.ids is not None:  # substitutions: other experts run in those pairs
+                idx = decision.ids.reshape(idx.shape).astype(idx.dtype)
+                flat = idx.reshape(-1)
+                inds = mx.array(idx)
+                self.stats.substituted += decision.substituted
         if flat.size == k:  # one token (decode): its k experts are distinct and equally hot
             experts, counts = flat, np.ones(k, dtype=np.int64)
             order = experts
@@ -143,6 +153,24 @@ class Scheduler:
             raise
         self._pending.append((y, pins))
         return y
+
+    def _ready(self, lc: ExpertCache) -> np.ndarray:
+        """[levels, E]: which experts of the layer can run at each level with no read."""
+        rows = []
+        for level in range(len(self.layout.parts)):
+            pools = [lc.pools[p] for p in self.layout.cover(level)]
+            if any(pool is None for pool in pools):
+                rows.append(np.zeros(lc.pools[self._any_part(lc)].num_experts, dtype=bool))
+                continue
+            ready = pools[0].is_ready
+            for pool in pools[1:]:
+                ready = ready & pool.is_ready
+            rows.append(ready)
+        return np.stack(rows)
+
+    @staticmethod
+    def _any_part(lc: ExpertCache) -> int:
+        return next(i for i, pool in enumerate(lc.pools) if pool is not None)
 
     def _start(self, y: mx.array) -> None:
         """Start computing ``y`` now (the next layer's graph is built meanwhile). MLX may

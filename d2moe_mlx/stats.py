@@ -24,6 +24,7 @@ class StreamStats:
     groups: int = 0  # calls split into expert groups (more experts than slots)
     syncs: int = 0  # host syncs (scheduled calls)
     pairs: dict = field(default_factory=dict)  # level -> (token, expert) pairs computed at it
+    substituted: int = 0  # pairs whose expert was replaced by a resident one (SMoE)
     predicted: int = 0  # prefetch: next-layer experts predicted
     predicted_right: int = 0  # ... that the next layer did use
     prefetch_loads: int = 0
@@ -32,6 +33,17 @@ class StreamStats:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def level_mix(self) -> dict[int, float]:
+        """Fraction of the computed (token, expert) pairs at each level."""
+        total = sum(self.pairs.values())
+        return {lv: n / total for lv, n in sorted(self.pairs.items())} if total else {}
+
+    @property
+    def substitution_rate(self) -> float:
+        total = sum(self.pairs.values())
+        return self.substituted / total if total else 0.0
 
     @property
     def prefetch_accuracy(self) -> float:

@@ -105,10 +105,10 @@ for r in range(job["rounds"]):
 out = []
 for run in runs:
     d = run["engine"].stats.delta(run["start"])
-    t = float(np.median(run["times"]))
+    t = float(np.median(run["times"])) if run["times"] else float("nan")
+    pct = (lambda q: 1e3 * float(np.percentile(run["times"], q))) if run["times"] else (lambda q: None)
     out.append(dict(name=run["cfg"]["name"], ttft_s=run["ttft"], decode_ms=1e3 * t, decode_tps=1 / t,
-                    p10_ms=1e3 * float(np.percentile(run["times"], 10)),
-                    p90_ms=1e3 * float(np.percentile(run["times"], 90)),
+                    p10_ms=pct(10), p90_ms=pct(90),
                     host_ms_per_call=1e3 * d.host_seconds / max(d.calls, 1),
                     syncs_per_token=d.syncs / max(d.tokens, 1), hit_rate=d.hit_rate,
                     bytes_per_token=d.bytes_read / max(d.tokens, 1), layers=len(run["engine"].layers),

@@ -220,3 +220,106 @@ def test_a_long_prompt_reads_each_needed_expert_once_per_layer(stores, fixed_bas
     auto_step, most, groups = runs[None]
     assert auto_step >= 300 and most == 1 and groups > 0, runs
     assert runs[64][1] > 1, runs  # the control: 64-token passes read blocks again
+
+
+def test_dual_routing_with_every_pair_at_the_ceiling_is_exact_streaming(stores, fixed_baseline):
+    """tau=0 and alpha=0: dual routing gives every pair the ceiling and substitutes
+    nothing: the same tokens and logits as exact streaming (and resident)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    path = stores("nested")
+    prompt = mx.array(np.random.default_rng(4).integers(3, 250, (1, 40)))
+
+    def run(**kw):
+        budget = _budget(path, 3, "levels", parts=[1, 2] if kw.get("quality") else None)
+        model, _ = load_model(path, dtype="float32", memory_budget=budget, prefill_step=STEP, **kw)
+        cache = make_prompt_cache(model)
+        logits = model(prompt, cache=cache)[:, -1]
+        out = []
+        for _ in range(8):
+            tok = mx.argmax(logits, axis=-1)
+            out.append((int(tok.item()), np.array(logits)))
+            logits = model(tok[:, None], cache=cache)[:, -1]
+        return out, streaming_of(model).stats
+
+    exact, _ = run()
+    dual, stats = run(quality="balanced", quality_options=dict(tau=0.0, alpha=0.0))
+    assert [t for t, _ in dual] == [t for t, _ in exact]
+    assert max(float(np.abs(a - b).max()) for (_, a), (_, b) in zip(dual, exact)) <= 1e-5
+    assert set(stats.pairs) == {2} and stats.substituted == 0 and stats.syncs > 0
+
+
+def test_balanced_quality_runs_lower_levels_under_a_tight_cache(stores, fixed_baseline):
+    from d2moe_mlx.budget import budget_for_slots
+
+    path = stores("nested")
+    with Store.open(path) as store:
+        spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+        budget = budget_for_slots(2, store, make_layout("levels", spec), 2, 4, BASELINE,
+                                  parts=[1, 2], floor_parts=[1], prefill_step=STEP)
+    model, _ = load_model(path, dtype="float32", memory_budget=budget, prefill_step=STEP,
+                          quality="balanced", quality_options=dict(alpha=0.9))
+    engine = streaming_of(model)
+    assert engine.plan.slots == {1: 4, 2: 2}  # the floor level's pool gets twice the slots
+    prompt = mx.array(np.random.default_rng(5).integers(3, 250, (1, 24)))
+    from mlx_lm.generate import generate_step
+
+    tokens = [int(t) for t, _ in generate_step(prompt[0], model, max_tokens=24)]
+    s = engine.stats
+    assert len(tokens) == 24 and set(s.pairs) <= {1, 2} and s.pairs.get(1, 0) > 0
+    assert abs(sum(s.level_mix.values()) - 1.0) < 1e-9 and s.substitution_rate < 1
+
+
+def test_substituted_pairs_compute_the_substitute_expert(stores, fixed_baseline):
+    """A policy's substitutions reach the compute: each pair runs the expert the decision
+    names, at its level (numpy reference computed pair by pair with those ids)."""
+    from d2moe_mlx.levels import Decision, LevelPolicy
+
+    class Swap(LevelPolicy):  # the second pair of every token runs expert (e + 1) % 8
+        needs_scores = False
+
+        def decide(self, call):
+            ids = call.ids.copy()
+            ids[:, 1] = (ids[:, 1] + 1) % 8
+            clash = ids[:, 1] == ids[:, 0]
+            ids[clash, 1] = (ids[clash, 1] + 1) % 8
+            return Decision(np.full(ids.shape, 1), ids, len(ids))
+
+        @property
+        def levels_used(self):
+            return (1,)
+
+    path = stores("nested")
+    model, _ = load_model(path, dtype="float32", memory_budget=_budget(path, 4, "levels", level=1),
+                          level=1, prefill_step=STEP)
+    engine = streaming_of(model)
+    engine.set_policy(Swap())
+    layer, el = next(iter(engine.layers.items()))
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    inds = np.stack([rng.permutation(8)[:2] for _ in range(3)]).astype(np.int32)
+    got = np.array(el(mx.array(x), mx.array(inds)))
+    swapped = Swap().decide(type("C", (), {"ids": inds})()).ids
+    want = _reference(path, layer, x, swapped, np.full(inds.shape, 1))
+    assert np.allclose(got, want, atol=2e-5 * max(1.0, np.abs(want).max()))
+    assert engine.stats.substituted == 3
+
+
+def test_quality_per_request_and_restored_after(stores, fixed_baseline):
+    """generate(..., quality=...) runs that request under the preset; the model's own
+    policy (exact) is back for the next request: the same text as before."""
+    from d2moe_mlx import generation
+    from d2moe_mlx.model import load
+
+    path = stores("nested")
+    model, tokenizer = load(path, dtype="float32")
+    engine = engine_of(model)
+    prompt = list(range(3, 23))
+    before = generation.generate(model, tokenizer, prompt, max_tokens=10)
+    s0 = engine.stats.snapshot()
+    generation.generate(model, tokenizer, prompt, max_tokens=10, quality="fast",
+                        quality_options=dict(tau=1.0))
+    d = engine.stats.delta(s0)
+    assert d.pairs.get(0, 0) > 0  # fast: floor 0 for every pair but each token's top one
+    assert engine.level == 2  # exact again
+    assert generation.generate(model, tokenizer, prompt, max_tokens=10) == before

@@ -1,0 +1,114 @@
+"""Level policies on hand-made routing: dual routing's thresholds, hotness, residency and
+ties; SMoE substitution (never a non-resident expert, never an expert scoring at or above
+(1+alpha)S, one pair per substitute); the presets; and alpha=0 / exact runs equal to
+exact streaming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from d2moe_mlx.levels import QUALITIES, Call, DualRouting, Exact, for_quality
+
+
+def call(ids, scores, full=None, ready=None, levels=3, experts=8):
+    ids = np.asarray(ids)
+    ready = np.zeros((levels, experts), dtype=bool) if ready is None else np.asarray(ready)
+    return Call(0, ids, np.asarray(scores, dtype=np.float64),
+                None if full is None else np.asarray(full, dtype=np.float64), ready)
+
+
+def test_important_or_hot_pairs_get_the_ceiling_others_the_floor():
+    p = DualRouting(1, 2, tau=0.5, hot=0.5)
+    # token 0: 0.6 vs 0.3 (relative 0.5: at the threshold -> ceiling); token 1: 0.8 vs 0.1
+    d = p.decide(call([[0, 1], [2, 3]], [[0.6, 0.3], [0.8, 0.1]]))
+    assert d.levels.tolist() == [[2, 2], [2, 1]] and d.ids is None
+    # expert 5 chosen by both tokens (hot: >= 2 and >= 0.5 * 2 tokens) -> ceiling
+    d = p.decide(call([[4, 5], [6, 5]], [[0.9, 0.05], [0.9, 0.05]]))
+    assert d.levels.tolist() == [[2, 2], [2, 2]]
+    d = DualRouting(1, 2, tau=0.5, hot=1.0).decide(call([[4, 5], [6, 7]], [[0.9, 0.05], [0.9, 0.05]]))
+    assert d.levels.tolist() == [[2, 1], [2, 1]]
+
+
+def test_residency_runs_a_missing_level_at_a_higher_ready_one_never_lower():
+    p = DualRouting(0, 2, tau=0.5)
+    ready = np.zeros((3, 8), dtype=bool)
+    ready[2, 1] = True  # expert 1 ready only at level 2
+    ready[0, 3] = ready[2, 3] = True  # expert 3 ready at 0 and 2
+    ready[1, 5] = True  # expert 5 ready at level 1 only
+    d = p.decide(call([[0, 1, 3, 5]], [[0.9, 0.1, 0.1, 0.9]], ready=ready))
+    # 0: important, nothing ready -> 2 (a read); 1: floor 0 not ready, 2 ready -> 2 (no read)
+    # 3: floor 0 ready -> 0 (cheaper to compute); 5: important (2), only 1 ready (lower) -> 2
+    assert d.levels.tolist() == [[2, 2, 0, 2]]
+
+
+def test_nothing_and_everything_resident():
+    p = DualRouting(1, 2, tau=0.5, alpha=0.3)
+    ids, scores = [[0, 1]], [[0.5, 0.2]]
+    full = [[0.5, 0.2, 0.15, 0.05, 0.04, 0.03, 0.02, 0.01]]
+    d = p.decide(call(ids, scores, full))  # nothing resident: no substitute exists
+    assert d.ids is None and d.substituted == 0 and d.levels.tolist() == [[2, 1]]
+    d = p.decide(call(ids, scores, full, ready=np.ones((3, 8), dtype=bool)))
+    assert d.ids is None and d.levels.tolist() == [[2, 1]]  # all hits: nothing to substitute
+
+
+def _substitution_case(alpha, ready_experts, level=1):
+    # S (3rd highest) = 0.20; activated 1 scores 0.22 in [S, (1+a)S) for a >= 0.1
+    full = np.array([[0.40, 0.22, 0.20, 0.19, 0.10, 0.05, 0.03, 0.01]])
+    ready = np.zeros((3, 8), dtype=bool)
+    ready[level, ready_experts] = True
+    return DualRouting(1, 2, tau=0.9, alpha=alpha).decide(
+        call([[0, 1]], full[:, [0, 1]], full, ready=ready))
+
+
+def test_substitution_picks_the_best_resident_inactive_expert_in_the_band():
+    d = _substitution_case(0.25, [2, 3, 4])
+    # band for substitutes: [(1-a)S, S) = [0.15, 0.20): expert 3 (0.19); 2 scores S itself
+    assert d.substituted == 1 and d.ids.tolist() == [[0, 3]] and d.levels[0, 1] == 1
+    assert _substitution_case(0.25, [4, 5]).ids is None  # 4 (0.10) is below (1-a)S
+    assert _substitution_case(0.0, [3]).ids is None  # alpha = 0: no substitution
+    assert _substitution_case(0.05, [3]).ids is None  # 0.22 >= (1+a)S = 0.21: always runs
+
+
+def test_substitution_never_touches_important_or_resident_pairs_or_reuses_a_substitute():
+    rng = np.random.default_rng(0)
+    p = DualRouting(0, 2, tau=0.3, alpha=0.35)
+    for _ in range(200):
+        n, e, k = 5, 16, 4
+        logits = rng.normal(size=(n, e)) * 2
+        full = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        ids = np.argsort(-full, -1)[:, :k]
+        ready = rng.random((3, e)) < 0.4
+        d = p.decide(call(ids, np.take_along_axis(full, ids, -1), full, ready=ready, experts=e))
+        if d.ids is None:
+            continue
+        s = np.sort(full, -1)[:, -(k + 1)]
+        changed = d.ids != ids
+        rows, cols = np.nonzero(changed)
+        mine = np.take_along_axis(full, ids, -1)
+        assert (mine[changed] < 1.35 * s[rows]).all()  # never an expert >= (1+a)S
+        assert (~ready[:, ids[changed]].any(0)).all()  # only pairs that would need a read
+        new = d.ids[changed]
+        assert ready[:, new].any(0).all()  # never a non-resident substitute
+        assert (full[rows, new] >= 0.65 * s[rows]).all() and (full[rows, new] < s[rows]).all()
+        for t in range(n):  # a token's experts stay distinct
+            assert len(set(d.ids[t].tolist())) == k
+        assert d.substituted == int(changed.sum())
+
+
+def test_presets_and_their_options():
+    assert isinstance(for_quality("exact", 2), Exact) and for_quality("exact", 2).uniform == 2
+    for name in ("high", "balanced", "fast"):
+        p = for_quality(name, 2)
+        assert p.ceiling == 2 and p.levels_used[-1] == 2 and p.uniform is None
+    assert for_quality("fast", 2).floor_level == 0 and for_quality("high", 2).floor_level == 1
+    assert for_quality("fast", 1).floor_level == 0  # never below level 0
+    assert for_quality("balanced", 2, alpha=0.6, floor=0).alpha == 0.6
+    assert for_quality("balanced", 2, floor=0).levels_used == (0, 1, 2)
+    with pytest.raises(ValueError, match="unknown quality 'best'.*exact, high, balanced, fast"):
+        for_quality("best", 2)
+    with pytest.raises(ValueError, match="takes no options"):
+        for_quality("exact", 2, alpha=0.3)
+    with pytest.raises(ValueError, match="alpha"):
+        DualRouting(0, 1, alpha=1.5)
+    assert set(QUALITIES) == {"exact", "high", "balanced", "fast"}
