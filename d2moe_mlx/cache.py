@@ -136,11 +136,13 @@ class ExpertCache:
         return min(self.pools[p].capacity for p in parts)
 
     # -- transitions (the only writers of residency state) -------------------------------
-    def acquire(self, part: int, experts: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    def acquire(self, part: int, experts: np.ndarray, spare: np.ndarray | None = None
+                ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Pin the slots ``experts`` need in pool ``part``, placing the missing ones
-        (free slots first, then the policy's victims among unpinned ready slots).
-        Returns (the pinned slots, [(expert, slot) to load]). Atomic: on
-        CacheFullError nothing changed."""
+        (free slots first, then the policy's victims among unpinned ready slots; experts
+        marked in ``spare`` [E] go first: D²MoE's rule, a higher level of an expert that
+        is also ready at a lower one is freed before anything else). Returns (the
+        pinned slots, [(expert, slot) to load]). Atomic: on CacheFullError nothing changed."""
         pool = self.pools[part]
         experts = np.asarray(experts, dtype=np.int64)
         if pool.identity:
@@ -157,6 +159,10 @@ class ExpertCache:
             candidates = pool.evictable()
             candidates = candidates[~np.isin(candidates, experts)]
             victims = self.policy.victims(candidates, need)
+            if spare is not None and spare[candidates].any():
+                first = self.policy.victims(candidates[spare[candidates]], need)
+                rest = self.policy.victims(candidates[~spare[candidates]], need - len(first))
+                victims = np.concatenate([first, rest])
             if len(victims) < need:
                 raise CacheFullError(
                     f"layer {self.layer} part {part}: {len(missing)} experts to place but only "

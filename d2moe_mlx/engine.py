@@ -188,7 +188,8 @@ def install_engine(model: nn.Module, store: Store, spec: mwq.MWQSpec, policy: Le
                    act_dtype: mx.Dtype, *, plan=None, layout: str = "auto",
                    cache_policy: str = "lru", policy_options: dict | None = None,
                    mode: str = "stream", prefetch: bool = False, overlap: bool = True,
-                   loader_threads: int = 4, verify: bool = True) -> Engine:
+                   loader_threads: int = 4, verify: bool = True, load_order: str = "hebf",
+                   phases: int = 2) -> Engine:
     """Replace every MoE block's experts of ``model`` (being built, weights not yet
     loaded) by expert layers over caches for the levels of ``policy``; returns the
     engine. Pools are allocated here; resident ones are filled by :func:`fill`."""
@@ -201,7 +202,7 @@ def install_engine(model: nn.Module, store: Store, spec: mwq.MWQSpec, policy: Le
     caches = {layer: ExpertCache(layer, [], None) for layer, _ in blocks}
     loader = ExpertLoader(store, spec, threads=loader_threads, verify=verify)
     scheduler = Scheduler(caches, loader, lay, policy, family.gating(model.args), mode=mode,
-                          prefetch=prefetch, overlap=overlap)
+                          prefetch=prefetch, overlap=overlap, load_order=load_order, phases=phases)
     engine = Engine(store=store, spec=spec, layout=lay, scheduler=scheduler, loader=loader,
                     act_dtype=act_dtype, family=family, plan=plan, cache_policy=cache_policy,
                     policy_options=policy_options)

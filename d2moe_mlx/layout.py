@@ -114,12 +114,17 @@ def slot_tensors(part: Part, base_specs: list, group_size: int) -> list[tuple[st
 
 # -- building a slot from stored blocks --------------------------------------------------
 def build_part(part: Part, spec: mwq.MWQSpec, blocks: dict[int, dict[str, np.ndarray]],
-               where: str) -> dict[str, np.ndarray]:
+               where: str, prefix: tuple[Part, dict[str, np.ndarray]] | None = None
+               ) -> dict[str, np.ndarray]:
     """The tensors of one slot of ``part`` (float ones as float32) from each component's
-    stored block (``blocks[c]``: name -> array, as the store reads them)."""
+    stored block (``blocks[c]``: name -> array, as the store reads them).
+
+    ``prefix``: (a lower level's part, its slot tensors as float32/uint32): the
+    components it holds are taken from it, only the ones above it from ``blocks``
+    (a level raised in place of read again)."""
     if part.lo == part.hi:
         return _single(part, spec.component_bits(part.lo), blocks[part.lo])
-    return _packed(part, spec, blocks, where)
+    return _packed(part, spec, blocks, where, prefix)
 
 
 def _single(part: Part, bits: int, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -150,18 +155,26 @@ def projections_of(block: dict[str, np.ndarray]) -> list[str]:
 
 
 def _packed(part: Part, spec: mwq.MWQSpec, blocks: dict[int, dict[str, np.ndarray]],
-            where: str) -> dict[str, np.ndarray]:
+            where: str, prefix: tuple[Part, dict[str, np.ndarray]] | None = None
+            ) -> dict[str, np.ndarray]:
     """Components lo..hi as one tensor: codes concatenated (component lo in the high
     bits), scale = the last component's step, biases summed. Each component's affine
     scale must be that step times 2^(bits below it) in every group, or zero (a plane
-    the fit switched off there, which then contributes nothing)."""
-    bits = [spec.component_bits(c) for c in part.components]
+    the fit switched off there, which then contributes nothing). A prefix (a lower
+    level already packed) stands for its components: its step and bias sum are theirs."""
+    first = part.lo if prefix is None else prefix[0].hi + 1
+    pieces = [(c, spec.component_bits(c)) for c in range(first, part.hi + 1)]
+    bits = ([prefix[0].bits] if prefix else []) + [b for _, b in pieces]
     shifts = [sum(bits[i + 1:]) for i in range(len(bits))]
-    base = blocks[part.lo]
+    base = blocks[part.lo] if prefix is None else prefix[1]
     out = {}
     for proj in projections_of(base):
         scales, biases, words = [], [], []
-        for c, b in zip(part.components, bits):
+        if prefix is not None:
+            words.append(prefix[1][f"{proj}.weight"])
+            scales.append(prefix[1][f"{proj}.scales"].astype(np.float32))
+            biases.append(prefix[1][f"{proj}.biases"].astype(np.float32))
+        for c, b in pieces:
             blk = blocks[c]
             s = blk[f"{proj}.scales"].astype(np.float32)
             if b == 1:  # s·(2q-1) = 2s·q - s

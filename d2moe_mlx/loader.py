@@ -48,6 +48,13 @@ def store_float(dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, np.asarray(src).reshape(dst.shape), casting="unsafe")
 
 
+def _as_float32(view: np.ndarray) -> np.ndarray:
+    """Float values of a slot view (bfloat16 pools hold uint16 words)."""
+    if view.dtype == np.uint16:
+        return (view.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return view.astype(np.float32)
+
+
 class ExpertLoader:
     """Reads expert parts into pool slots on ``threads`` threads (0: in the caller)."""
 
@@ -66,9 +73,12 @@ class ExpertLoader:
         self.blocks_read = 0
         self.read_seconds = 0.0
 
-    def submit(self, pool: PartPool, expert: int, slot: int) -> Future:
+    def submit(self, pool: PartPool, expert: int, slot: int,
+               source: tuple[PartPool, int] | None = None) -> Future:
         """Start reading ``expert``'s part into ``slot`` of ``pool``; returns its future
-        (bytes read). The same request while it is in flight returns the same future."""
+        (bytes read). The same request while it is in flight returns the same future.
+        ``source``: a lower level's (pool, slot) holding the same expert (kept pinned by
+        the caller): its components are taken from there, only the ones above are read."""
         key = (id(pool), int(expert), int(slot))
         with self._lock:
             fut = self._inflight.get(key)
@@ -77,19 +87,20 @@ class ExpertLoader:
             if self._pool is None:
                 fut = Future()
             else:
-                fut = self._pool.submit(self._read, pool, int(expert), int(slot))
+                fut = self._pool.submit(self._read, pool, int(expert), int(slot), source)
             self._inflight[key] = fut
         if self._pool is None:
             try:
-                fut.set_result(self._read(pool, int(expert), int(slot)))
+                fut.set_result(self._read(pool, int(expert), int(slot), source))
             except BaseException as err:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(err)
         fut.add_done_callback(lambda _f, k=key: self._forget(k))
         return fut
 
-    def load(self, pool: PartPool, expert: int, slot: int) -> int:
+    def load(self, pool: PartPool, expert: int, slot: int,
+             source: tuple[PartPool, int] | None = None) -> int:
         """Read synchronously in the calling thread; returns the bytes read."""
-        return self._read(pool, int(expert), int(slot))
+        return self._read(pool, int(expert), int(slot), source)
 
     def _forget(self, key) -> None:
         with self._lock:
@@ -101,16 +112,18 @@ class ExpertLoader:
             buf = self._local.buf = np.empty(nbytes, dtype=np.uint8)
         return buf
 
-    def _read(self, pool: PartPool, expert: int, slot: int) -> int:
+    def _read(self, pool: PartPool, expert: int, slot: int,
+              source: tuple[PartPool, int] | None = None) -> int:
         start = time.perf_counter()
         part = pool.part
         if part.lo == part.hi:
             n = self._read_single(pool, part.lo, expert, slot)
+            blocks = 1
         else:
-            n = self._read_packed(pool, expert, slot)
+            n, blocks = self._read_packed(pool, expert, slot, source)
         with self._lock:
             self.bytes_read += n
-            self.blocks_read += len(part.components)
+            self.blocks_read += blocks
             self.read_seconds += time.perf_counter() - start
         return n
 
@@ -150,25 +163,35 @@ class ExpertLoader:
                 store_float(pool.views[spec.name][slot], raw)
         return n
 
-    def _read_packed(self, pool: PartPool, expert: int, slot: int) -> int:
-        """Several components: read each block into staging, pack them into the slot."""
+    def _read_packed(self, pool: PartPool, expert: int, slot: int,
+                     source: tuple[PartPool, int] | None = None) -> tuple[int, int]:
+        """Several components: read each block into staging, pack them into the slot
+        (the ones a ``source`` slot holds are taken from it)."""
         store, layer, part = self.store, pool.layer, pool.part
-        sizes = [store.block_bytes(layer, c) for c in part.components]
+        prefix = None
+        first = part.lo
+        if source is not None:
+            src, src_slot = source
+            prefix = (src.part, {name: _as_float32(view[src_slot]) if view.dtype != np.uint32
+                                 else view[src_slot] for name, view in src.views.items()})
+            first = src.part.hi + 1
+        comps = range(first, part.hi + 1)
+        sizes = [store.block_bytes(layer, c) for c in comps]
         staging = self._staging(sum(sizes))
         blocks, offset, n = {}, 0, 0
-        for c, size in zip(part.components, sizes):
+        for c, size in zip(comps, sizes):
             buf = staging[offset:offset + size]
             n += store.read_block_scattered(layer, c, expert, [buf], self.verify)
             blocks[c] = store.tensor_views(layer, c, buf)
             offset += size
         where = f"{store.expert_file(layer, part.lo)} (layer {layer} expert {expert})"
-        for name, value in build_part(part, self.spec, blocks, where).items():
+        for name, value in build_part(part, self.spec, blocks, where, prefix).items():
             dst = pool.views[name][slot]
             if name.endswith(".weight"):
                 dst[...] = value
             else:
                 store_float(dst, value)
-        return n
+        return n, len(comps)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -94,6 +94,8 @@ def load_model(
     batch: int = 1,
     quality: str = "exact",
     quality_options: dict | None = None,
+    load_order: str = "hebf",
+    phases: int = 2,
 ) -> tuple[nn.Module, dict]:
     """Build the mlx-lm model of the store at ``path`` with MWQ experts; returns ``(model, config)``.
 
@@ -172,7 +174,8 @@ def load_model(
             engine = install_engine(model, store, spec, policy, act_dtype, plan=plan, layout=kind,
                                     cache_policy=cache_policy, policy_options=policy_options,
                                     mode=mode, prefetch=prefetch, overlap=overlap,
-                                    loader_threads=loader_threads, verify=verify)
+                                    loader_threads=loader_threads, verify=verify,
+                                    load_order=load_order, phases=phases)
             return model
 
         return build, args_class

@@ -33,6 +33,7 @@ from .loader import ExpertLoader
 from .stats import StreamStats
 
 MODES = ("stream", "sync", "naive")
+LOAD_ORDERS = ("hebf", "fifo")  # hottest expert first (its parts ascending), or first come
 
 
 class Scheduler:
@@ -40,9 +41,16 @@ class Scheduler:
 
     def __init__(self, caches: dict[int, ExpertCache], loader: ExpertLoader, layout: Layout,
                  levels: LevelPolicy, gating, *, mode: str = "stream", prefetch: bool = False,
-                 overlap: bool = True, same_shapes: bool | None = None):
+                 overlap: bool = True, same_shapes: bool | None = None, load_order: str = "hebf",
+                 phases: int = 2):
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {MODES}, got {mode!r}")
+        if load_order not in LOAD_ORDERS:
+            raise ValueError(f"load order must be one of {LOAD_ORDERS}, got {load_order!r}")
+        if phases < 1:
+            raise ValueError(f"phases must be >= 1, got {phases}")
+        self.load_order = load_order
+        self.phases = phases
         self.caches = caches
         self.loader = loader
         self.layout = layout
@@ -132,8 +140,11 @@ class Scheduler:
             experts, counts = flat, np.ones(k, dtype=np.int64)
             order = experts
         else:
-            experts, counts = np.unique(flat, return_counts=True)
-            order = experts[np.argsort(-counts, kind="stable")]  # hottest first (HEBF)
+            experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
+            if self.load_order == "hebf":
+                order = experts[np.argsort(-counts, kind="stable")]  # hottest first
+            else:
+                order = experts[np.argsort(first, kind="stable")]  # as the pairs come
         lc.policy.on_access(experts, counts)
         groups = self._level_groups(levels, flat.size)
         self._account(el.layer, lc, idx, groups, flat, experts)
@@ -202,28 +213,50 @@ class Scheduler:
 
     # -- compute ------------------------------------------------------------------------
     def _compute(self, el, lc, x, inds, idx, groups, futures) -> mx.array:
-        flat = idx.reshape(-1)
-        if len(groups) == 1 and not futures:
-            (level,) = groups
-            parts = self.layout.cover(level)
-            return el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
-        if len(groups) == 1 and self.mode == "stream" and self.overlap:
-            (level,) = groups
-            ready = np.ones(flat.shape, dtype=bool)
-            for p in self.layout.cover(level):
-                ready &= lc.pools[p].ready(flat)
-            if ready.any() and not ready.all():  # resident pairs first, while the rest load
-                first = self._partial(el, lc, x, idx, {level: np.flatnonzero(ready)})
-                mx.async_eval(first if self.same_shapes else [y for _, y in first])
-                self._wait(lc, futures)
-                rest = self._partial(el, lc, x, idx, {level: np.flatnonzero(~ready)})
-                return self._merge([first, rest], idx)
+        if futures and self.mode == "stream" and self.overlap:
+            return self._progressive(el, lc, x, idx, groups, futures)
         self._wait(lc, futures)
         if len(groups) == 1:
             (level,) = groups
             parts = self.layout.cover(level)
             return el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
         return self._merge([self._partial(el, lc, x, idx, groups)], idx)
+
+    def _progressive(self, el, lc, x, idx, groups, futures) -> mx.array:
+        """HEBF's compute side: the pairs whose parts are ready run first; then, in at most
+        ``phases`` waves of the loads (hottest expert's first), each wave's pairs run as
+        soon as its loads land, while the next wave still loads."""
+        flat = idx.reshape(-1)
+        todo = dict(groups)
+        experts = []
+        for p, s, _ in futures:  # the loads' experts, in HEBF order
+            e = int(lc.pools[p].expert_of[s])
+            if e not in experts:
+                experts.append(e)
+        n = max(1, min(self.phases, len(experts)))
+        waves = [experts[i * len(experts) // n:(i + 1) * len(experts) // n] for i in range(n)]
+        partials = []
+        for wave in [[]] + waves:
+            if wave:
+                self._wait(lc, [f for f in futures if int(lc.pools[f[0]].expert_of[f[1]]) in wave
+                                or lc.pools[f[0]].expert_of[f[1]] < 0])
+            ready = {}
+            for level, ids in todo.items():
+                ok = np.ones(ids.shape, dtype=bool)
+                for p in self.layout.cover(level):
+                    ok &= lc.pools[p].ready(flat[ids])
+                if ok.any():
+                    ready[level] = ids[ok]
+                    todo[level] = ids[~ok]
+            if ready:
+                part = self._partial(el, lc, x, idx, ready)
+                mx.async_eval(part if self.same_shapes else [y for _, y in part])
+                partials.append(part)
+        self._wait(lc, futures)  # (any left: loads of other calls this one shares)
+        rest = {lv: ids for lv, ids in todo.items() if ids.size}
+        if rest:
+            partials.append(self._partial(el, lc, x, idx, rest))
+        return self._merge(partials, idx)
 
     def _partial(self, el, lc, x, idx, groups: dict[int, np.ndarray]):
         """Outputs of the pairs in ``groups`` (level -> flat pair ids), from slot ids
@@ -328,12 +361,13 @@ class Scheduler:
         pins, loads = [], []
         try:
             for p in needed:
+                spare = self._spare(lc, p)
                 try:
-                    slots, to_load = lc.acquire(p, wanted[p])
+                    slots, to_load = lc.acquire(p, wanted[p], spare)
                 except CacheFullError:
                     # loads in flight (prefetches) hold the slots this call needs: let them land
                     self._wait_layer(lc)
-                    slots, to_load = lc.acquire(p, wanted[p])
+                    slots, to_load = lc.acquire(p, wanted[p], spare)
                 pins.append((lc, p, slots))
                 loads += [(p, e, s) for e, s in to_load]
         except BaseException:
@@ -345,12 +379,13 @@ class Scheduler:
             loads.sort(key=lambda t: (rank[t[1]], t[0]))
         for p, e, s in loads:
             pool = lc.pools[p]
+            source = self._source(lc, p, e, pins)
             if self.mode == "stream":
-                fut = self.loader.submit(pool, e, s)
+                fut = self.loader.submit(pool, e, s, source)
             else:
                 fut = Future()
                 try:
-                    fut.set_result(self._timed_load(pool, e, s))
+                    fut.set_result(self._timed_load(pool, e, s, source))
                 except BaseException as err:  # noqa: BLE001 - raised by _wait
                     fut.set_exception(err)
             self._inflight[(lc.layer, p, s)] = fut
@@ -364,9 +399,30 @@ class Scheduler:
                         futures.append((p, int(s), fut))
         return pins, futures
 
-    def _timed_load(self, pool, expert: int, slot: int) -> int:
+    def _spare(self, lc: ExpertCache, part: int) -> np.ndarray | None:
+        """Levels layout: experts of pool ``part`` also ready at a lower level (evicted
+        first: D²MoE's budget rule, high planes before low ones)."""
+        if self.layout.kind != "levels":
+            return None
+        lower = [lc.pools[q].is_ready for q in range(part) if lc.pools[q] is not None]
+        return np.logical_or.reduce(lower) if lower else None
+
+    def _source(self, lc: ExpertCache, part: int, expert: int, pins: list):
+        """Levels layout: the highest lower level's (pool, slot) where ``expert`` is ready,
+        pinned with the call's pins, so that only the components above it are read."""
+        if self.layout.kind != "levels" or self.mode == "naive":
+            return None
+        for q in range(part - 1, -1, -1):
+            pool = lc.pools[q]
+            if pool is not None and pool.is_ready[expert]:
+                slots, _ = lc.acquire(q, np.array([expert]))  # pins the ready slot
+                pins.append((lc, q, slots))
+                return pool, int(pool.slot_of[expert])
+        return None
+
+    def _timed_load(self, pool, expert: int, slot: int, source=None) -> int:
         start = time.perf_counter()
-        n = self.loader.load(pool, expert, slot)
+        n = self.loader.load(pool, expert, slot, source)
         self.stats.wait_seconds += time.perf_counter() - start
         return n
 

@@ -323,3 +323,111 @@ def test_quality_per_request_and_restored_after(stores, fixed_baseline):
     assert d.pairs.get(0, 0) > 0  # fast: floor 0 for every pair but each token's top one
     assert engine.level == 2  # exact again
     assert generation.generate(model, tokenizer, prompt, max_tokens=10) == before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_raising_a_level_reads_only_the_components_above(stores, fixed_baseline, dtype, monkeypatch):
+    """Levels layout: an expert ready at level 0 loads at level 2 by reading components 1
+    and 2 only, and its level-2 slot holds what a fresh read of all three gives."""
+    from collections import Counter
+
+    from d2moe_mlx.cache import READY
+
+    path = stores("nested")
+    real = Store.read_block_scattered
+    reads = Counter()
+
+    def counting(self, layer, comp, expert, bufs, verify=True):
+        reads[comp] += 1
+        return real(self, layer, comp, expert, bufs, verify)
+
+    monkeypatch.setattr(Store, "read_block_scattered", counting)
+    act = getattr(mx, dtype).size
+    from d2moe_mlx.budget import budget_for_slots
+
+    with Store.open(path) as store:
+        spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+        budget = budget_for_slots(4, store, make_layout("levels", spec), 2, act, BASELINE,
+                                  parts=[0, 1, 2], prefill_step=STEP)
+    model, _ = load_model(path, dtype=dtype, memory_budget=budget, prefill_step=STEP)
+    engine = streaming_of(model)
+    layer, el = next(iter(engine.layers.items()))
+    x = mx.array(np.random.default_rng(7).normal(size=(1, 64)).astype(np.float32)).astype(getattr(mx, dtype))
+    inds = mx.array([[3, 5]])
+    engine.set_policy(PerPair(lambda l, ids, s: np.zeros(ids.shape, int), (0, 1, 2)))
+    mx.eval(el(x, inds))  # experts 3 and 5 ready at level 0
+    reads.clear()
+    engine.set_policy(PerPair(lambda l, ids, s: np.full(ids.shape, 2), (0, 1, 2)))
+    mx.eval(el(x, inds))
+    assert reads == Counter({1: 2, 2: 2}), reads  # components 1 and 2, not 0 again
+    pool = engine.scheduler.caches[layer].pools[2]
+    engine.scheduler.drain()
+    with Store.open(path) as store:
+        from d2moe_mlx.layout import build_part
+
+        for e in (3, 5):
+            slot = int(pool.slot_of[e])
+            assert pool.state[slot] == READY
+            blocks = {c: store.read_block(layer, c, e) for c in range(3)}
+            fresh = build_part(pool.part, spec, blocks, "t")
+            for name, value in fresh.items():
+                got = np.array(pool.compute[name][slot].astype(mx.float32)) if pool.compute[name].dtype != mx.uint32 else np.array(pool.compute[name][slot])
+                want = value if name.endswith(".weight") else np.array(mx.array(value).astype(getattr(mx, dtype)).astype(mx.float32))
+                if name.endswith(".biases") and dtype != "float32":  # summed in two roundings
+                    assert np.allclose(got, want, rtol=0, atol=np.abs(want).max() * 2e-3), name
+                else:
+                    assert np.array_equal(got, want), name
+
+
+def test_hebf_load_order_and_progressive_waves(stores, fixed_baseline, monkeypatch):
+    """Loads go hottest expert first, lower levels first (fifo: as the pairs come); the
+    pairs run in waves as their loads land (1 + phases partial computes)."""
+    from d2moe_mlx.loader import ExpertLoader
+
+    path = stores("nested")
+    budget = _budget(path, 6, "levels", parts=[0, 1, 2])
+    ids = np.array([[1, 4], [4, 6], [6, 4], [2, 4], [6, 0]])  # 4: 4 tokens, 6: 3, then 1, 2, 0
+    for order, want in (("hebf", [4, 6, 0, 1, 2]), ("fifo", [1, 4, 6, 2, 0])):
+        model, _ = load_model(path, dtype="float32", memory_budget=budget, prefill_step=STEP,
+                              load_order=order, phases=2)
+        engine = streaming_of(model)
+        engine.set_policy(PerPair(lambda l, i, s: np.where(i == 4, 2, 1), (1, 2)))
+        layer, el = next(iter(engine.layers.items()))
+        submitted, computes = [], []
+        real = ExpertLoader.submit
+        real_compute = type(el).compute
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ExpertLoader, "submit", lambda self, pool, e, s, source=None:
+                       (submitted.append((e, pool.part.index)), real(self, pool, e, s, source))[1])
+            mp.setattr(type(el), "compute", lambda self, x, parts:
+                       (computes.append(1), real_compute(self, x, parts))[1])
+            x = mx.array(np.random.default_rng(8).normal(size=(5, 64)).astype(np.float32))
+            mx.eval(el(x, mx.array(ids.astype(np.int32))))
+        experts = [e for e, _ in submitted]
+        assert list(dict.fromkeys(experts)) == want, (order, submitted)
+        assert all(p == (2 if e == 4 else 1) for e, p in submitted), submitted  # one level each
+        assert len(computes) == 1 + 2  # nothing was ready: two waves, then the merge
+
+
+def test_a_higher_level_of_an_expert_ready_lower_is_evicted_first(stores):
+    from d2moe_mlx.cache import ExpertCache, PartPool
+    from d2moe_mlx.policies import LRUPolicy
+
+    with Store.open(stores("nested")) as store:
+        spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+        part = make_layout("levels", spec).parts[2]
+        from d2moe_mlx.layout import slot_tensors
+
+        pool = PartPool(0, part, slot_tensors(part, store.layout(store.moe_layers[0], 0), 64), 3, 8,
+                        mx.float32)
+    cache = ExpertCache(0, [pool], LRUPolicy(8))
+    pins, loads = cache.acquire(0, np.array([0, 1, 2]))
+    for _, s in loads:
+        cache.loaded(0, s)
+    cache.release(0, pins)
+    for e in (0, 1, 2):  # 0 least recent
+        cache.policy.on_access(np.array([e]))
+    spare = np.zeros(8, dtype=bool)
+    spare[2] = True  # expert 2 is also ready at a lower level
+    _, loads = cache.acquire(0, np.array([5]), spare)
+    assert pool.slot_of[2] == -1 and pool.slot_of[0] >= 0  # 2 went first, not LRU's 0
