@@ -377,6 +377,41 @@ def chat(store, max_tokens, level, temp, top_p, seed, system_prompt, stats, dtyp
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
+              help="Activation dtype (default: float32 on CPU, else the store's).")
+@click.option("--refresh", is_flag=True, help="Measure again even if a profile is cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def profile(store, dtype, refresh, as_json):
+    """Measure STORE's read and compute time per level on this machine (cached).
+
+    Reads are cold (the files' pages dropped first), on the loader's own path;
+    compute is one decode step's experts at each level. Quality presets with a stall
+    budget (balanced, fast) use the cached profile to keep reads they cannot hide
+    behind compute at a lower level.
+    """
+    import mlx.core as mx
+
+    from .profile import profile as measure
+    from .store.format import StoreError
+
+    if dtype is None:
+        dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
+    try:
+        with progress_bar("profiling", enabled=not as_json and sys.stderr.isatty()):
+            prof = measure(store, dtype=dtype, refresh=refresh)
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps(asdict(prof), indent=1))
+    else:
+        click.echo(f"{store} on {prof.device}, {prof.dtype}:")
+        click.echo(prof.describe())
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check every block's checksum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(store, verify, as_json):

@@ -31,6 +31,8 @@ class Call:
     scores: np.ndarray | None  # [N, k] their router probabilities (None: not computed)
     full: np.ndarray | None  # [N, E] every expert's router probability
     ready: np.ndarray  # [levels, E]: expert e can run at level l with no read
+    read_s: list[float] | None = None  # per level: seconds to read one expert (profile)
+    compute_s: list[float] | None = None  # per level: seconds of one token's k experts
 
     def highest_ready(self) -> np.ndarray:
         """[E] the highest level each expert can run at with no read (-1: none)."""
@@ -120,22 +122,30 @@ class DualRouting(LevelPolicy):
     that one, which costs no read. SMoE with ``alpha`` > 0: let S be the token's (k+1)-th
     highest score; an activated expert scoring in [S, (1+alpha)S) that is resident
     at no level >= floor is replaced by the highest-scoring inactive expert in
-    [(1-alpha)S, S) that is (at its resident level); if none, it runs at its highest
-    resident level if it has one, else is loaded at the floor. Experts scoring
-    >= (1+alpha)S are never touched. ``alpha=0`` substitutes nothing.
+    [(1-alpha)S, S) that is (at its resident level); if none, it is loaded at the
+    floor (pools exist only for floor..ceiling). Experts scoring >= (1+alpha)S are
+    never touched. ``alpha=0`` substitutes nothing.
+
+    Stall budget (with a profile, :mod:`d2moe_mlx.profile`): when the reads a call
+    still needs would take more than ``stall`` times its compute at the ceiling, the
+    least important of the pairs that need a read above the floor drop to the floor
+    (a ready lower level needs no read) until they fit. None: no budget.
     """
 
     needs_scores = True
 
     def __init__(self, floor: int, ceiling: int, *, tau: float = 0.5, hot: float = 0.25,
-                 alpha: float = 0.0):
+                 alpha: float = 0.0, stall: float | None = None):
         if not 0 <= floor <= ceiling:
             raise ValueError(f"need 0 <= floor <= ceiling, got floor {floor}, ceiling {ceiling}")
         if not 0.0 <= tau <= 1.0 or not 0.0 < hot <= 1.0 or not 0.0 <= alpha < 1.0:
             raise ValueError(f"need tau in [0, 1], hot in (0, 1], alpha in [0, 1); got tau {tau}, "
                              f"hot {hot}, alpha {alpha}")
+        if stall is not None and not stall > 0:
+            raise ValueError(f"stall must be > 0 (or None), got {stall}")
         self.floor_level, self.ceiling = int(floor), int(ceiling)
         self.tau, self.hot, self.alpha = float(tau), float(hot), float(alpha)
+        self.stall = stall
         self.uniform = self.ceiling if floor == ceiling and alpha == 0 else None
 
     @property
@@ -157,10 +167,41 @@ class DualRouting(LevelPolicy):
         ready_now = np.take_along_axis(call.ready[:, ids.reshape(-1)], levels.reshape(1, -1), 0)
         have = call.highest_ready()[ids]  # (ready levels are <= the ceiling: pools end there)
         levels = np.where(~ready_now.reshape(ids.shape) & (have > levels), have, levels)
+        if self.stall is not None and call.read_s is not None:
+            levels = self._fit_stall(call, levels, importance, hot)
         decision = Decision(levels)
         if self.alpha > 0 and call.full is not None and call.full.shape[-1] > k:
             self._substitute(call, decision)
         return decision
+
+    def _fit_stall(self, call: Call, levels: np.ndarray, importance: np.ndarray,
+                   hot: np.ndarray) -> np.ndarray:
+        """Drop the least important reads above the floor until the call's reads fit in
+        ``stall`` x its compute at the ceiling (profile costs)."""
+        lo = self.floor_level
+        n = call.ids.shape[0]
+        allowed = self.stall * call.compute_s[self.ceiling] * n
+
+        def reads(lv):
+            need = ~np.take_along_axis(call.ready[:, call.ids.reshape(-1)], lv.reshape(1, -1), 0)[0]
+            costs = np.asarray(call.read_s)[lv.reshape(-1)]
+            distinct = {}
+            for i in np.flatnonzero(need):  # an expert read once per level, whatever its pairs
+                distinct[(int(call.ids.reshape(-1)[i]), int(lv.reshape(-1)[i]))] = costs[i]
+            return sum(distinct.values()), need.reshape(lv.shape)
+
+        total, need = reads(levels)
+        if total <= allowed:
+            return levels
+        levels = levels.copy()
+        for i in np.argsort(importance, axis=None, kind="stable"):
+            t, j = divmod(int(i), levels.shape[1])
+            if need[t, j] and levels[t, j] > lo and not hot[t, j]:
+                levels[t, j] = lo
+                total, need = reads(levels)
+                if total <= allowed:
+                    break
+        return levels
 
     def _substitute(self, call: Call, decision: Decision) -> None:
         ids, levels, full = call.ids, decision.levels, call.full
@@ -191,13 +232,14 @@ class DualRouting(LevelPolicy):
             decision.ids = new_ids
 
 
-# Presets by name: (floor offset below the load level, tau, alpha). The load level is
-# the ceiling; "exact" runs every pair at it.
+# Presets by name: floor offset below the load level, tau, alpha, stall budget (used
+# when a profile of the store exists). The load level is the ceiling; "exact" runs
+# every pair at it.
 QUALITIES = {
     "exact": None,
-    "high": dict(drop=1, tau=0.3, alpha=0.0),
-    "balanced": dict(drop=1, tau=0.5, alpha=0.25),
-    "fast": dict(drop=2, tau=0.7, alpha=0.35),
+    "high": dict(drop=1, tau=0.3, alpha=0.0, stall=None),
+    "balanced": dict(drop=1, tau=0.5, alpha=0.25, stall=4.0),
+    "fast": dict(drop=2, tau=0.7, alpha=0.35, stall=1.0),
 }
 
 
@@ -213,5 +255,5 @@ def for_quality(quality: str, level: int, **overrides) -> LevelPolicy:
         return Exact(level)
     floor = overrides.pop("floor", None)
     floor = max(0, level - preset["drop"]) if floor is None else floor
-    opts = {"tau": preset["tau"], "alpha": preset["alpha"], **overrides}
+    opts = {"tau": preset["tau"], "alpha": preset["alpha"], "stall": preset["stall"], **overrides}
     return DualRouting(min(floor, level), level, **opts)

@@ -29,6 +29,7 @@ from .layout import make_layout
 from .levels import for_quality
 from .limits import bound_calls
 from .memory import parse_size
+from .profile import cached as cached_profile
 from .store.format import MANIFEST_NAME, StoreError
 from .store.reader import Store
 from .system import IO_MODES, current_rss_bytes, return_freed_memory, set_wired_limit
@@ -186,6 +187,7 @@ def load_model(
             model.set_dtype(act_dtype, lambda t: mx.issubdtype(t, mx.floating))
         model.eval()
         fill(engine)
+        engine.scheduler.costs = cached_profile(store, str(act_dtype).split(".")[-1])
     except BaseException:
         if engine is not None:
             engine.close()

@@ -51,6 +51,7 @@ class Scheduler:
             raise ValueError(f"phases must be >= 1, got {phases}")
         self.load_order = load_order
         self.phases = phases
+        self.costs = None  # a Profile of the store on this machine, when one was measured
         self.caches = caches
         self.loader = loader
         self.layout = layout
@@ -128,8 +129,10 @@ class Scheduler:
         if level is not None:
             levels = level
         else:
-            decision = self.levels.decide(Call(el.layer, flat.reshape(-1, k), pair_scores, full,
-                                               self._ready(lc)))
+            costs = self.costs
+            decision = self.levels.decide(Call(
+                el.layer, flat.reshape(-1, k), pair_scores, full, self._ready(lc),
+                costs.read_s if costs else None, costs.compute_s if costs else None))
             levels = decision.levels
             if decision.ids is not None:  # substitutions: other experts run in those pairs
                 idx = decision.ids.reshape(idx.shape).astype(idx.dtype)

@@ -112,3 +112,20 @@ def test_presets_and_their_options():
     with pytest.raises(ValueError, match="alpha"):
         DualRouting(0, 1, alpha=1.5)
     assert set(QUALITIES) == {"exact", "high", "balanced", "fast"}
+
+
+def test_stall_budget_drops_the_least_important_reads_to_the_floor():
+    p = DualRouting(0, 2, tau=0.1, stall=2.0)  # everything important enough for the ceiling
+    ready = np.zeros((3, 8), dtype=bool)
+    ready[0, :] = True  # every expert ready at the floor
+    ids, scores = [[0, 1, 2, 3]], [[0.4, 0.3, 0.2, 0.1]]
+    # reading an expert at level 2 costs 1.0 s, a token's compute 1.0 s: 2 reads fit
+    c = call(ids, scores, ready=ready)
+    c.read_s, c.compute_s = [0.1, 0.5, 1.0], [0.2, 0.5, 1.0]
+    d = p.decide(c)
+    assert d.levels.tolist() == [[2, 2, 0, 0]]  # the two least important run at the floor
+    c.compute_s = [0.2, 0.5, 10.0]  # plenty of compute to hide reads behind: no change
+    assert p.decide(c).levels.tolist() == [[2, 2, 2, 2]]
+    c.read_s = None  # no profile: no budget
+    c.compute_s = [0.2, 0.5, 1.0]
+    assert p.decide(c).levels.tolist() == [[2, 2, 2, 2]]
