@@ -126,14 +126,15 @@ d2moe_mlx.__path__.append(sys.argv[2])  # the checkout's convert/ as d2moe_mlx.c
 import json, time
 import mlx.core as mx
 import numpy as np
-mx.set_default_device(mx.cpu)
+job = json.loads(sys.argv[1])
+mx.set_default_device(mx.gpu if job["gpu"] else mx.cpu)
+if job["gpu"]:
+    mx.set_memory_limit(job["gpu_limit_gb"] << 30)
 from mlx_lm.models.cache import make_prompt_cache
 import d2moe_mlx.model as d2model
 from d2moe_mlx.budget import plan_budget
 from d2moe_mlx.store.reader import Store
 from d2moe_mlx.system import current_rss_bytes
-
-job = json.loads(sys.argv[1])
 
 
 def budget(path, fraction, level):
@@ -147,7 +148,7 @@ def budget(path, fraction, level):
 
 runs = []
 for cfg in job["configs"]:
-    kw = dict(level=cfg["level"], dtype="float32")
+    kw = dict(level=cfg["level"], dtype="bfloat16" if job["gpu"] else "float32")
     if cfg.get("fraction"):
         kw.update(memory_budget=budget(cfg["store"], cfg["fraction"], cfg["level"]), context=200,
                   prefill_step=64)
@@ -172,7 +173,7 @@ print(json.dumps([dict(name=run["name"], decode_ms=1e3 * float(np.median(run["ti
 
 def run_before(checkout: str, job: dict) -> list[dict]:
     """The same side-by-side decode loop against an older checkout of this project
-    (e.g. ``git worktree add /tmp/before 7fb3d02``; CPU only)."""
+    (e.g. ``git worktree add /tmp/before 7fb3d02``), on the same device."""
     out = subprocess.run([sys.executable, "-c", BEFORE, json.dumps(job), checkout],
                          capture_output=True, text=True, cwd="/")
     if out.returncode:
@@ -183,7 +184,8 @@ def run_before(checkout: str, job: dict) -> list[dict]:
 def run(job: dict) -> list[dict]:
     """One process running ``job``'s configurations side by side; their results."""
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
     if out.returncode:
         raise RuntimeError(f"{job}: {out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["results"]
@@ -233,11 +235,11 @@ def make_stores(args) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/d2moe-bench", help="where the synthetic stores are made")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--inter", type=int, default=512)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--layers", type=int, default=4, help="MoE layers of the synthetic model")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size of the synthetic model")
+    p.add_argument("--inter", type=int, default=512, help="intermediate size of each expert")
+    p.add_argument("--experts", type=int, default=64, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, default=8, help="experts each token uses")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens (TTFT)")
     p.add_argument("--rounds", type=int, default=8, help="rounds of decode blocks (the first warms up)")
     p.add_argument("--block", type=int, default=4, help="tokens each configuration decodes per round")
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu", action="store_true", help="MLX's GPU backend (bfloat16)")
     p.add_argument("--before", default=None, metavar="CHECKOUT",
                    help="also run sections 1 and 3's decode loop against an older checkout "
-                        "(CPU), e.g. one of commit 7fb3d02, the code before the engine")
+                        "on the same device, e.g. one of commit 7fb3d02, the code before the engine")
     p.add_argument("--gpu-limit-gb", type=int, default=48, help="mx.set_memory_limit on the GPU")
     p.add_argument("--only", default="1,2,3,4", help="sections to run, e.g. 1,3")
     p.add_argument("--out", default=None, help="write all results as JSON here")
