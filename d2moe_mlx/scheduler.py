@@ -223,7 +223,8 @@ class Scheduler:
             (level,) = groups
             parts = self.layout.cover(level)
             return el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
-        return self._merge([self._partial(el, lc, x, idx, groups)], idx)
+        same = self._same(groups)
+        return self._merge([self._partial(el, lc, x, idx, groups, same)], idx, same)
 
     def _progressive(self, el, lc, x, idx, groups, futures) -> mx.array:
         """HEBF's compute side: the pairs whose parts are ready run first; then, in at most
@@ -239,6 +240,7 @@ class Scheduler:
         n = max(1, min(self.phases, len(experts)))
         waves = [experts[i * len(experts) // n:(i + 1) * len(experts) // n] for i in range(n)]
         partials = []
+        same = self._same(groups)
         for wave in [[]] + waves:
             if wave:
                 self._wait(lc, [f for f in futures if int(lc.pools[f[0]].expert_of[f[1]]) in wave
@@ -252,16 +254,22 @@ class Scheduler:
                     ready[level] = ids[ok]
                     todo[level] = ids[~ok]
             if ready:
-                part = self._partial(el, lc, x, idx, ready)
-                mx.async_eval(part if self.same_shapes else [y for _, y in part])
+                part = self._partial(el, lc, x, idx, ready, same)
+                mx.async_eval(part if same else [y for _, y in part])
                 partials.append(part)
         self._wait(lc, futures)  # (any left: loads of other calls this one shares)
         rest = {lv: ids for lv, ids in todo.items() if ids.size}
         if rest:
-            partials.append(self._partial(el, lc, x, idx, rest))
-        return self._merge(partials, idx)
+            partials.append(self._partial(el, lc, x, idx, rest, same))
+        return self._merge(partials, idx, same)
 
-    def _partial(self, el, lc, x, idx, groups: dict[int, np.ndarray]):
+    def _same(self, groups: dict) -> bool:
+        """Same-shape partials keep a single-level call bitwise equal to the resident one
+        on the GPU; a call with several levels has no resident twin, and there each level
+        computing only its own pairs costs one pass over the pairs, not one per level."""
+        return self.same_shapes and len(groups) == 1
+
+    def _partial(self, el, lc, x, idx, groups: dict[int, np.ndarray], same: bool):
         """Outputs of the pairs in ``groups`` (level -> flat pair ids), from slot ids
         made on the host now (the tables may change while this is evaluated).
         Same-shape mode: the whole call per level, other pairs on the zero slot
@@ -271,7 +279,7 @@ class Scheduler:
         outs = []
         for level, ids in groups.items():
             parts = self.layout.cover(level)
-            if self.same_shapes:
+            if same:
                 slots = []
                 for p in parts:
                     pool = lc.pools[p]
@@ -289,16 +297,16 @@ class Scheduler:
                     slots.append((pool, mx.array(s.astype(np.uint32))[:, None]))
                 y = el.compute(xs, slots)
                 outs.append((ids, y.reshape(len(ids), y.shape[-1])))
-        if self.same_shapes:
+        if same:
             total = outs[0]
             for o in outs[1:]:
                 total = total + o
             return total
         return outs
 
-    def _merge(self, partials: list, idx: np.ndarray) -> mx.array:
+    def _merge(self, partials: list, idx: np.ndarray, same: bool) -> mx.array:
         """Sum same-shape partials, or put pair outputs back in pair order [..., k, H]."""
-        if self.same_shapes:
+        if same:
             total = partials[0]
             for p in partials[1:]:
                 total = total + p
@@ -320,6 +328,7 @@ class Scheduler:
         size = cap // 2 if overlap else cap
         chunks = [order[i:i + size] for i in range(0, len(order), size)]
         self.stats.groups += 1
+        same = self._same(groups)
         partials, held = [], []
         try:
             pins, futures = self._ensure(lc, needed, chunks[0], groups, flat)
@@ -327,13 +336,14 @@ class Scheduler:
             self._wait(lc, futures)
             for i, chunk in enumerate(chunks):
                 mine = {lv: ids[np.isin(flat[ids], chunk)] for lv, ids in groups.items()}
-                y = self._partial(el, lc, x, idx, {lv: ids for lv, ids in mine.items() if ids.size})
+                y = self._partial(el, lc, x, idx, {lv: ids for lv, ids in mine.items() if ids.size},
+                                  same)
                 nxt = None
                 if overlap and i + 1 < len(chunks):  # the next group loads while this computes
                     nxt = self._ensure(lc, needed, chunks[i + 1], groups, flat)
                     held.append(nxt[0])
                 t0 = time.perf_counter()
-                mx.eval(y)  # before these slots may be evicted
+                mx.eval(y if same else [v for _, v in y])  # before these slots may be evicted
                 self.stats.sync_seconds += time.perf_counter() - t0
                 self._unpin(pins)
                 held.remove(pins)
@@ -348,7 +358,7 @@ class Scheduler:
             for pins in held:
                 self._unpin(pins)
             raise
-        return self._merge(partials, idx)
+        return self._merge(partials, idx, same)
 
     # -- residency ----------------------------------------------------------------------
     def _ensure(self, lc: ExpertCache, needed: list[int], experts: np.ndarray, groups, flat):
