@@ -140,8 +140,13 @@ def make_store(a) -> Path:
         make_synthetic_store(path, layers=a.layers, hidden=a.hidden, moe_intermediate=a.inter,
                              experts=a.experts, top_k=a.top_k, spec=parse_spec("2,2,4"),
                              dense_bits=8, seed=0, overwrite=True)
+    import mlx.core as mx
+
     from d2moe_mlx.profile import profile
 
+    if a.gpu:
+        mx.set_memory_limit(a.gpu_limit_gb << 30)
+    mx.set_default_device(mx.gpu if a.gpu else mx.cpu)
     profile(path, dtype="bfloat16" if a.gpu else "float32")  # cached per store and device
     return path
 
