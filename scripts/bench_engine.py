@@ -85,8 +85,8 @@ def load(cfg):
 # Every configuration decodes from the same prompt; blocks of tokens alternate between
 # them, so a drift of the machine's speed hits all alike.
 def warm_kernels(cfg):
-    """Run the prompt once through a resident model of the store and free it: kernels
-    compiled on first use (MLX's CUDA backend JIT-compiles them) are not timed."""
+    # Run the prompt once through a resident model of the store and free it: kernels
+    # compiled on first use (MLX's CUDA backend JIT-compiles them) are not timed.
     model, config = d2model.load_model(cfg["store"], level=cfg["level"], dtype=dtype)
     prompt = mx.array(np.random.default_rng(0).integers(3, config["vocab_size"], job["prompt"]))[None]
     mx.eval(model(prompt, cache=make_prompt_cache(model)))
