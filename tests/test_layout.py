@@ -67,6 +67,33 @@ def test_components_that_are_not_nested_are_refused():
         build_part(part, spec, blocks, "L001.c1.bin")
 
 
+def _bf16(a):
+    return np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32))
+
+
+def test_a_level_derived_from_a_bf16_slot_packs_like_a_fresh_one():
+    """A raised level reads only the planes above and packs them onto the lower level
+    already in a slot; in a 16-bit activation dtype that slot's scales are rounded (the
+    H200 run refused them as 'not nested'). The derived part equals the fresh one up to
+    that rounding; a prefix that is really off still fails."""
+    spec = SPECS["2,4,8"]
+    comps, blocks = _blocks(spec, "nested", seed=5)
+    layout = make_layout("levels", spec)
+    low, high = layout.parts[0], layout.parts[1]
+    slot = {k: (_bf16(v) if v.dtype != np.uint32 else v)
+            for k, v in build_part(low, spec, blocks, "t").items()}
+    got = build_part(high, spec, blocks, "t", (low, slot))
+    fresh = build_part(high, spec, blocks, "t")
+    assert np.array_equal(got["up_proj.weight"], fresh["up_proj.weight"])
+    assert np.array_equal(got["up_proj.scales"], fresh["up_proj.scales"])  # the disk's step
+    want = _dequant(fresh, high.bits, spec.group_size)
+    assert np.allclose(_dequant(got, high.bits, spec.group_size), want,
+                       atol=1e-2 * np.abs(want).max())
+    slot["up_proj.scales"] = slot["up_proj.scales"] * 1.05
+    with pytest.raises(StoreError, match="not nested"):
+        build_part(high, spec, blocks, "t", (low, slot))
+
+
 def test_levels_need_mlx_widths():
     with pytest.raises(ValueError, match="7 bits.*planes"):
         make_layout("levels", mwq.MWQSpec(5, (1, 1, 1), 64))
