@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(a.policies.split(",")) - set(POLICIES)
     if unknown:
         p.error(f"unknown policies {sorted(unknown)}; choose from {', '.join(POLICIES)}")
+    if a.trace:
+        a.trace = str(Path(a.trace).resolve())
+        if not Path(a.trace).is_file():
+            p.error(f"--trace {a.trace}: no such file")
     store = make_store(a)
     rows = []
     for fraction in map(float, a.fractions.split(",")):
