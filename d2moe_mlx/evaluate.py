@@ -30,8 +30,9 @@ Which model runs:
   needs no more memory than the runs. Each quality plans its own cache split within
   the budget (the dual-routing presets keep a floor-level pool too).
 
-The reference's log-probabilities (tokens x vocabulary x 4 bytes) are held in memory
-during the runs: with a budget they count against it like any other process memory.
+The reference's log-probabilities (tokens x vocabulary x 4 bytes) go to a temporary
+file and are read back a block at a time, so that every load under a budget measures
+the same process baseline (held in memory, they would shrink the later runs' cache).
 The reference at the top level with the exact policy is itself the ``exact`` run at
 that level, so it is not run twice.
 """
@@ -90,8 +91,9 @@ class Scores:
     def add(self, logprobs: np.ndarray, reference: np.ndarray, targets: np.ndarray) -> None:
         """Add positions: ``logprobs`` and ``reference`` [m, V] log-probabilities of the
         run and the reference, ``targets`` [m] the tokens that follow."""
-        self.nll -= float(logprobs[np.arange(len(targets)), targets].sum())
-        self.kl += float((np.exp(reference) * (reference - logprobs)).sum())
+        run, ref = logprobs.astype(np.float64), reference.astype(np.float64)
+        self.nll -= float(run[np.arange(len(targets)), targets].sum())
+        self.kl += float((np.exp(ref) * (ref - run)).sum())
         self.agree += int((logprobs.argmax(-1) == reference.argmax(-1)).sum())
         self.n += len(targets)
 
@@ -139,21 +141,46 @@ def logprobs(model: nn.Module, tokens: list[int], mode: str = "decode",
         yield np.array(out)
 
 
-def _run(model, tokens, mode, chunk, reference=None):
-    """(Scores, reference log-probabilities if ``reference`` is None, counters delta)."""
+class Reference:
+    """The reference's log-probabilities in a temporary file, written as they come and
+    read back a block of positions at a time: the process holds none of them between
+    runs, so every run under a memory budget starts from the same baseline."""
+
+    def __init__(self):
+        import tempfile
+
+        self._file = tempfile.TemporaryFile()
+        self.vocab, self.rows = 0, 0
+
+    def append(self, lp: np.ndarray) -> None:
+        self.vocab = lp.shape[-1]
+        self._file.write(np.ascontiguousarray(lp, dtype=np.float32).tobytes())
+        self.rows += len(lp)
+
+    def read(self, at: int, m: int) -> np.ndarray:
+        """Rows ``at .. at + m - 1`` [m, V]."""
+        self._file.seek(at * self.vocab * 4)
+        out = np.fromfile(self._file, dtype=np.float32, count=m * self.vocab)
+        return out.reshape(m, self.vocab)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _run(model, tokens, mode, chunk, reference: Reference, write: bool = False):
+    """Score one run against ``reference`` (``write``: this run is the reference, and
+    its log-probabilities go there); returns (Scores, the counters' delta)."""
     engine = engine_of(model)
     before = engine.stats.snapshot()
     targets = np.asarray(tokens[1:])
-    scores, chunks, at = Scores(), [], 0
+    scores, at = Scores(), 0
     for lp in logprobs(model, tokens, mode, chunk):
-        ref = lp if reference is None else reference[at:at + len(lp)]
-        scores.add(lp, ref, targets[at:at + len(lp)])
-        if reference is None:
-            chunks.append(lp)
+        if write:
+            reference.append(lp)
+        scores.add(lp, lp if write else reference.read(at, len(lp)), targets[at:at + len(lp)])
         at += len(lp)
     engine.scheduler.drain()
-    ref = np.concatenate(chunks) if reference is None else reference
-    return scores, ref, engine.stats.delta(before)
+    return scores, engine.stats.delta(before)
 
 
 def _result(quality, level, scores, stats, exact_ppl, model, budget) -> EvalResult:
@@ -172,7 +199,7 @@ def _result(quality, level, scores, stats, exact_ppl, model, budget) -> EvalResu
 def evaluate(
     store: str | os.PathLike,
     text: str,
-    qualities: tuple[str, ...] | list[str] = tuple(QUALITIES),
+    qualities: tuple[str, ...] | list[str] | None = None,
     *,
     level: int | None = None,
     memory_budget: str | int | None = None,
@@ -184,8 +211,8 @@ def evaluate(
 ) -> list[EvalResult]:
     """Score ``text`` (its first ``max_tokens`` tokens) under each of ``qualities`` at
     ``level`` (default: the store's top) against the top level's exact run; one
-    :class:`EvalResult` per quality, in the order given. ``memory_budget`` streams
-    experts (a fresh, cold load per run); ``quality_options`` (``alpha``, ``tau``,
+    :class:`EvalResult` per quality, in the order given (default: every preset).
+    ``memory_budget`` streams experts (a fresh, cold load per run); ``quality_options`` (``alpha``, ``tau``,
     ``hot``, ``floor``) apply to the dual-routing presets; ``mode`` ``decode`` or
     ``prefill`` (``chunk`` tokens per pass); ``load_options`` go to
     :func:`d2moe_mlx.load` (``dtype``, ``cache_policy``, ``context``, ...). See the
@@ -193,7 +220,7 @@ def evaluate(
     from .memory import parse_size
     from .model import load
 
-    qualities = list(qualities)
+    qualities = list(QUALITIES if qualities is None else qualities)
     if not qualities:
         raise ValueError("no quality to evaluate: name at least one of " + ", ".join(QUALITIES))
     for q in qualities:
@@ -222,27 +249,31 @@ def evaluate(
     if context is not None and len(tokens) - 1 > context:
         raise ValueError(f"the text's {len(tokens)} tokens need {len(tokens) - 1} tokens of context; "
                          f"the memory budget reserves {context}: lower max_tokens or raise context")
-    ref_scores, reference, ref_stats = _run(model, tokens, mode, chunk)
-    exact_ppl = None
-    runs = {}
-    if level == top:
-        exact_ppl = ref_scores.perplexity
-        runs["exact"] = _result("exact", top, ref_scores, ref_stats, exact_ppl, model, budget)
-    order = ([] if "exact" in runs else ["exact"]) + [q for q in qualities if q != "exact"]
-    for q in order:
-        if budget is not None:
-            del model, engine
-            model, _ = fresh(level, q)
-            engine = engine_of(model)
-        else:
-            engine.set_policy(for_quality(q, level, **(options if q != "exact" else {})))
-        scores, _, stats = _run(model, tokens, mode, chunk, reference)
-        if q == "exact":
-            exact_ppl = scores.perplexity
-        runs[q] = _result(q, level, scores, stats, exact_ppl, model, budget)
-    del model, engine
-    gc.collect()
-    mx.clear_cache()
+    reference = Reference()
+    try:
+        ref_scores, ref_stats = _run(model, tokens, mode, chunk, reference, write=True)
+        exact_ppl = None
+        runs = {}
+        if level == top:
+            exact_ppl = ref_scores.perplexity
+            runs["exact"] = _result("exact", top, ref_scores, ref_stats, exact_ppl, model, budget)
+        order = ([] if "exact" in runs else ["exact"]) + [q for q in qualities if q != "exact"]
+        for q in order:
+            if budget is not None:
+                model = engine = None
+                model, _ = fresh(level, q)
+                engine = engine_of(model)
+            else:
+                engine.set_policy(for_quality(q, level, **(options if q != "exact" else {})))
+            scores, stats = _run(model, tokens, mode, chunk, reference)
+            if q == "exact":
+                exact_ppl = scores.perplexity
+            runs[q] = _result(q, level, scores, stats, exact_ppl, model, budget)
+    finally:
+        reference.close()
+        model = engine = None
+        gc.collect()
+        mx.clear_cache()
     return [runs[q] for q in qualities]
 
 
