@@ -57,6 +57,17 @@ def budgets(store, fractions: list[float], dtype: str) -> dict[float, int | None
     return out
 
 
+def _profile_note(store, dtype: str) -> str:
+    """Whether the presets' stall budget was on: it needs a cached profile of the store."""
+    from d2moe_mlx.model import open_store
+    from d2moe_mlx.profile import cached
+
+    with open_store(store) as s:
+        on = cached(s, dtype) is not None
+    return "a profile of the store was cached (stall budget on)" if on else \
+        "no profile of the store cached (stall budget off)"
+
+
 def _results(store, text, args, budget):
     """evaluate()'s results; where a preset cannot plan its pools under the budget
     (BudgetError), a line saying so in its place, and the other presets run one by one."""
@@ -64,7 +75,9 @@ def _results(store, text, args, budget):
     from d2moe_mlx.evaluate import evaluate
     from d2moe_mlx.levels import QUALITIES
 
-    run = dict(memory_budget=budget, max_tokens=args.max_tokens, mode=args.mode, dtype=args.dtype)
+    options = {} if args.alpha is None else {"alpha": args.alpha}
+    run = dict(memory_budget=budget, max_tokens=args.max_tokens, mode=args.mode, dtype=args.dtype,
+               quality_options=options)
     try:
         return evaluate(store, text, args.quality, **run)
     except BudgetError:
@@ -75,7 +88,7 @@ def _results(store, text, args, budget):
             out += evaluate(store, text, [q], **run)
         except BudgetError as e:
             need = e.args[0].split("smallest budget that works is ")[-1].split(";")[0]
-            out.append(f"{q}: does not fit (needs {need})")
+            out.append(f"{q}: does not fit (BudgetError; suggests {need})")
     return out
 
 
@@ -93,6 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=("decode", "prefill"), default="decode",
                    help="how tokens are fed (see d2moe_mlx.evaluate)")
     p.add_argument("--dtype", default="float32", help="activation dtype")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="SMoE substitution band for the dual-routing presets (0: none; default: "
+                        "each preset's)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -116,7 +132,8 @@ def main(argv=None) -> int:
                         f"{100 * r.substitution_rate:.1f}% | {100 * r.hit_rate:.1f}% |")
             raw.append({"cached_fraction": f, **r.to_dict()})
             print(rows[-1], file=sys.stderr, flush=True)
-    print(f"{raw[0]['tokens'] if raw else 0} positions, {args.mode} mode, reference: top level, exact\n")
+    print(f"{raw[0]['tokens'] if raw else 0} positions, {args.mode} mode, reference: top level, "
+          f"exact; {_profile_note(store, args.dtype)}\n")
     print("| budget | top-level pool | quality | ppl | ppl vs exact | KL to top | agreement | "
           "level mix | substituted | hit rate |")
     print("|---|---|---|---|---|---|---|---|---|---|")
