@@ -30,8 +30,9 @@ Which model runs:
   needs no more memory than the runs. Each quality plans its own cache split within
   the budget (the dual-routing presets keep a floor-level pool too).
 
-The reference's log-probabilities (tokens x vocabulary x 4 bytes) go to a temporary
-file and are read back a block at a time, so that every load under a budget measures
+Perplexity is over the text's tokens 2..n, each given those before it. The reference's
+log-probabilities (tokens x vocabulary x 4 bytes) go to a temporary file and are read
+back as each run reaches those positions, so that every load under a budget measures
 the same process baseline (held in memory, they would shrink the later runs' cache).
 The reference at the top level with the exact policy is itself the ``exact`` run at
 that level, so it is not run twice.
