@@ -511,6 +511,11 @@ def eval_(store, text_file, qualities, level, memory, max_tokens, mode, dtype, a
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         _fail(f"text file {text_file} is empty: give it text to score")
+    if memory is not None:
+        from .memory import format_size
+
+        click.echo(f"memory budget: {format_size(memory)}; every run starts from an empty expert "
+                   "cache", err=True)
     try:
         results = evaluate(store, text, qualities or None, level=level, memory_budget=memory,
                            max_tokens=max_tokens, mode=mode, dtype=dtype)
@@ -519,7 +524,7 @@ def eval_(store, text_file, qualities, level, memory, max_tokens, mode, dtype, a
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=1))
     else:
-        click.echo(f"{results[0].tokens} positions of {text_file}, {mode} mode; reference: "
+        click.echo(f"{results[0].tokens} positions scored in {text_file}, {mode} mode; reference: "
                    f"the highest level, exact")
         click.echo(format_table(results))
 
