@@ -1,4 +1,4 @@
-"""The ``d2moe`` command line: convert, generate, chat, inspect, trace, demo."""
+"""The ``d2moe`` command line: convert, generate, chat, inspect, trace, eval, demo."""
 
 from __future__ import annotations
 
@@ -474,6 +474,59 @@ def trace(model_path, text_file, out, max_tokens):
         f"wrote {out}: {meta['num_tokens']} tokens x {len(meta['layers'])} MoE layers, "
         f"top-{meta['k']} of {meta['num_experts']} experts ({meta['scoring']} scores)"
     )
+
+
+@main.command(name="eval")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="Plain text file to score (teacher forcing on its first --max-tokens tokens).")
+@click.option("--quality", "qualities", multiple=True, metavar="QUALITY",
+              help="Quality preset to evaluate: exact, high, balanced or fast; repeat for several. "
+                   "Default: all four.")
+@click.option("--level", type=click.IntRange(0), default=None,
+              help="MWQ level the runs are loaded at (the presets' ceiling). Default: highest. "
+                   "The reference is always the highest level, exact.")
+@click.option("--memory", type=_Size(), default=None, metavar="SIZE",
+              help="Memory budget for the whole process, e.g. 2GB: every run (the reference too) "
+                   "streams experts from a fresh, empty cache. Default: all experts in memory.")
+@click.option("--max-tokens", type=click.IntRange(2), default=256, show_default=True,
+              help="Tokens of the text to score (from its start).")
+@click.option("--mode", type=click.Choice(["decode", "prefill"]), default="decode", show_default=True,
+              help="decode: one token per forward pass with a KV cache, as in chat (what a reply "
+                   "sees); prefill: the text in chunks (faster, how a prompt is read).")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
+              help="Activation dtype (default: float32 on CPU, else the store's).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per quality.")
+def eval_(store, text_file, qualities, level, memory, max_tokens, mode, dtype, as_json):
+    """Measure what quality presets cost on STORE: perplexity and its change against
+    exact at the same level, mean KL of next-token distributions to the highest level,
+    greedy agreement with it, level mix, substitution and cache hit rate."""
+    from .evaluate import evaluate, format_table
+    from .limits import ContextError
+    from .store.format import StoreError
+
+    path = Path(text_file)
+    if not path.is_file():
+        _fail(f"text file {text_file} does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        _fail(f"text file {text_file} is empty: give it text to score")
+    if memory is not None:
+        from .memory import format_size
+
+        click.echo(f"memory budget: {format_size(memory)}; every run starts from an empty expert "
+                   "cache", err=True)
+    try:
+        results = evaluate(store, text, qualities or None, level=level, memory_budget=memory,
+                           max_tokens=max_tokens, mode=mode, dtype=dtype)
+    except (StoreError, ContextError, ValueError, FileNotFoundError) as e:
+        _fail(_cli_words(e))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=1))
+    else:
+        click.echo(f"{results[0].tokens} positions scored in {text_file}, {mode} mode; reference: "
+                   f"the highest level, exact")
+        click.echo(format_table(results))
 
 
 @main.command()

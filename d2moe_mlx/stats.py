@@ -58,7 +58,8 @@ class StreamStats:
         for k, v in before.__dict__.items():
             if isinstance(v, dict):
                 if k == "pairs":
-                    out.pairs = {lv: n - v.get(lv, 0) for lv, n in out.pairs.items()}
+                    out.pairs = {lv: n - v.get(lv, 0) for lv, n in out.pairs.items()
+                                 if n > v.get(lv, 0)}  # levels not run since: absent
             else:
                 setattr(out, k, getattr(out, k) - v)
         return out
