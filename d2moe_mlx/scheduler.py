@@ -73,6 +73,11 @@ class Scheduler:
         self._pending: list = []  # (outputs, [(cache, part, slots)]) awaiting their eval
         self._predicted: dict[int, np.ndarray] = {}
         self._layers_by_index: dict[int, object] = {}
+        # Prefetch: predict(layer, x) -> scores [..., E] of ``layer``'s experts from the input x
+        # of the MoE layer before it (lazy, evaluated in that layer's sync); None: layer's own
+        # router on x. prefetch_top: experts prefetched per layer (None: the top-k).
+        self.predict = None
+        self.prefetch_top: int | None = None
 
     # -- the layer call -------------------------------------------------------------
     def forward(self, el, x: mx.array, inds: mx.array) -> mx.array:
@@ -101,7 +106,8 @@ class Scheduler:
         nl = self._next.get(el.layer)
         nxt = None
         if self.prefetch and self.mode == "stream" and nl is not None and x.size == x.shape[-1]:
-            nxt = self._layers_by_index[nl].scores(x).reshape(-1)
+            nxt = (self.predict(nl, x) if self.predict is not None
+                   else self._layers_by_index[nl].scores(x)).reshape(-1)
         outs = [o for o, _ in self._pending]
         t0 = time.perf_counter()
         mx.eval(inds, *[a for a in (scores, nxt) if a is not None], *outs)  # the sync
@@ -160,7 +166,7 @@ class Scheduler:
         pins, futures = self._ensure(lc, needed, order, groups, flat)
         try:
             if nxt is not None:
-                self._prefetch(nl, np.array(nxt), k)
+                self._prefetch(nl, np.array(nxt), self.prefetch_top or k)
             y = self._compute(el, lc, x, inds, idx, groups, futures)
         except BaseException:
             self._unpin(pins)
@@ -482,7 +488,7 @@ class Scheduler:
             self._wait_layer(self.caches[layer])
 
     def _prefetch(self, layer: int, scores: np.ndarray, k: int) -> None:
-        """Start loading the experts ``layer``'s router picks from this layer's input."""
+        """Start loading the ``k`` experts ``scores`` rank first for ``layer``."""
         lc = self.caches[layer]
         level = self.levels.uniform
         if level is None:
