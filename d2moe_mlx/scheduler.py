@@ -218,6 +218,7 @@ class Scheduler:
         s.hits += n
         h, m = s.per_layer_hits.get(layer, (0, 0))
         s.per_layer_hits[layer] = (h + n, m + n)
+        self._score_prediction(layer, idx, flat)
         self._pending.append((y, [(lc, p, lc.acquire(p, experts)[0]) for p in parts]))
 
     # -- compute ------------------------------------------------------------------------
@@ -544,7 +545,11 @@ class Scheduler:
                 s.hits += hits
                 h, n = s.per_layer_hits.get(layer, (0, 0))
                 s.per_layer_hits[layer] = (h + hits, n + len(experts))
+        self._score_prediction(layer, idx, flat)
+
+    def _score_prediction(self, layer: int, idx: np.ndarray, flat: np.ndarray) -> None:
+        """Prefetch accuracy: how many of a decode step's experts were prefetched for it."""
         pred = self._predicted.pop(layer, None)
         if pred is not None and idx.size == idx.shape[-1]:
-            s.predicted += idx.shape[-1]
-            s.predicted_right += int(np.isin(flat, pred).sum())
+            self.stats.predicted += idx.shape[-1]
+            self.stats.predicted_right += int(np.isin(flat, pred).sum())
