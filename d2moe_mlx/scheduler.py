@@ -119,13 +119,15 @@ class Scheduler:
         k = idx.shape[-1]
         flat = idx.reshape(-1)
         level = self.levels.uniform
-        if (level is not None and self.mode != "naive" and scores is None and nxt is None
+        if (level is not None and self.mode != "naive" and scores is None
                 and all(lc.pools[p].ready(flat).all() for p in self.layout.cover(level))):
-            # Every pair hits: start the compute now, keep the books while it runs.
+            # Every pair hits: start the compute now, keep the books (and prefetch) while it runs.
             parts = self.layout.cover(level)
             y = el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
             self._start(y)
             self._books(el.layer, lc, idx, flat, level, y)
+            if nxt is not None:
+                self._prefetch(nl, np.array(nxt), self.prefetch_top or k)
             return y
         full = pair_scores = None
         if scores is not None:
