@@ -263,3 +263,11 @@ def test_a_predictor_that_does_not_fit_the_model_is_refused(copy, monkeypatch):
     X.write_extra(copy, P.KEY, tensors, {**meta, "layers": layers})
     with pytest.raises(StoreError, match="predictors for layers"):
         load_model(copy, dtype="float32", prefetch=True)
+
+
+def test_calibrate_refuses_a_text_too_short(copy, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.\n")
+    result = CliRunner().invoke(main, ["calibrate", str(copy), "--text", str(short)])
+    assert result.exit_code == 1 and "give a longer --text" in result.output, result.output
+    assert "extras" not in _manifest(copy)  # nothing written
