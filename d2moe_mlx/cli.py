@@ -1,4 +1,4 @@
-"""The ``d2moe`` command line: convert, generate, chat, inspect, trace, eval, demo."""
+"""The ``d2moe`` command line: convert, generate, chat, inspect, profile, calibrate, eval, trace, demo."""
 
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def _streaming_options(f):
         click.option("--cache-policy", type=click.Choice(POLICIES), default="lru", show_default=True,
                      help="With --memory: which experts to evict (score = lowest mean gate score)."),
         click.option("--prefetch/--no-prefetch", default=False, show_default=True,
-                     help="With --memory: load the next layer's likely experts early "
-                          "(docs/BENCHMARKS.md says when it pays)."),
+                     help="With --memory: load the next layer's likely experts early, by the "
+                          "store's predictors if `d2moe calibrate` made them, else by the next "
+                          "layer's router (docs/PREDICTOR.md says when it pays)."),
         click.option("--context", type=click.IntRange(1), default=4096, show_default=True,
                      help="With --memory: tokens of KV cache the budget reserves; a reply stops "
                           "when it is full."),
@@ -433,6 +434,39 @@ def inspect(store, verify, as_json):
             click.echo(f"  - {p}")
     if problems:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Calibration text file (default: the text shipped with d2moe). The last 20% "
+                   "of it is held out to measure what was trained.")
+@click.option("--tokens", type=click.IntRange(512), default=None,
+              help="Use at most this many tokens of the text (default: all of it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+def calibrate(store, text_file, tokens, as_json):
+    """Train next-layer expert predictors for STORE and store them in it.
+
+    Runs the store's model (resident) over the calibration text, fits per MoE layer a
+    linear map from the previous MoE layer's input to the layer's router logits, and
+    writes it into the store (extra "predictor"). Loading with prefetch on
+    (--prefetch, load(..., prefetch=True)) then prefetches the predicted experts
+    instead of running the next layer's router on this layer's input. Prints the
+    held-out recall of both.
+    """
+    from .calibration import calibrate_store, describe
+    from .predictor import KEY
+    from .store.format import StoreError
+
+    products = (KEY,)
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace") if text_file else None
+    try:
+        with progress_bar("calibrating", enabled=not as_json and sys.stderr.isatty()) as progress:
+            summary = calibrate_store(store, text=text, tokens=tokens, products=products,
+                                      progress=progress)
+    except (StoreError, ValueError) as e:
+        _fail(_cli_words(e))
+    click.echo(json.dumps(summary, indent=1) if as_json else describe(store, summary))
 
 
 @main.command()

@@ -108,7 +108,9 @@ def load_model(
     cache) is split
     by :func:`d2moe_mlx.budget.plan_budget` and experts stream from the store:
     ``cache_policy`` ``lru`` / ``lfu`` / ``score`` (SMoE's lowest mean gate
-    score), ``prefetch`` loads the next layer's likely experts early,
+    score), ``prefetch`` loads the next layer's likely experts early (by the
+    store's predictors when ``d2moe calibrate`` made them, else by the next
+    layer's router on this layer's input),
     ``overlap`` computes a layer's resident experts while its misses load,
     ``loader_threads`` read in parallel, ``mode`` ``stream`` / ``sync`` /
     ``naive`` (see :mod:`d2moe_mlx.scheduler`), ``io_mode`` ``random`` /
@@ -187,6 +189,10 @@ def load_model(
             model.set_dtype(act_dtype, lambda t: mx.issubdtype(t, mx.floating))
         model.eval()
         fill(engine)
+        if prefetch:
+            from .predictor import install as install_predictor
+
+            install_predictor(engine)  # the store's predictors, if calibrated
         engine.scheduler.costs = cached_profile(store, str(act_dtype).split(".")[-1])
     except BaseException:
         if engine is not None:

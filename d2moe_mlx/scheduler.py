@@ -73,6 +73,11 @@ class Scheduler:
         self._pending: list = []  # (outputs, [(cache, part, slots)]) awaiting their eval
         self._predicted: dict[int, np.ndarray] = {}
         self._layers_by_index: dict[int, object] = {}
+        # Prefetch: predict(layer, x) -> scores [..., E] of ``layer``'s experts from the input x
+        # of the MoE layer before it (lazy, evaluated in that layer's sync); None: layer's own
+        # router on x. prefetch_top: experts prefetched per layer (None: the top-k).
+        self.predict = None
+        self.prefetch_top: int | None = None
 
     # -- the layer call -------------------------------------------------------------
     def forward(self, el, x: mx.array, inds: mx.array) -> mx.array:
@@ -101,7 +106,8 @@ class Scheduler:
         nl = self._next.get(el.layer)
         nxt = None
         if self.prefetch and self.mode == "stream" and nl is not None and x.size == x.shape[-1]:
-            nxt = self._layers_by_index[nl].scores(x).reshape(-1)
+            nxt = (self.predict(nl, x) if self.predict is not None
+                   else self._layers_by_index[nl].scores(x)).reshape(-1)
         outs = [o for o, _ in self._pending]
         t0 = time.perf_counter()
         mx.eval(inds, *[a for a in (scores, nxt) if a is not None], *outs)  # the sync
@@ -113,13 +119,15 @@ class Scheduler:
         k = idx.shape[-1]
         flat = idx.reshape(-1)
         level = self.levels.uniform
-        if (level is not None and self.mode != "naive" and scores is None and nxt is None
+        if (level is not None and self.mode != "naive" and scores is None
                 and all(lc.pools[p].ready(flat).all() for p in self.layout.cover(level))):
-            # Every pair hits: start the compute now, keep the books while it runs.
+            # Every pair hits: start the compute now, keep the books (and prefetch) while it runs.
             parts = self.layout.cover(level)
             y = el.compute(x, [(lc.pools[p], lc.pools[p].indices(inds)) for p in parts])
             self._start(y)
             self._books(el.layer, lc, idx, flat, level, y)
+            if nxt is not None:
+                self._prefetch(nl, np.array(nxt), self.prefetch_top or k)
             return y
         full = pair_scores = None
         if scores is not None:
@@ -160,7 +168,7 @@ class Scheduler:
         pins, futures = self._ensure(lc, needed, order, groups, flat)
         try:
             if nxt is not None:
-                self._prefetch(nl, np.array(nxt), k)
+                self._prefetch(nl, np.array(nxt), self.prefetch_top or k)
             y = self._compute(el, lc, x, inds, idx, groups, futures)
         except BaseException:
             self._unpin(pins)
@@ -212,6 +220,7 @@ class Scheduler:
         s.hits += n
         h, m = s.per_layer_hits.get(layer, (0, 0))
         s.per_layer_hits[layer] = (h + n, m + n)
+        self._score_prediction(layer, idx, flat)
         self._pending.append((y, [(lc, p, lc.acquire(p, experts)[0]) for p in parts]))
 
     # -- compute ------------------------------------------------------------------------
@@ -492,7 +501,7 @@ class Scheduler:
             self._wait_layer(self.caches[layer])
 
     def _prefetch(self, layer: int, scores: np.ndarray, k: int) -> None:
-        """Start loading the experts ``layer``'s router picks from this layer's input."""
+        """Start loading the ``k`` experts ``scores`` rank first for ``layer``."""
         lc = self.caches[layer]
         level = self.levels.uniform
         if level is None:
@@ -548,7 +557,11 @@ class Scheduler:
                 s.hits += hits
                 h, n = s.per_layer_hits.get(layer, (0, 0))
                 s.per_layer_hits[layer] = (h + hits, n + len(experts))
+        self._score_prediction(layer, idx, flat)
+
+    def _score_prediction(self, layer: int, idx: np.ndarray, flat: np.ndarray) -> None:
+        """Prefetch accuracy: how many of a decode step's experts were prefetched for it."""
         pred = self._predicted.pop(layer, None)
         if pred is not None and idx.size == idx.shape[-1]:
-            s.predicted += idx.shape[-1]
-            s.predicted_right += int(np.isin(flat, pred).sum())
+            self.stats.predicted += idx.shape[-1]
+            self.stats.predicted_right += int(np.isin(flat, pred).sum())

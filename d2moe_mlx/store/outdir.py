@@ -81,7 +81,10 @@ def _store_paths(path: Path) -> tuple[set[str], set[str]] | None:
     if isinstance(experts, dict) and isinstance(experts.get("files"), list):
         files.update(e["file"] for e in experts["files"]
                      if isinstance(e, dict) and isinstance(e.get("file"), str))
-    dirs = {EXPERTS_DIR} | {p.rsplit("/", i)[0] for p in files for i in range(1, p.count("/") + 1)}
+    from .extras import EXTRAS_DIR, extra_files
+
+    files |= extra_files(m)
+    dirs = {EXPERTS_DIR, EXTRAS_DIR} | {p.rsplit("/", i)[0] for p in files for i in range(1, p.count("/") + 1)}
     return files, dirs
 
 

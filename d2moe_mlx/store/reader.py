@@ -262,6 +262,13 @@ class Store:
             elif crc != info["crc32"]:
                 problems.append(f"{p}: checksum mismatch (file corrupted); {CONVERT_HINT}")
         problems += self._check_dense_index()
+        from .extras import read_extra
+
+        for key in sorted(self.manifest.get("extras", {})):
+            try:
+                read_extra(self, key)
+            except StoreError as err:
+                problems.append(str(err))
         return problems
 
     def _check_dense_index(self) -> list[str]:

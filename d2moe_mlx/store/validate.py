@@ -81,6 +81,9 @@ def validate_store(root: Path) -> tuple[dict, dict, dict]:
 
     entries = _validate_experts(root, m, mpath)
     _validate_model(m, entries, bad)
+    from .extras import validate_extras
+
+    validate_extras(root, m, bad)
     config = load_json(root / F.CONFIG_NAME, "model config", F.MAX_JSON_FILE_BYTES)
     if not isinstance(config, dict):
         raise StoreError(f"{root / F.CONFIG_NAME}: config is not a JSON object; {CONVERT_HINT}")
