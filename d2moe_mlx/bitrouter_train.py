@@ -36,21 +36,32 @@ from .levels import Exact, LevelPolicy
 
 
 class BitRouter(nn.Module):
-    """The trainable router: ``weight`` [layers, E, F, L], ``bias`` [layers, E, L]."""
+    """The trainable router: ``weight`` [layers, E, F, L], ``bias`` [layers, E, L].
 
-    def __init__(self, layers: int, experts: int, levels: int, top_bias: float = 0.0):
+    ``hidden`` > 0 adds ``hidden_weight`` [layers, E, hidden, L] on the token's hidden
+    state (training-side experiment only: the runtime policy sees router scores, not
+    hidden states; docs/BIT_ROUTER.md compares the two)."""
+
+    def __init__(self, layers: int, experts: int, levels: int, top_bias: float = 0.0,
+                 hidden: int = 0):
         super().__init__()
         self.weight = mx.zeros((layers, experts, len(FEATURES), levels))
         bias = np.zeros((layers, experts, levels), dtype=np.float32)
         bias[..., -1] = top_bias  # start leaning to the top level (0: uniform)
         self.bias = mx.array(bias)
+        if hidden:
+            self.hidden_weight = mx.zeros((layers, experts, hidden, levels))
 
-    def probs(self, i: int, ids: mx.array, scores: mx.array, full: mx.array) -> mx.array:
-        """Level probabilities [N, k, L] of layer ``i``'s pairs ``ids`` [N, k]."""
+    def logits(self, i: int, ids: mx.array, scores: mx.array, full: mx.array,
+               x: mx.array | None = None) -> mx.array:
+        """Level logits [N, k, L] of layer ``i``'s pairs ``ids`` [N, k] (``x`` [N, H]:
+        the tokens' hidden states, used when the router has ``hidden_weight``)."""
         feats = features(scores, full, mx)
         w = self.weight[i][ids]  # [N, k, F, L]
         z = (feats[..., None, :] @ w).squeeze(-2) + self.bias[i][ids]
-        return mx.softmax(z, axis=-1)
+        if "hidden_weight" in self and x is not None:
+            z = z + (x[:, None, None, :] @ self.hidden_weight[i][ids]).squeeze(-2)
+        return z
 
 
 def text_tokens(tokenizer, text: str) -> np.ndarray:
@@ -82,6 +93,7 @@ class _Mixer:
         self.index = {layer: i for i, (layer, _) in enumerate(self.blocks)}
         self.router, self.levels = router, levels
         self.teacher = False
+        self.hard = False  # one level per pair (the argmax), as the runtime policy decides
         self.probs: list[mx.array] = []
 
     def _at(self, el, x: mx.array, inds: mx.array, level: int) -> mx.array:
@@ -99,7 +111,12 @@ class _Mixer:
             full = mx.stop_gradient(el.scores(x)).reshape(-1, el.cache.pools[
                 self.engine.layout.cover(self.levels[-1])[0]].num_experts)
             ids = inds.reshape(-1, k)
-            p = self.router.probs(i, ids, mx.take_along_axis(full, ids, -1), full)
+            z = self.router.logits(i, ids, mx.take_along_axis(full, ids, -1), full,
+                                   mx.stop_gradient(x.reshape(-1, x.shape[-1])))
+            if self.hard:
+                p = (mx.arange(len(self.levels)) == z.argmax(-1, keepdims=True)).astype(x.dtype)
+            else:
+                p = mx.softmax(z, axis=-1)
             self.probs.append(p.reshape(-1, len(self.levels)))
             y = None
             for j, level in enumerate(self.levels):
@@ -113,7 +130,7 @@ class _Mixer:
 def train_router(model: nn.Module, train: np.ndarray, levels: list[int], *, alpha: float = 0.5,
                  steps: int = 200, batch: int = 8, lr: float = 0.05,
                  capacities: list[float] | None = None, capacity_weight: float = 10.0,
-                 top_bias: float = 0.0, seed: int = 0,
+                 top_bias: float = 0.0, hidden: bool = False, seed: int = 0,
                  progress: Callable[[int, int], object] | None = None
                  ) -> tuple[BitRouter, list[dict]]:
     """Train a router for ``levels`` (ascending) on sequences ``train`` [B, T] of a
@@ -127,7 +144,8 @@ def train_router(model: nn.Module, train: np.ndarray, levels: list[int], *, alph
     if caps.shape != (len(levels),):
         raise ValueError(f"capacities need one share per level ({len(levels)}), got {capacities}")
     mx.random.seed(seed)
-    router = BitRouter(len(engine.layers), engine.store.num_experts, len(levels), top_bias)
+    size = model.args.hidden_size if hidden else 0
+    router = BitRouter(len(engine.layers), engine.store.num_experts, len(levels), top_bias, size)
     mixer = _Mixer(model, router, levels)
     model.freeze()
     rng = np.random.default_rng(seed)
@@ -160,6 +178,28 @@ def train_router(model: nn.Module, train: np.ndarray, levels: list[int], *, alph
             if progress is not None:
                 progress(step + 1, steps)
     return router, history
+
+
+def evaluate_hooked(model: nn.Module, router: BitRouter, levels: list[int], sequences: np.ndarray,
+                    chunk: int = 8) -> dict:
+    """Held-out ``kl`` to the top level and mean ``bits`` per pair of ``router``'s hard
+    decisions computed inside the training hooks (so a router on hidden states, which
+    no runtime policy runs, can be compared with one on scores)."""
+    engine = engine_of(model)
+    mixer = _Mixer(model, router, levels)
+    bits = np.array([engine.spec.level_bits(lv) for lv in levels], dtype=np.float64)
+    kl, n, used = 0.0, 0, np.zeros(len(levels))
+    with hooked(mixer.blocks, engine.family, mixer.make_fn):
+        for start in range(0, len(sequences), chunk):
+            tokens = mx.array(sequences[start:start + chunk])
+            mixer.teacher = True
+            ref = nn.log_softmax(model(tokens).astype(mx.float32), axis=-1)
+            mixer.teacher, mixer.hard, mixer.probs = False, True, []
+            logp = nn.log_softmax(model(tokens).astype(mx.float32), axis=-1)
+            kl += float((mx.exp(ref) * (ref - logp)).sum(axis=-1).sum())
+            used += np.array(mx.concatenate(mixer.probs).sum(axis=0))
+            n += tokens.size
+    return dict(kl=kl / n, bits=float(used @ bits / used.sum()), mix=(used / used.sum()).tolist())
 
 
 def router_policy(router: BitRouter, model: nn.Module, levels: list[int], **options) -> LearnedRouting:
@@ -202,7 +242,7 @@ def evaluate(model: nn.Module, policy: LevelPolicy, sequences: np.ndarray,
     return (dict(kl=kl / n, ppl=math.exp(nll / predicted), agree=agree / n,
                  bits=sum(spec.level_bits(lv) * s for lv, s in mix.items()),
                  stored_bits=sum(spec.stored_bits(lv) * s for lv, s in mix.items()),
-                 mix={int(lv): s for lv, s in mix.items()},
+                 mix={int(lv): s for lv, s in mix.items() if s > 0},
                  substituted=stats.substituted / pairs if pairs else 0.0), outs)
 
 

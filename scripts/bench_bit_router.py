@@ -63,8 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None, help="folder for results.json and the trained routers")
+    ap.add_argument("--compare-inputs", type=float, default=None, metavar="ALPHA",
+                    help="instead: train at ALPHA a router on router scores and one on scores and "
+                         "the hidden state, and compare their hard decisions on held-out text")
     args = ap.parse_args(argv)
     mx.set_default_device(mx.cpu)
+    if args.compare_inputs is not None:
+        return compare_inputs(args)
 
     from d2moe_mlx import mwq, system
     from d2moe_mlx.bitrouter_train import evaluate, router_policy, split_sequences, text_tokens, train_router
@@ -137,6 +142,38 @@ def main(argv: list[str] | None = None) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
         (out / "table.md").write_text(table(results))
     print(table(results))
+
+
+def compare_inputs(args) -> None:
+    """Score features alone vs scores + the token's hidden state, same alpha and steps."""
+    from d2moe_mlx.bitrouter_train import (evaluate, evaluate_hooked, router_policy,
+                                           split_sequences, text_tokens, train_router)
+    from d2moe_mlx.convert.calibrate import default_calibration_text
+    from d2moe_mlx.demo import demo_store
+    from d2moe_mlx.engine import engine_of
+    from d2moe_mlx.levels import Exact
+    from d2moe_mlx.model import load
+
+    store = Path(args.store) if args.store else demo_store(echo=lambda *a, **k: print(*a, file=sys.stderr))
+    model, tokenizer = load(store, quality="high", quality_options={"floor": 0, "alpha": 0.0})
+    top = engine_of(model).spec.num_levels - 1
+    levels = list(range(top + 1))
+    train, test = split_sequences(text_tokens(tokenizer, default_calibration_text()), args.seq_len)
+    results = dict(store=str(store), alpha=args.compare_inputs, args=vars(args))
+    for name, hidden in (("scores", False), ("scores+hidden", True)):
+        t0 = time.perf_counter()
+        router, history = train_router(model, train, levels, alpha=args.compare_inputs,
+                                       steps=args.steps, batch=args.batch, lr=args.lr, hidden=hidden)
+        results[name] = dict(train_seconds=time.perf_counter() - t0,
+                             held_out=evaluate_hooked(model, router, levels, test))
+        if not hidden:  # the same decisions through the engine's LearnedRouting
+            _, ref = evaluate(model, Exact(top), test)
+            results[name]["engine"] = evaluate(model, router_policy(router, model, levels), test, ref)[0]
+        print(name, results[name], file=sys.stderr, flush=True)
+    print(json.dumps(results, indent=1, default=float))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "inputs.json").write_text(json.dumps(results, indent=1, default=float))
 
 
 def table(r: dict) -> str:
