@@ -108,8 +108,7 @@ class _Mixer:
             if self.teacher:
                 return self._at(el, x, inds, self.levels[-1])
             k = inds.shape[-1]
-            full = mx.stop_gradient(el.scores(x)).reshape(-1, el.cache.pools[
-                self.engine.layout.cover(self.levels[-1])[0]].num_experts)
+            full = mx.stop_gradient(el.scores(x)).reshape(-1, self.engine.store.num_experts)
             ids = inds.reshape(-1, k)
             z = self.router.logits(i, ids, mx.take_along_axis(full, ids, -1), full,
                                    mx.stop_gradient(x.reshape(-1, x.shape[-1])))
