@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fraction", type=float, default=0.25, help="streaming: experts the budget holds")
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--floor", type=int, default=0, help="lowest level the routers choose")
+    ap.add_argument("--no-speed", action="store_true", help="quality only, no decode timing")
     ap.add_argument("--out", default=None, help="folder for results.json and the trained routers")
     ap.add_argument("--compare-inputs", type=float, default=None, metavar="ALPHA",
                     help="instead: train at ALPHA a router on router scores and one on scores and "
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load(store, quality="high", quality_options={"floor": 0, "alpha": 0.0})
     engine = engine_of(model)
     top = engine.spec.num_levels - 1
-    levels = list(range(top + 1))
+    levels = list(range(args.floor, top + 1))
     train, test = split_sequences(text_tokens(tokenizer, default_calibration_text()), args.seq_len)
     policies = {"exact": Exact(top), **{q: for_quality(q, top) for q in ("high", "balanced", "fast")}}
     results = dict(store=str(store), levels=levels, train_tokens=int(train.size),
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         router, history = train_router(model, train, levels, alpha=a, steps=args.steps,
                                        batch=args.batch, lr=args.lr)
-        name = f"learned a={a:g}"
+        name = f"learned a={a:g}" + (f" floor={args.floor}" if args.floor else "")
         policies[name] = router_policy(router, model, levels)
         results["training"][name] = dict(seconds=time.perf_counter() - t0,
                                          loss_first5=float(np.mean([h["loss"] for h in history[:5]])),
@@ -114,6 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         got["ppl_delta"] = got["ppl"] - ref["ppl"]
         results["quality"][name] = got
         print(name, got, file=sys.stderr, flush=True)
+    results["levels"] = list(range(top + 1))
+    if args.no_speed:
+        engine.close()
+        print(json.dumps(results, indent=1, default=float))
+        if out:
+            (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        return
     prompt = test[0][:32]
     results["resident"] = decode_speed(model, engine, policies, prompt, args.tokens, args.rounds)
     engine.close()
