@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--floor", type=int, default=0, help="lowest level the routers choose")
+    ap.add_argument("--routers", default=None, metavar="DIR",
+                    help="load the routers an earlier --out DIR saved instead of training them")
+    ap.add_argument("--decode-seqs", type=int, default=0, metavar="N",
+                    help="also measure quality feeding one token at a time (as in chat) on the "
+                         "first N held-out sequences: presets decide differently per call size")
     ap.add_argument("--no-speed", action="store_true", help="quality only, no decode timing")
     ap.add_argument("--out", default=None, help="folder for results.json and the trained routers")
     ap.add_argument("--compare-inputs", type=float, default=None, metavar="ALPHA",
@@ -74,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         return compare_inputs(args)
 
     from d2moe_mlx import mwq, system
+    from d2moe_mlx.bitrouter import LearnedRouting
     from d2moe_mlx.bitrouter_train import evaluate, router_policy, split_sequences, text_tokens, train_router
     from d2moe_mlx.budget import budget_for_slots
     from d2moe_mlx.convert.calibrate import default_calibration_text
@@ -97,10 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     results = dict(store=str(store), levels=levels, train_tokens=int(train.size),
                    held_out_tokens=int(test.size), args=vars(args), quality={}, training={})
     for a in [float(v) for v in args.alphas.split(",")]:
+        name = f"learned a={a:g}" + (f" floor={args.floor}" if args.floor else "")
+        if args.routers:
+            saved = np.load(Path(args.routers) / f"router_alpha{a:g}.npz")
+            policies[name] = LearnedRouting(saved["weight"], saved["bias"], sorted(engine.layers), levels)
+            continue
         t0 = time.perf_counter()
         router, history = train_router(model, train, levels, alpha=a, steps=args.steps,
                                        batch=args.batch, lr=args.lr)
-        name = f"learned a={a:g}" + (f" floor={args.floor}" if args.floor else "")
         policies[name] = router_policy(router, model, levels)
         results["training"][name] = dict(seconds=time.perf_counter() - t0,
                                          loss_first5=float(np.mean([h["loss"] for h in history[:5]])),
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         got["ppl_delta"] = got["ppl"] - ref["ppl"]
         results["quality"][name] = got
         print(name, got, file=sys.stderr, flush=True)
+    if args.decode_seqs:
+        results["decode_quality"] = decode_quality(model, engine, policies, test[:args.decode_seqs])
     results["levels"] = list(range(top + 1))
     if args.no_speed:
         engine.close()
@@ -151,6 +163,33 @@ def main(argv: list[str] | None = None) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
         (out / "table.md").write_text(table(results))
     print(table(results))
+
+
+def decode_quality(model, engine, policies: dict, sequences: np.ndarray) -> dict:
+    """KL to the first policy (exact), greedy agreement, bits and level mix, feeding
+    each sequence one token at a time through the KV cache."""
+    import mlx.nn as nn
+    from mlx_lm.models.cache import make_prompt_cache
+
+    logps, out = {}, {}
+    for name, policy in policies.items():
+        engine.set_policy(policy)
+        before = engine.stats.snapshot()
+        rows = []
+        for seq in sequences:
+            cache = make_prompt_cache(model)
+            for t in seq:
+                rows.append(nn.log_softmax(model(mx.array([[int(t)]]), cache=cache)[0, -1], axis=-1))
+            mx.eval(rows)
+        logps[name] = mx.stack(rows)
+        ref = logps[next(iter(policies))]
+        mix = engine.stats.delta(before).level_mix
+        out[name] = dict(kl=float((mx.exp(ref) * (ref - logps[name])).sum(-1).mean()),
+                         agree=float((ref.argmax(-1) == logps[name].argmax(-1)).mean()),
+                         bits=sum(engine.spec.level_bits(lv) * s for lv, s in mix.items()),
+                         mix={int(lv): s for lv, s in mix.items() if s > 0})
+        print("decode", name, out[name], file=sys.stderr, flush=True)
+    return out
 
 
 def compare_inputs(args) -> None:
