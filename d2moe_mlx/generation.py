@@ -73,7 +73,7 @@ def _with_quality(model, tokenizer, prompt, max_tokens, quality, options, kwargs
     if engine is None:
         raise ValueError("quality= needs a model loaded by d2moe_mlx.load")
     previous = engine.policy
-    engine.set_policy(for_quality(quality, engine.ceiling, **(options or {})))
+    engine.set_policy(for_quality(quality, engine.ceiling, engine.store, **(options or {})))
     try:
         yield from stream_generate(model, tokenizer, prompt, max_tokens, **kwargs)
     finally:

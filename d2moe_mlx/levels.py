@@ -12,6 +12,7 @@ always gives one (then resident calls need no host sync), else None;
 * :class:`PerPair`: levels from a function of (layer, ids, scores) (tests, tools).
 * :class:`DualRouting`: training-free D²MoE dual routing with SMoE substitution and
   HOBBIT's low level on a miss; :data:`QUALITIES` are its presets.
+* ``learned``: D²MoE's trained bit-width router (:class:`d2moe_mlx.bitrouter.LearnedRouting`).
 """
 
 from __future__ import annotations
@@ -163,10 +164,7 @@ class DualRouting(LevelPolicy):
         importance = scores / np.maximum(scores.max(axis=-1, keepdims=True), 1e-30)
         experts, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
         hot = (counts[inverse].reshape(ids.shape) >= max(2.0, self.hot * n))
-        levels = np.where((importance >= self.tau) | hot, hi, lo)
-        ready_now = np.take_along_axis(call.ready[:, ids.reshape(-1)], levels.reshape(1, -1), 0)
-        have = call.highest_ready()[ids]  # (ready levels are <= the ceiling: pools end there)
-        levels = np.where(~ready_now.reshape(ids.shape) & (have > levels), have, levels)
+        levels = raise_to_ready(call, np.where((importance >= self.tau) | hot, hi, lo))
         if self.stall is not None and call.read_s is not None:
             levels = self._fit_stall(call, levels, importance, hot)
         decision = Decision(levels)
@@ -204,32 +202,47 @@ class DualRouting(LevelPolicy):
         return levels
 
     def _substitute(self, call: Call, decision: Decision) -> None:
-        ids, levels, full = call.ids, decision.levels, call.full
-        resident = call.highest_ready()
-        lo, hi, a = self.floor_level, self.ceiling, self.alpha
-        k = ids.shape[-1]
-        s = np.partition(full, -(k + 1), axis=-1)[:, -(k + 1)]  # the (k+1)-th highest score
-        mine = np.take_along_axis(full, ids, -1)
-        band = (mine >= s[:, None]) & (mine < (1 + a) * s[:, None])
-        missing = resident[ids] < lo
-        rows, cols = np.nonzero(band & missing)
-        if rows.size == 0:
-            return
-        new_ids = ids.copy()
-        usable = (resident >= lo)[None, :] & (full >= ((1 - a) * s)[:, None]) & (full < s[:, None])
-        active = np.zeros_like(full, dtype=bool)
-        np.put_along_axis(active, ids, True, axis=-1)
-        usable &= ~active
-        for t, j in zip(rows.tolist(), cols.tolist()):  # only the few unimportant misses
-            candidates = np.flatnonzero(usable[t])
-            if candidates.size:  # else it is loaded at the floor, as decided
-                best = candidates[np.argmax(full[t, candidates])]
-                usable[t, best] = False  # one pair per substitute in a token
-                new_ids[t, j] = best
-                levels[t, j] = min(int(resident[best]), hi)
-                decision.substituted += 1
-        if decision.substituted:
-            decision.ids = new_ids
+        substitute(call, decision, self.floor_level, self.ceiling, self.alpha)
+
+
+def raise_to_ready(call: Call, levels: np.ndarray) -> np.ndarray:
+    """``levels`` [N, k], except that a pair whose level is not ready but a higher one
+    is runs at that one (it costs no read). Ready levels end at the policy's ceiling
+    (pools exist only for its levels)."""
+    ids = call.ids
+    ready_now = np.take_along_axis(call.ready[:, ids.reshape(-1)], levels.reshape(1, -1), 0)
+    have = call.highest_ready()[ids]
+    return np.where(~ready_now.reshape(ids.shape) & (have > levels), have, levels)
+
+
+def substitute(call: Call, decision: Decision, lo: int, hi: int, a: float) -> None:
+    """SMoE substitution with band ``a`` (see :class:`DualRouting`) on ``decision`` in
+    place: levels ``lo``..``hi`` have pools; a substitute runs at its resident level."""
+    ids, levels, full = call.ids, decision.levels, call.full
+    resident = call.highest_ready()
+    k = ids.shape[-1]
+    s = np.partition(full, -(k + 1), axis=-1)[:, -(k + 1)]  # the (k+1)-th highest score
+    mine = np.take_along_axis(full, ids, -1)
+    band = (mine >= s[:, None]) & (mine < (1 + a) * s[:, None])
+    missing = resident[ids] < lo
+    rows, cols = np.nonzero(band & missing)
+    if rows.size == 0:
+        return
+    new_ids = ids.copy()
+    usable = (resident >= lo)[None, :] & (full >= ((1 - a) * s)[:, None]) & (full < s[:, None])
+    active = np.zeros_like(full, dtype=bool)
+    np.put_along_axis(active, ids, True, axis=-1)
+    usable &= ~active
+    for t, j in zip(rows.tolist(), cols.tolist()):  # only the few unimportant misses
+        candidates = np.flatnonzero(usable[t])
+        if candidates.size:  # else it is loaded at the floor, as decided
+            best = candidates[np.argmax(full[t, candidates])]
+            usable[t, best] = False  # one pair per substitute in a token
+            new_ids[t, j] = best
+            levels[t, j] = min(int(resident[best]), hi)
+            decision.substituted += 1
+    if decision.substituted:
+        decision.ids = new_ids
 
 
 # Presets by name: floor offset below the load level, tau, alpha, stall budget (used
@@ -240,15 +253,26 @@ QUALITIES = {
     "high": dict(drop=1, tau=0.3, alpha=0.0, stall=None),
     "balanced": dict(drop=1, tau=0.5, alpha=0.25, stall=4.0),
     "fast": dict(drop=2, tau=0.7, alpha=0.35, stall=1.0),
+    # The store's trained bit-width router (d2moe_mlx.bitrouter; ``d2moe calibrate
+    # STORE --bit-router``), with SMoE substitution off unless ``alpha`` is given.
+    "learned": dict(alpha=0.0),
 }
 
 
-def for_quality(quality: str, level: int, **overrides) -> LevelPolicy:
+def for_quality(quality: str, level: int, store=None, **overrides) -> LevelPolicy:
     """The level policy of a quality preset for a model loaded at ``level`` (the
-    ceiling); ``overrides`` (tau, hot, alpha, floor) replace the preset's values."""
+    ceiling); ``overrides`` (tau, hot, alpha, floor) replace the preset's values.
+    ``learned`` reads the trained bit-width router of ``store`` (a Store or path)."""
     if quality not in QUALITIES:
         raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
     preset = QUALITIES[quality]
+    if quality == "learned":
+        from .bitrouter import learned_policy
+
+        if store is None:
+            raise ValueError("quality 'learned' needs the store that holds the trained "
+                             "bit-width router (store=)")
+        return learned_policy(store, level, **{**preset, **overrides})
     if preset is None:
         if overrides:
             raise ValueError(f"quality 'exact' takes no options (got {', '.join(overrides)})")

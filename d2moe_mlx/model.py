@@ -127,7 +127,8 @@ def load_model(
     ``quality``: ``exact`` (every expert at ``level``) or a dual-routing preset
     (``high``, ``balanced``, ``fast``: important and hot experts at ``level``, the
     rest at a lower level, unimportant cache misses substituted; see
-    :mod:`d2moe_mlx.levels`); ``quality_options`` (``alpha``, ``tau``, ``hot``,
+    :mod:`d2moe_mlx.levels`), or ``learned`` (the store's trained bit-width router,
+    :mod:`d2moe_mlx.bitrouter`); ``quality_options`` (``alpha``, ``tau``, ``hot``,
     ``floor``) override the preset's knobs.
     """
     _start_device()
@@ -149,7 +150,7 @@ def load_model(
         if dtype is None and mx.default_device() == mx.cpu:
             dtype = "float32"  # MLX's CPU quantized matmul is lossy in fp16/bf16
         act_dtype = _dtype(dtype or store.manifest["dense"]["dtype"])
-        policy = for_quality(quality, level, **(quality_options or {}))
+        policy = for_quality(quality, level, store, **(quality_options or {}))
         plan = None
         kind = choose_layout(layout, spec, store.manifest, memory_budget is not None)
         if memory_budget is not None:

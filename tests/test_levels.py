@@ -111,7 +111,9 @@ def test_presets_and_their_options():
         for_quality("exact", 2, alpha=0.3)
     with pytest.raises(ValueError, match="alpha"):
         DualRouting(0, 1, alpha=1.5)
-    assert set(QUALITIES) == {"exact", "high", "balanced", "fast"}
+    assert set(QUALITIES) == {"exact", "high", "balanced", "fast", "learned"}
+    with pytest.raises(ValueError, match="needs the store"):
+        for_quality("learned", 2)
 
 
 def test_stall_budget_drops_the_least_important_reads_to_the_floor():
