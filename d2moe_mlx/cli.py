@@ -443,30 +443,64 @@ def inspect(store, verify, as_json):
                    "of it is held out to measure what was trained.")
 @click.option("--tokens", type=click.IntRange(512), default=None,
               help="Use at most this many tokens of the text (default: all of it).")
+@click.option("--predictor/--no-predictor", default=True, show_default=True,
+              help="Train the next-layer expert predictors (used by --prefetch).")
+@click.option("--bit-router/--no-bit-router", default=False, show_default=True,
+              help="Train D2MoE's bit-width router (used by --quality learned).")
+@click.option("--router-alpha", type=click.FloatRange(0), default=0.03, show_default=True,
+              help="Bit-width router: weight of the expected bits against quality (higher: "
+                   "fewer bits; docs/BIT_ROUTER.md).")
+@click.option("--router-steps", type=click.IntRange(1), default=100, show_default=True,
+              help="Bit-width router: training steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
-def calibrate(store, text_file, tokens, as_json):
-    """Train next-layer expert predictors for STORE and store them in it.
+def calibrate(store, text_file, tokens, predictor, bit_router, router_alpha, router_steps, as_json):
+    """Train next-layer expert predictors (and optionally a bit-width router) for STORE
+    and store them in it.
 
-    Runs the store's model (resident) over the calibration text, fits per MoE layer a
-    linear map from the previous MoE layer's input to the layer's router logits, and
-    writes it into the store (extra "predictor"). Loading with prefetch on
+    Predictors: runs the store's model (resident) over the calibration text, fits per
+    MoE layer a linear map from the previous MoE layer's input to the layer's router
+    logits, and writes it into the store (extra "predictor"). Loading with prefetch on
     (--prefetch, load(..., prefetch=True)) then prefetches the predicted experts
     instead of running the next layer's router on this layer's input. Prints the
     held-out recall of both.
+
+    Bit-width router (--bit-router): trains, with the model frozen, a tiny router per
+    expert that picks each (token, expert) pair's level from its router scores (loss:
+    KL to the top level + alpha x expected bits), stored as the extra "bit_router" and
+    used by --quality learned. Prints its held-out KL, perplexity and bits per pair.
     """
     from .calibration import calibrate_store, describe
     from .predictor import KEY
     from .store.format import StoreError
 
-    products = (KEY,)
+    if not predictor and not bit_router:
+        _fail("nothing to calibrate: --no-predictor without --bit-router")
     text = Path(text_file).read_text(encoding="utf-8", errors="replace") if text_file else None
+    summary = {}
     try:
-        with progress_bar("calibrating", enabled=not as_json and sys.stderr.isatty()) as progress:
-            summary = calibrate_store(store, text=text, tokens=tokens, products=products,
-                                      progress=progress)
+        if predictor:
+            with progress_bar("predictors", enabled=not as_json and sys.stderr.isatty()) as progress:
+                summary = calibrate_store(store, text=text, tokens=tokens, products=(KEY,),
+                                          progress=progress)
+            if not as_json:
+                click.echo(describe(store, summary))
+        if bit_router:
+            from .bitrouter_train import train_and_store
+
+            with progress_bar("bit-width router", enabled=not as_json and sys.stderr.isatty()) as progress:
+                summary["bit_router"] = train_and_store(store, text, alpha=router_alpha,
+                                                        steps=router_steps, progress=progress)
+            if not as_json:
+                r = summary["bit_router"]
+                held = r["held_out"]
+                click.echo(f"bit-width router (extra 'bit_router'): loss {r['loss_first']:.4f} -> "
+                           f"{r['loss_last']:.4f}; held-out: "
+                           + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in held.items()))
     except (StoreError, ValueError) as e:
         _fail(_cli_words(e))
-    click.echo(json.dumps(summary, indent=1) if as_json else describe(store, summary))
+    if as_json:
+        click.echo(json.dumps(summary, indent=1, default=str))
 
 
 @main.command()

@@ -59,7 +59,10 @@ def test_extra_round_trip_replace_and_absent(copy):
     assert entry["bytes"] == len(data) and entry["crc32"] == zlib.crc32(data)
     first = entry["file"]
 
-    X.write_extra(copy, "thing_1", {"w": np.ones(2, np.float16)}, {"note": "second"})
+    from d2moe_mlx.store.reader import Store
+
+    with Store.open(copy) as opened:  # an opened store works as well as its path
+        X.write_extra(opened, "thing_1", {"w": np.ones(2, np.float16)}, {"note": "second"})
     tensors, meta = X.read_extra(copy, "thing_1")
     assert meta == {"note": "second"} and tensors["w"].dtype == np.float16
     assert not (copy / first).exists()  # the replaced file is gone

@@ -48,9 +48,10 @@ def extra_file_name(key: str, crc: int) -> str:
     return f"{EXTRAS_DIR}/{check_key(key)}-{crc:08x}.safetensors"
 
 
-def write_extra(store: str | Path, key: str, tensors: dict[str, np.ndarray], meta: dict) -> None:
+def write_extra(store, key: str, tensors: dict[str, np.ndarray], meta: dict) -> None:
     """Write ``tensors`` (name -> numpy array) and ``meta`` (a JSON object) as extra ``key`` of
-    the store at ``store``, replacing an extra of that key. Atomic (see the module docstring)."""
+    ``store`` (a path or an opened :class:`~d2moe_mlx.store.reader.Store`), replacing an
+    extra of that key. Atomic (see the module docstring)."""
     from safetensors.numpy import save
 
     from .reader import Store
@@ -66,7 +67,7 @@ def write_extra(store: str | Path, key: str, tensors: dict[str, np.ndarray], met
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     data = save(arrays, metadata={"format": "np"})
     crc = zlib.crc32(data)
-    root = Path(store).expanduser()
+    root = Path(store.path if isinstance(store, Store) else store).expanduser()
     Store.open(root).close()  # only a whole, valid store gets extras
     root = root.resolve()
     name = extra_file_name(key, crc)
