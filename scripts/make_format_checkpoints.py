@@ -78,11 +78,16 @@ def _load(path: Path) -> dict:
 
 
 def _save(out: Path, tensors: dict, config: dict, src: Path) -> None:
+    """Write the tensors and config.json: the config with transformers-4 rope fields
+    (rope_theta, rope_scaling) beside transformers-5's rope_parameters, as the real repos
+    have them, so that mlx-lm's own loader reads it right."""
     from safetensors.torch import save_file
+
+    from d2moe_mlx.convert.hf_config import normalize_config
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "config.json").write_text(json.dumps(normalize_config(config), indent=2))
     for f in src.iterdir():  # tokenizer and generation config
         if f.suffix in (".json", ".jinja", ".txt") and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, out / f.name)
@@ -140,17 +145,22 @@ def make_mlx(src: Path, out: Path, bits: int) -> None:
             shutil.copy(f, out / f.name)
 
 
-def make_format_checkpoint(fmt: str, out: Path, seed: int = 0, **overrides) -> Path:
-    """Write the tiny ``fmt`` checkpoint (one of FORMATS) to ``out``; returns ``out``."""
+FP8_OVERRIDES = {"moe_intermediate_size": 192}  # experts [192, 64] / [64, 192]: a second, partial block
+
+
+def make_format_checkpoint(fmt: str, out: Path, seed: int = 0, base: Path | None = None, **overrides) -> Path:
+    """Write the tiny ``fmt`` checkpoint (one of FORMATS) to ``out``; returns ``out``.
+    ``base``: the float32 checkpoint of ``FAMILY[fmt]`` to start from (default: a new one,
+    with ``overrides``; for fp8 ``FP8_OVERRIDES`` too)."""
     from make_test_checkpoints import make_checkpoint
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     out = Path(out)
-    if fmt == "fp8":  # expert weights [192, 64] / [64, 192]: two row blocks, the second partial
-        overrides = {"moe_intermediate_size": 192, **overrides}
+    if fmt == "fp8":
+        overrides = {**FP8_OVERRIDES, **overrides}
     with tempfile.TemporaryDirectory() as tmp:
-        src = make_checkpoint(FAMILY[fmt], Path(tmp), seed, **overrides)
+        src = Path(base) if base is not None else make_checkpoint(FAMILY[fmt], Path(tmp), seed, **overrides)
         if fmt == "fp8":
             make_fp8(src, out)
         elif fmt == "mxfp4":
