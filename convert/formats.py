@@ -296,10 +296,15 @@ def _mlx(fmt: SourceFormat, tensors: dict[str, mx.array]) -> dict[str, mx.array]
         if p is None:
             raise SourceError(f"{fmt.where(name)}: config.json marks {module} as not quantized but it has scales")
         check_mlx_shapes(fmt, module, tensors, p)
+        # Dense weights in float32 (exact: s*q + b); stacked experts [E, out, in] in their
+        # scales' dtype (bfloat16 in mlx-community repos), half the memory: the converter
+        # only calibrates with them and keeps their codes (from_codes.py).
+        sd = tensors[name].dtype
+        dtype = sd if w.ndim == 3 and mx.issubdtype(sd, mx.floating) else mx.float32
         s = out.pop(name).astype(mx.float32)
         b = out.pop(module + ".biases").astype(mx.float32) if p["mode"] == "affine" else None
         out[module + ".weight"] = mx.dequantize(w, s, b, group_size=p["group_size"], bits=p["bits"],
-                                                mode=p["mode"]).astype(mx.float32)
+                                                mode=p["mode"]).astype(dtype)
     return out
 
 
