@@ -324,3 +324,39 @@ def test_missing_or_misshapen_scales_are_named_with_their_file(ckpts, tmp_path):
         prepare(ckpts["mlx4"], tmp_path / "s", spec=mwq.MWQSpec(2, (2, 4), 64))
     with pytest.raises(SourceError, match=r"group size 64.*--group-size 64"):
         prepare(ckpts["mlx8"], tmp_path / "s", spec=mwq.MWQSpec(2, (2, 4), 128))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_sliced_levels_of_mx_quantize_codes(bits):
+    """Any width mlx quantizes to: the top level is mx.dequantize's weights exactly, each
+    level below is the top bits of the codes and its error grows as bits drop."""
+    from d2moe_mlx.convert.from_codes import components, spec_for
+
+    w = mx.random.normal((48, 256), key=mx.random.key(bits)).astype(mx.float16)
+    q, s, b = mx.quantize(w, group_size=64, bits=bits)
+    spec = spec_for(bits, 64)
+    assert spec.level_bits(spec.num_levels - 1) == bits
+    comps, inexact = components(np.array(q), np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32)), bits, spec)
+    assert inexact == 0
+    want = np.array(mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=bits))
+    np.testing.assert_array_equal(mwq.reconstruct(comps, 64, spec.num_levels - 1), want)
+    codes = unpack_codes(np.array(q), bits, 256)
+    errs = []
+    for level in range(spec.num_levels):
+        rem = bits - spec.level_bits(level)
+        got = comps[0].codes.astype(np.int32) << sum(spec.plane_bits[:level])
+        for j in range(1, level + 1):
+            got = got | (comps[j].codes.astype(np.int32) << sum(spec.plane_bits[j:level]))
+        np.testing.assert_array_equal(got, codes >> rem)
+        errs.append(np.abs(mwq.reconstruct(comps, 64, level) - np.array(w.astype(mx.float32))).mean())
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+
+
+def test_mlx_source_with_unquantized_override_and_wrong_dtype_is_refused(ckpts, tmp_path):
+    gate = "model.layers.0.mlp.gate"
+    bad = _edit(ckpts["mlx4"], tmp_path / "a", change_config=lambda c: c["quantization"].update({gate: False}))
+    with pytest.raises(SourceError, match=rf"{gate}.scales in model.safetensors: config.json marks {gate} as not quantized"):
+        prepare(bad, tmp_path / "s")
+    bad = _edit(ckpts["mlx4"], tmp_path / "b", change_config=lambda c: c["quantization"].update(mode="fp3"))
+    with pytest.raises(SourceError, match="mode 'fp3' is not supported"):
+        prepare(bad, tmp_path / "s")
