@@ -129,6 +129,9 @@ def prepare(
     num_experts = _check_dims(model, switches, spec)
     layers = decoder_layers(model)
     by_layer, _ = source.split_by_layer(weights)
+    for l in source.mtp_layers(hf_config, by_layer, len(layers)):  # DeepSeek-V3's multi-token prediction
+        for name in by_layer.pop(l):
+            weights.pop(name)
     if set(by_layer) != set(range(len(layers))):
         raise source.SourceError(
             f"{path}: checkpoint has tensors for layers {sorted(by_layer)[:8]}..., "

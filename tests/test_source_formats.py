@@ -360,3 +360,20 @@ def test_mlx_source_with_unquantized_override_and_wrong_dtype_is_refused(ckpts, 
     bad = _edit(ckpts["mlx4"], tmp_path / "b", change_config=lambda c: c["quantization"].update(mode="fp3"))
     with pytest.raises(SourceError, match="mode 'fp3' is not supported"):
         prepare(bad, tmp_path / "s")
+
+
+def test_deepseek_mtp_layer_is_skipped_only_when_the_config_declares_it(ckpts, tmp_path):
+    """DeepSeek-V3 repos carry num_nextn_predict_layers extra layers after the decoder layers."""
+    import torch
+
+    def add_mtp(t):
+        t["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+        t["model.layers.3.enorm.weight"] = torch.ones(64)
+
+    ok = _edit(ckpts["fp8"], tmp_path / "a", add_mtp)
+    assert json.loads((ok / "config.json").read_text())["num_nextn_predict_layers"] == 1  # as DeepSeek-V3's
+    job = prepare(ok, tmp_path / "s")
+    assert not any(n.startswith("model.layers.3.") for n in job.weights)
+    bad = _edit(ok, tmp_path / "b", change_config=lambda c: c.update(num_nextn_predict_layers=0))
+    with pytest.raises(SourceError, match=r"layers \[0, 1, 2, 3\].*describes 3 layers"):
+        prepare(bad, tmp_path / "s")
