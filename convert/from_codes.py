@@ -60,7 +60,7 @@ def expert_codes(fmt: SourceFormat, tensors: dict[str, mx.array], switch: str, n
             return None
         check_mlx_shapes(fmt, module, tensors, p)
         out[proj] = (
-            np.array(tensors[module + ".weight"]),
+            np.asarray(tensors[module + ".weight"]),  # a view of the loaded codes, no copy
             np.array(tensors[module + ".scales"].astype(mx.float32)),
             np.array(tensors[module + ".biases"].astype(mx.float32)),
             p["bits"],
