@@ -301,7 +301,8 @@ def _mlx(fmt: SourceFormat, tensors: dict[str, mx.array]) -> dict[str, mx.array]
         # only calibrates with them and keeps their codes (from_codes.py).
         sd = tensors[name].dtype
         dtype = sd if w.ndim == 3 and mx.issubdtype(sd, mx.floating) else mx.float32
-        s = out.pop(name).astype(mx.float32)
+        s = out.pop(name)  # affine: float scales, widened; mx/nv fp modes: uint8 exponents, as is
+        s = s.astype(mx.float32) if p["mode"] == "affine" else s
         b = out.pop(module + ".biases").astype(mx.float32) if p["mode"] == "affine" else None
         out[module + ".weight"] = mx.dequantize(w, s, b, group_size=p["group_size"], bits=p["bits"],
                                                 mode=p["mode"]).astype(dtype)

@@ -377,3 +377,27 @@ def test_deepseek_mtp_layer_is_skipped_only_when_the_config_declares_it(ckpts, t
     bad = _edit(ok, tmp_path / "b", change_config=lambda c: c.update(num_nextn_predict_layers=0))
     with pytest.raises(SourceError, match=r"layers \[0, 1, 2, 3\].*describes 3 layers"):
         prepare(bad, tmp_path / "s")
+
+
+@pytest.mark.parametrize("mode,bits,group_size", [("affine", 3, 32), ("affine", 6, 128), ("mxfp4", 4, 32), ("mxfp8", 8, 32)])
+@pytest.mark.parametrize("shape", [(32, 256), (2, 32, 256)], ids=["dense", "experts"])
+def test_mlx_modes_dequantise_as_mx_dequantize(mode, bits, group_size, shape):
+    """Every mlx mode a checkpoint may use: the values mx.dequantize gives (dense weights in
+    float32; stacked experts in their scales' dtype, bfloat16 here, or float32 for fp modes)."""
+    w = mx.random.normal(shape, key=mx.random.key(7)) * 0.1
+    q = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    tensors = {"m.weight": q[0], "m.scales": q[1]}
+    if mode == "affine":
+        tensors["m.scales"], tensors["m.biases"] = q[1].astype(mx.bfloat16), q[2].astype(mx.bfloat16)
+    fmt = formats.SourceFormat("mlx", quantization={"group_size": 64, "bits": 4, "m": {"group_size": group_size,
+                                                                                       "bits": bits, "mode": mode}})
+    got = formats.dequantize(fmt, tensors)
+    assert list(got) == ["m.weight"]
+    affine = mode == "affine"
+    want = mx.dequantize(tensors["m.weight"], tensors["m.scales"].astype(mx.float32) if affine else tensors["m.scales"],
+                         tensors["m.biases"].astype(mx.float32) if affine else None,
+                         group_size=group_size, bits=bits, mode=mode)
+    want = want.astype(mx.bfloat16 if affine and len(shape) == 3 else mx.float32)  # fp modes: exact either way
+    assert got["m.weight"].dtype == want.dtype
+    np.testing.assert_array_equal(np.array(got["m.weight"].astype(mx.float32)), np.array(want.astype(mx.float32)))
+    assert np.abs(np.array(want.astype(mx.float32)) - np.array(w)).max() < 0.1  # the reference decodes w
