@@ -32,7 +32,7 @@ from d2moe_mlx.store.format import DENSE_BITS, DENSE_GROUP_SIZES
 from d2moe_mlx.store.outdir import check_out_dir
 from d2moe_mlx.store.writer import StoreWriter
 
-from . import calibrate, source
+from . import calibrate, formats, from_codes, source
 from .hf_config import build_model, normalize_weights
 
 
@@ -70,6 +70,7 @@ class Conversion:
     switches: dict[int, str]  # layer -> switch module path
     num_experts: int
     start: float
+    source_format: formats.SourceFormat | None = None  # None: float weights
     started: bool = False
 
     @property
@@ -101,10 +102,11 @@ def prepare(
     workers: int | None = None,
 ) -> Conversion:
     """Check everything that can be checked before converting: the options, that ``src``
-    resolves to a checkpoint of a supported MoE family, and that a store may be written at
-    ``out`` (``overwrite`` rules in docs/FORMAT.md). Reads configs and tensor headers only."""
+    resolves to a checkpoint of a supported MoE family and source format (docs/SOURCES.md),
+    and that a store may be written at ``out`` (``overwrite`` rules in docs/FORMAT.md).
+    Reads configs and tensor headers only. ``spec`` None: ``mwq.DEFAULT_SPEC``, or for an
+    mlx-quantized source levels that top out at its bits (:func:`from_codes.spec_for`)."""
     start = time.perf_counter()
-    spec = spec or mwq.DEFAULT_SPEC
     if dense_bits not in DENSE_BITS:
         raise ValueError(f"--dense-bits must be one of {DENSE_BITS} (0 = not quantized), got {dense_bits}")
     if dense_group_size not in DENSE_GROUP_SIZES:
@@ -114,14 +116,22 @@ def prepare(
     model, config = build_model(hf_config)  # mlx-lm's model, lazy random init, never evaluated
     store_dtype = _store_dtype(dtype, config)
     weights = source.open_weights(path)
+    fmt = formats.detect_format(path, hf_config)
+    formats.validate(fmt)
     switches = {layer_of(p): p for p, _ in switch_modules(model)}
     if not switches:
         raise source.SourceError(
             f"model type {config['model_type']!r} has no mlx-lm SwitchGLU experts; d2moe converts MoE models only"
         )
+    if fmt.kind == "mlx":
+        spec = from_codes.source_spec(model, fmt, switches, spec, weights)
+    spec = spec or mwq.DEFAULT_SPEC
     num_experts = _check_dims(model, switches, spec)
     layers = decoder_layers(model)
     by_layer, _ = source.split_by_layer(weights)
+    for l in source.mtp_layers(hf_config, by_layer, len(layers)):  # DeepSeek-V3's multi-token prediction
+        for name in by_layer.pop(l):
+            weights.pop(name)
     if set(by_layer) != set(range(len(layers))):
         raise source.SourceError(
             f"{path}: checkpoint has tensors for layers {sorted(by_layer)[:8]}..., "
@@ -132,7 +142,7 @@ def prepare(
     dense = {"bits": dense_bits, "group_size": dense_group_size, "dtype": _dtype_name(store_dtype)}
     return Conversion(src, Path(out), path, spec, method, quantization, dense, store_dtype,
                       (calib_text, calib_tokens, seq_len), overwrite, workers, model, config,
-                      weights, switches, num_experts, start)
+                      weights, switches, num_experts, start, fmt)
 
 
 def convert(
@@ -174,7 +184,8 @@ def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> Conv
     with StoreWriter(job.out, overwrite=job.overwrite) as writer:
         # Embeddings, final norm and head: needed first for the calibration inputs.
         # Tensors are popped as they are used: an evaluated lazy array keeps its data.
-        _load_subset(model, config, {n: weights.pop(n) for n in rest}, prefix=None)
+        fmt = job.source_format or formats.SourceFormat("float")
+        _load_subset(model, config, formats.dequantize(fmt, {n: weights.pop(n) for n in rest}), prefix=None)
         model.set_dtype(mx.float32)
         calib_text, calib_tokens, seq_len = job.calibration
         tokens, calib_note = calibrate.calibration_tokens(
@@ -186,12 +197,20 @@ def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> Conv
 
         stats: dict[str, np.ndarray] = {}
         shapes: dict[str, dict] = {}
+        inexact = 0
         for l in range(num_layers):
             subset = {n: weights.pop(n) for n in by_layer[l]}
+            sw_path = job.switches.get(l)
+            codes = None
+            if fmt.kind == "mlx" and sw_path:  # the source's expert codes become the top level
+                names = projection_names(calibrate.get_module(model, sw_path))
+                codes = from_codes.expert_codes(fmt, subset, sw_path, names)
+            subset = formats.dequantize(fmt, subset)
             h, layer_stats, layer_shapes = _convert_layer(
-                writer, model, config, l, subset, h, calls[l], job.switches.get(l), spec, job.method,
-                job.quantization, job.store_dtype, job.workers,
+                writer, model, config, l, subset, h, calls[l], sw_path, spec, job.method,
+                job.quantization, job.store_dtype, job.workers, codes,
             )
+            inexact += layer_stats.pop("inexact_groups", 0)
             stats.update(layer_stats)
             shapes = layer_shapes or shapes
             if progress:
@@ -200,6 +219,7 @@ def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> Conv
         writer.write_calib_stats(stats)
         out_config = dict(config)
         out_config.pop("quantization_config", None)
+        out_config.pop("quantization", None)  # an mlx-quantized source's; the store's is set below
         if job.quantization:
             out_config["quantization"] = job.quantization
         writer.write_json("config.json", out_config)
@@ -217,6 +237,7 @@ def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> Conv
             "switch_modules": {str(l): p for l, p in sorted(job.switches.items())},
             "projections": shapes,
             "dense": job.dense,
+            "source_format": formats.describe(fmt, inexact),
             "calibration": {"tokens": int(tokens.size), "seq_len": int(tokens.shape[1]), "source": calib_note},
         }
         store_path = writer.finalize(manifest)
@@ -233,8 +254,9 @@ def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> Conv
 
 
 def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, method, quantization,
-                   store_dtype, workers) -> tuple[mx.array, dict[str, np.ndarray], dict]:
-    """Load, calibrate, quantise and write decoder layer ``l``; returns the next hidden state."""
+                   store_dtype, workers, codes=None) -> tuple[mx.array, dict[str, np.ndarray], dict]:
+    """Load, calibrate, quantise and write decoder layer ``l``; returns the next hidden state.
+    ``codes``: the source's quantized experts (:func:`from_codes.expert_codes`), kept as the top level."""
     layer_path = f"model.layers.{l}"
     _load_subset(model, config, subset, prefix=layer_path)
     subset.clear()  # the model holds what it needs; drop the checkpoint's arrays
@@ -248,7 +270,9 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
         scores = calibrate.router_scores(model, family, l, mx.array(ex.x))
         for k, v in calibrate.layer_statistics(ex.indices, scores, ex.num_experts).items():
             stats[f"layer{l}.{k}"] = v
-        shapes = _write_experts(writer, l, ex, spec, method, workers)
+        shapes = _write_experts(writer, l, ex, spec, method, workers, codes)
+        if codes is not None:
+            stats["inexact_groups"] = shapes.pop("inexact_groups")
     _quantize_dense(model, quantization, lambda p: layer_of(p) == l)
     writer.write_dense_shard(_dense_params(layers[l], store_dtype, prefix=layer_path))
     layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
@@ -362,8 +386,10 @@ def _write_experts(
     spec: mwq.MWQSpec,
     method: str | None,
     workers: int | None,
+    codes: dict | None = None,
 ) -> dict[str, dict]:
-    """MWQ-quantise every expert of one switch module and write one file per component."""
+    """MWQ-quantise every expert of one switch module and write one file per component
+    (``codes``: slice the source's own codes instead of fitting)."""
     names, inputs = experts.names, experts.inputs
     blocks_of = None if method == "gptq" else spec.group_size  # only GPTQ reads the full H
     priors = {id(inputs[n]): calibrate.layer_hessian(inputs[n], blocks_of) for n in names}  # gate/up share
@@ -384,11 +410,23 @@ def _write_experts(
                 blocks[0][f"{n}.bias"] = experts.biases[n][e]
         return blocks
 
+    def slice_expert(e: int) -> list[dict[str, np.ndarray]]:
+        blocks, bad = from_codes.expert_blocks(codes, e, spec, f"model.layers.{layer}")
+        for n in names:
+            if n in experts.biases:
+                blocks[0][f"{n}.bias"] = experts.biases[n][e]
+        inexact.append(bad)
+        return blocks
+
+    inexact: list[int] = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        per_expert = list(pool.map(quantize_expert, range(experts.num_experts)))
+        per_expert = list(pool.map(quantize_expert if codes is None else slice_expert, range(experts.num_experts)))
     for c in range(spec.num_levels):
         writer.write_expert_file(layer, c, [blocks[c] for blocks in per_expert])
-    return {n: {"shape": list(experts.shape(n)), "bias": n in experts.biases} for n in names}
+    shapes = {n: {"shape": list(experts.shape(n)), "bias": n in experts.biases} for n in names}
+    if codes is not None:
+        shapes["inexact_groups"] = sum(inexact)
+    return shapes
 
 
 def _store_sizes(path: Path) -> tuple[int, int]:

@@ -126,3 +126,11 @@ def split_by_layer(names) -> tuple[dict[int, list[str]], list[str]]:
         else:
             by_layer.setdefault(layer, []).append(name)
     return by_layer, rest
+
+
+def mtp_layers(config: dict, by_layer: dict[int, list[str]], num_layers: int) -> list[int]:
+    """The checkpoint's multi-token-prediction layers (DeepSeek-V3 ships
+    ``num_nextn_predict_layers`` of them after the decoder layers; mlx-lm drops them too)."""
+    mtp = int(config.get("num_nextn_predict_layers") or 0)
+    extra = sorted(l for l in by_layer if l >= num_layers)
+    return extra if mtp and extra == list(range(num_layers, num_layers + mtp)) else []

@@ -171,7 +171,7 @@ def main() -> None:
 @click.option(
     "--levels",
     default=None,
-    help="Total bits per MWQ level, e.g. 2,4,8 (2-bit base + 2- and 4-bit affine planes; the measured default, docs/QUANTIZATION.md) or 2,3,4 (D²MoE: two binary ±1 planes).",
+    help="Total bits per MWQ level, e.g. 2,4,8 (2-bit base + 2- and 4-bit affine planes; the measured default, docs/QUANTIZATION.md) or 2,3,4 (D²MoE: two binary ±1 planes). For an mlx-quantized source the top level must be its bit width and the default tops out there (8-bit: 2,4,8; 4-bit: 2,4; docs/SOURCES.md).",
 )
 @click.option(
     "--planes",
@@ -251,15 +251,16 @@ def convert(
 
     errors = (SourceError, StoreError, ValueError, OSError)  # OSError: FileExistsError, disk full
     try:  # everything that can be checked, before the header and the bar
-        spec = MWQSpec.parse(levels, int(group_size), planes) if levels else DEFAULT_SPEC
-        if not levels and int(group_size) != spec.group_size:
-            spec = MWQSpec(spec.base_bits, spec.plane_bits, int(group_size))
+        spec = MWQSpec.parse(levels, int(group_size), planes) if levels else None  # None: the default
+        if not levels and int(group_size) != DEFAULT_SPEC.group_size:  # (an mlx-quantized source's own bits)
+            spec = MWQSpec(DEFAULT_SPEC.base_bits, DEFAULT_SPEC.plane_bits, int(group_size))
         text = Path(calib).read_text(encoding="utf-8", errors="replace") if calib else None
         job = prepare(src, out, spec=spec, method=method, dense_bits=int(dense_bits), dtype=dtype,
                       calib_text=text, calib_tokens=calib_tokens, seq_len=seq_len,
                       overwrite=overwrite, revision=revision)
     except errors as e:
         _fail(_cli_words(e))
+    spec = job.spec
     levels_text = ", ".join(f"{spec.level_bits(i)}" for i in range(spec.num_levels))
     click.echo(
         f"converting {src} -> {out}  (MWQ levels: {levels_text} bits, group {spec.group_size})", err=True
