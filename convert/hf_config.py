@@ -106,7 +106,8 @@ _W_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
 def _expert_count(config: dict) -> int:
-    return normalize_config(config)[_family(config).expert_count_key]
+    cfg, key = normalize_config(config), _family(config).expert_count_key
+    return cfg[key] if cfg.get(key) is not None else cfg["text_config"][key]
 
 
 def _split_fused(family: Family, config: dict, prefix: str, name: str, v: mx.array) -> dict:
@@ -141,6 +142,24 @@ def _split_fused(family: Family, config: dict, prefix: str, name: str, v: mx.arr
     return out
 
 
+def dropped_tensors(model_type: str, names) -> tuple[set[str], str]:
+    """The checkpoint tensors ``model_type``'s text model does not use (the family's
+    ``drop`` patterns: vision/audio towers, MTP layers) and a message saying what they are."""
+    family = get_family(model_type)
+    dropped: set[str] = set()
+    parts = []
+    for pattern, what in family.drop:
+        hit = {n for n in names if re.search(pattern, n) and n not in dropped}
+        if hit:
+            dropped |= hit
+            parts.append(f"{len(hit)} tensors of the {what}")
+    message = ""
+    if parts:
+        message = (f"dropped {', '.join(parts)}: d2moe converts and runs the {model_type} "
+                   "text model only")
+    return dropped, message
+
+
 def normalize_weights(model_type: str, config: dict, weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Turn (a subset of) an HF checkpoint's tensors into what ``Model.sanitize`` expects.
 
@@ -150,7 +169,10 @@ def normalize_weights(model_type: str, config: dict, weights: dict[str, mx.array
     family = get_family(model_type)
     out: dict[str, mx.array] = {}
     groups: dict[tuple[str, str, str], dict[int, mx.array]] = {}
+    dropped, _ = dropped_tensors(model_type, weights)
     for k, v in weights.items():
+        if k in dropped:
+            continue
         for pat, rep in family.renames:
             k = re.sub(pat, rep, k)
         head, _, name = k.rpartition(".experts.")

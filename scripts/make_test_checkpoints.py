@@ -151,6 +151,55 @@ FAMILY_CONFIGS: dict[str, dict] = {
     ),
 }
 
+# fam2 ---------------------------------------------------------------------------
+_LINEAR_ATTN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                    linear_value_head_dim=16, linear_conv_kernel_dim=3, head_dim=16)
+FAMILY_CONFIGS.update({
+    # hybrid: gated-delta linear attention + full attention (every 2nd layer), dense layer 0
+    "qwen3_next": dict(
+        num_hidden_layers=3,
+        intermediate_size=96,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+        **_LINEAR_ATTN,
+    ),
+})
+# multimodal configs: the text part in text_config (vision tower kept tiny)
+TEXT_CONFIGS: dict[str, dict] = {
+    "qwen3_5_moe": dict(
+        num_hidden_layers=2,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=3,
+        layer_types=["linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        **_LINEAR_ATTN,
+    ),
+}
+VISION_CONFIGS: dict[str, dict] = {
+    "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                        patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16),
+}
+for _name in TEXT_CONFIGS:
+    FAMILY_CONFIGS.setdefault(_name, {})
+
+
+def auto_class(family: str):
+    """transformers' auto class of ``family``'s checkpoints (multimodal: image-text-to-text)."""
+    import transformers
+
+    if family in TEXT_CONFIGS:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
 
 def make_config(family: str, **overrides):
     """The transformers config object of the tiny ``family`` checkpoint."""
@@ -158,6 +207,10 @@ def make_config(family: str, **overrides):
 
     if family not in FAMILY_CONFIGS:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if family in TEXT_CONFIGS:  # multimodal: text part in text_config, a tiny vision tower
+        text = {**_COMMON, **TEXT_CONFIGS[family], **overrides}
+        return AutoConfig.for_model(family, text_config=text, vision_config=VISION_CONFIGS.get(family, {}),
+                                    tie_word_embeddings=text["tie_word_embeddings"])
     kwargs = {**_COMMON, **FAMILY_CONFIGS[family], **overrides}
     return AutoConfig.for_model(family, **kwargs)
 
@@ -228,11 +281,10 @@ def make_checkpoint(
     vocabulary has >= 256 ids). Returns ``out_dir``.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = make_config(family, **overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto_class(family).from_config(config, dtype=torch.float32)
     randomize_(model, seed)
     model.eval()
     out_dir = Path(out_dir)
@@ -241,7 +293,7 @@ def make_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
-    if tokenizer and config.vocab_size >= 256:
+    if tokenizer and config.get_text_config().vocab_size >= 256:
         write_byte_tokenizer(out_dir)
     return out_dir
 

@@ -51,6 +51,9 @@ class Family:
     config_fix: Callable[[dict], None] | None = None  # family quirk of the config (fixes.py)
     weights_fix: Callable[[dict, dict], None] | None = None  # family quirk of the weights
     verified: str = "transformers"  # how this family's support was verified
+    # Checkpoint tensors the text model does not use (regex on the checkpoint's name, what
+    # they are): vision/audio towers, MTP layers. Dropped before conversion, with a message.
+    drop: tuple[tuple[str, str], ...] = ()
 
     @property
     def switch_path(self) -> str:
@@ -95,6 +98,18 @@ def router_logits(router: nn.Module, x: mx.array) -> mx.array:
     return logits + router["bias"] if "bias" in router else logits
 
 
+def text_args(model: nn.Module):
+    """The ModelArgs of ``model``'s text model: ``model.args``, or for a multimodal
+    wrapper (its args hold a ``text_config``) the args of its language model."""
+    args = getattr(model, "args", None)
+    if hasattr(args, "text_config"):
+        lm = getattr(model, "language_model", None)
+        inner = getattr(lm, "args", None)
+        if inner is not None:
+            return inner
+    return args
+
+
 def model_type(model: nn.Module) -> str | None:
     """The ``model_type`` of an mlx-lm model."""
     args = getattr(model, "args", None)
@@ -126,4 +141,4 @@ def supported() -> tuple[str, ...]:
 
 
 __all__ = ["Family", "Gating", "family_of", "get_family", "model_type", "router_logits",
-           "supported"]
+           "supported", "text_args"]

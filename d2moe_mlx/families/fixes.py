@@ -40,3 +40,55 @@ def phimoe_weights(config: dict, w: dict[str, mx.array]) -> None:
             b = k[: -len("weight")] + "bias"
             if b not in w:
                 w[b] = mx.zeros((w[k].shape[0],), dtype=w[k].dtype)
+
+
+# fam2 ---------------------------------------------------------------------------
+
+
+def _attention_interval(cfg: dict) -> None:
+    """mlx-lm builds a full-attention layer every ``full_attention_interval`` layers;
+    transformers lists ``layer_types``: derive the interval, refuse a pattern it cannot say."""
+    types = cfg.get("layer_types")
+    if not types:
+        return
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    interval = full[0] + 1 if full else len(types) + 1
+    want = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(len(types))]
+    if types != want:
+        raise ValueError(f"{cfg.get('model_type')}: layer_types {types} is not one full-attention "
+                         "layer every N layers, the only pattern mlx-lm's model builds")
+    cfg["full_attention_interval"] = interval
+
+
+def qwen3_next_config(cfg: dict) -> None:
+    """qwen3_next: head_dim, mlp_only_layers and the attention pattern spelled out."""
+    qwen3_config(cfg)
+    _attention_interval(cfg)
+    cfg.setdefault("partial_rotary_factor", 0.25)
+
+
+def qwen3_5_moe_config(cfg: dict) -> None:
+    """qwen3_5_moe: the text part is ``text_config``; its attention pattern as an interval.
+    mlx-lm reads rope from ``text_config.rope_parameters`` (transformers' spelling)."""
+    text = cfg.get("text_config")
+    if text is None:  # a text-only config (qwen3_5_moe_text): mlx-lm reads it whole
+        text = cfg
+    _attention_interval(text)
+
+
+_QWEN3_NEXT_NORMS = re.compile(
+    r"((input|post_attention)_layernorm|self_attn\.[qk]_norm)\.weight$|^model\.(language_model\.)?norm\.weight$")
+
+
+def qwen3_next_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """qwen3_next / qwen3_5_moe: transformers' RMSNorms scale by (1 + weight), mlx-lm's by
+    weight; the conv1d of the linear attention is [C, 1, K] in torch, [C, K, 1] in mlx.
+    mlx-lm's sanitize does both only when it sees per-expert (qwen3_next) or torch conv
+    (qwen3_5) tensors in the same call, which a layer-by-layer conversion does not give
+    it; here they are done per tensor, and sanitize then leaves them alone."""
+    for k in list(w):
+        v = w[k]
+        if "conv1d.weight" in k and v.ndim == 3 and v.shape[-1] != 1:
+            w[k] = v.moveaxis(2, 1)
+        elif _QWEN3_NEXT_NORMS.search(k) and v.ndim == 1:
+            w[k] = v + 1.0

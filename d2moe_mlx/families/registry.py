@@ -56,4 +56,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            mlx_lm_limits={"sliding_window": (None,), "input_jitter_noise": (0, 0.0, None)},
            renames=((r"\.mlp\.router\.", ".block_sparse_moe.gate."), (r"\.mlp\.", ".block_sparse_moe.")),
            stack_here=True, weights_fix=fixes.phimoe_weights),
+    # fam2
+    Family("qwen3_next", shared=("shared_expert",), **_QWEN,
+           hf_defaults={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                        "rope_theta": 10000.0},
+           stack_here=True, config_fix=fixes.qwen3_next_config,
+           weights_fix=fixes.qwen3_next_weights, drop=((r"^mtp\.", "MTP (next-token prediction) layers"),)),
+    Family("qwen3_5_moe", shared=("shared_expert",), **_QWEN, stack_here=True,
+           config_fix=fixes.qwen3_5_moe_config, weights_fix=fixes.qwen3_next_weights,
+           drop=((r"^mtp\.", "MTP (next-token prediction) layers"),
+                 (r"^(model\.visual|vision_tower)\.", "vision tower"))),
 )}
