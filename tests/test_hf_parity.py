@@ -7,7 +7,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from make_test_checkpoints import FAMILIES
+from make_test_checkpoints import FAMILIES, auto_class
 
 from d2moe_mlx.convert.hf_config import (
     SUPPORTED_FAMILIES,
@@ -27,9 +27,9 @@ ATOL = 1e-4  # max abs logit difference, float32 both sides (observed <= 1.2e-6)
 
 def hf_logits(hf_dir) -> np.ndarray:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    family = load_config(hf_dir)["model_type"]
+    model = auto_class(family).from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         return model.eval()(torch.tensor([TOKENS])).logits[0].numpy()
 
@@ -123,7 +123,8 @@ def test_normalize_config_pure_and_idempotent(hf_checkpoint):
         cfg = normalize_config(raw)
         assert raw == before
         assert normalize_config(cfg) == cfg
-        assert cfg["rope_theta"] == raw["rope_parameters"]["rope_theta"]
+        rope = (raw.get("text_config") or raw)["rope_parameters"]  # multimodal: the text part's
+        assert cfg["rope_theta"] == rope["rope_theta"]
 
 
 def _layer_of(key: str):
