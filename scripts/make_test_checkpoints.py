@@ -169,7 +169,16 @@ FAMILY_CONFIGS.update({
         rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
         **_LINEAR_ATTN,
     ),
+    "minimax_m2": dict(
+        intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+    ),
 })
+# families whose score-correction bias (a transformers buffer) is drawn too (else zeros)
+RANDOM_BUFFERS = ("minimax_m2",)
 # multimodal configs: the text part in text_config (vision tower kept tiny)
 TEXT_CONFIGS: dict[str, dict] = {
     "qwen3_5_moe": dict(
@@ -215,7 +224,7 @@ def make_config(family: str, **overrides):
     return AutoConfig.for_model(family, **kwargs)
 
 
-def randomize_(model, seed: int = 0) -> None:
+def randomize_(model, seed: int = 0, buffers: bool = False) -> None:
     """Re-draw every parameter so activations and routing are far from uniform."""
     import torch
 
@@ -234,6 +243,9 @@ def randomize_(model, seed: int = 0) -> None:
             else:
                 std, mean = 0.08, 0.0
             p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
+        for name, b in sorted(model.named_buffers()) if buffers else ():
+            if name.endswith("e_score_correction_bias"):  # score-correction biases kept as buffers
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -285,7 +297,7 @@ def make_checkpoint(
     torch.manual_seed(seed)
     config = make_config(family, **overrides)
     model = auto_class(family).from_config(config, dtype=torch.float32)
-    randomize_(model, seed)
+    randomize_(model, seed, buffers=family in RANDOM_BUFFERS)
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

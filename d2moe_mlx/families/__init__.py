@@ -39,7 +39,7 @@ class Family:
     experts: str = "switch_mlp"  # attribute of the block: the routed experts
     shared: tuple[str, ...] = ()  # attributes of the block: shared experts (always run)
     rule: str = "softmax_topk"  # gating rule (routing.RULES)
-    correction_bias: str | None = None  # router attribute with a score-correction bias
+    correction_bias: str | None = None  # router (else block) attribute: a score-correction bias
     # Conversion (convert/hf_config.py): config keys and weight names of HF checkpoints.
     expert_count_key: str = "num_local_experts"  # the ModelArgs field holding the expert count
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # HF defaults mlx-lm lacks
@@ -68,7 +68,10 @@ class Family:
         """The router's score-correction bias of ``block``, if the family has one."""
         if self.correction_bias is None:
             return None
-        return block[self.router][self.correction_bias]
+        router = block[self.router]
+        if isinstance(router, nn.Module) and self.correction_bias in router:
+            return router[self.correction_bias]
+        return block[self.correction_bias]
 
     def blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         """(decoder layer index, MoE block) of every layer whose block has routed experts."""

@@ -92,3 +92,13 @@ def qwen3_next_weights(config: dict, w: dict[str, mx.array]) -> None:
             w[k] = v.moveaxis(2, 1)
         elif _QWEN3_NEXT_NORMS.search(k) and v.ndim == 1:
             w[k] = v + 1.0
+
+
+def minimax_m2_config(cfg: dict) -> None:
+    """minimax_m2: mlx-lm's ModelArgs needs ``rotary_dim`` (transformers 5 writes
+    ``partial_rotary_factor``) and ``shared_intermediate_size`` (unused: no shared expert)."""
+    if cfg.get("head_dim") is None:
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("rotary_dim") is None:
+        cfg["rotary_dim"] = int(cfg["head_dim"] * (cfg.get("partial_rotary_factor") or 1.0))
+    cfg.setdefault("shared_intermediate_size", 0)

@@ -66,4 +66,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            config_fix=fixes.qwen3_5_moe_config, weights_fix=fixes.qwen3_next_weights,
            drop=((r"^mtp\.", "MTP (next-token prediction) layers"),
                  (r"^(model\.visual|vision_tower)\.", "vision tower"))),
+    Family("minimax_m2", block="block_sparse_moe", rule="sigmoid_bias_norm",
+           correction_bias="e_score_correction_bias", stack_here=True,
+           hf_defaults={"use_qk_norm": True}, mlx_lm_limits={"scoring_func": ("sigmoid", None)},
+           renames=((r"\.mlp\.", ".block_sparse_moe."),), config_fix=fixes.minimax_m2_config),
 )}
