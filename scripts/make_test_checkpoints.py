@@ -176,6 +176,23 @@ FAMILY_CONFIGS.update({
         head_dim=16,
         rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
     ),
+    # hybrid: short-convolution and attention layers, dense layer 0
+    "lfm2_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=96,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=3,
+        num_dense_layers=1,
+        use_expert_bias=True,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.5,
+        conv_L_cache=4,
+        norm_eps=1e-5,
+        layer_types=["conv", "full_attention", "conv"],
+        tie_word_embeddings=True,  # mlx-lm's lfm2_moe has no separate lm_head
+        rope_parameters=_ROPE,
+    ),
 })
 # families whose score-correction bias (a transformers buffer) is drawn too (else zeros)
 RANDOM_BUFFERS = ("minimax_m2",)

@@ -102,3 +102,12 @@ def minimax_m2_config(cfg: dict) -> None:
     if cfg.get("rotary_dim") is None:
         cfg["rotary_dim"] = int(cfg["head_dim"] * (cfg.get("partial_rotary_factor") or 1.0))
     cfg.setdefault("shared_intermediate_size", 0)
+
+
+def lfm2_moe_config(cfg: dict) -> None:
+    """lfm2_moe: mlx-lm derives the attention layers from ``layer_types`` (transformers'
+    default: ``full_attn_idxs``, else every layer a short convolution)."""
+    if cfg.get("layer_types") is None:
+        full = set(cfg.get("full_attn_idxs") or [])
+        cfg["layer_types"] = ["full_attention" if i in full else "conv"
+                              for i in range(cfg["num_hidden_layers"])]

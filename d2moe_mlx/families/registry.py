@@ -70,4 +70,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            correction_bias="e_score_correction_bias", stack_here=True,
            hf_defaults={"use_qk_norm": True}, mlx_lm_limits={"scoring_func": ("sigmoid", None)},
            renames=((r"\.mlp\.", ".block_sparse_moe."),), config_fix=fixes.minimax_m2_config),
+    Family("lfm2_moe", block="feed_forward", rule="sigmoid_bias", correction_bias="expert_bias",
+           expert_count_key="num_experts", stack_here=True,
+           hf_defaults={"num_dense_layers": 2, "use_expert_bias": True, "norm_topk_prob": True,
+                        "conv_bias": False, "conv_L_cache": 3, "norm_eps": 1e-5,
+                        "tie_word_embeddings": True},
+           mlx_lm_limits={"tie_word_embeddings": (True, None)}, config_fix=fixes.lfm2_moe_config),
 )}
