@@ -193,6 +193,22 @@ FAMILY_CONFIGS.update({
         tie_word_embeddings=True,  # mlx-lm's lfm2_moe has no separate lm_head
         rope_parameters=_ROPE,
     ),
+    # hybrid: mamba and attention layers (layer 3), experts in layers 1 (mamba) and 3
+    "jamba": dict(
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=3,
+        attn_layer_period=4,
+        attn_layer_offset=3,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        mamba_d_conv=3,
+        mamba_expand=2,
+        mamba_dt_rank=8,
+        use_mamba_kernels=False,
+    ),
 })
 # families whose score-correction bias (a transformers buffer) is drawn too (else zeros)
 RANDOM_BUFFERS = ("minimax_m2",)

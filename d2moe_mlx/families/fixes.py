@@ -111,3 +111,13 @@ def lfm2_moe_config(cfg: dict) -> None:
         full = set(cfg.get("full_attn_idxs") or [])
         cfg["layer_types"] = ["full_attention" if i in full else "conv"
                               for i in range(cfg["num_hidden_layers"])]
+
+
+def jamba_config(cfg: dict) -> None:
+    """jamba: transformers puts experts where ``i % period == offset``, mlx-lm where
+    ``(i + offset) % period == 0``; the same layers only when ``2 * offset % period == 0``
+    (every released Jamba: period 2, offset 1)."""
+    period, offset = cfg.get("expert_layer_period", 2), cfg.get("expert_layer_offset", 1)
+    if (2 * offset) % period:
+        raise ValueError(f"jamba: expert_layer_offset={offset} with expert_layer_period={period} "
+                         "puts the experts in other layers in mlx-lm's model than in transformers'")

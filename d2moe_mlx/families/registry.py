@@ -76,4 +76,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                         "conv_bias": False, "conv_L_cache": 3, "norm_eps": 1e-5,
                         "tie_word_embeddings": True},
            mlx_lm_limits={"tie_word_embeddings": (True, None)}, config_fix=fixes.lfm2_moe_config),
+    Family("jamba", block="feed_forward", router="router", rule="topk_softmax",
+           expert_count_key="num_experts", stack_here=True,
+           hf_defaults={"tie_word_embeddings": False, "expert_layer_period": 2, "expert_layer_offset": 1,
+                        "attn_layer_period": 8, "attn_layer_offset": 4, "mamba_d_state": 16,
+                        "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 256},
+           config_fix=fixes.jamba_config),
 )}
