@@ -209,6 +209,27 @@ FAMILY_CONFIGS.update({
         mamba_dt_rank=8,
         use_mamba_kernels=False,
     ),
+    # hybrid: mamba2 and attention layers, every layer MoE + shared MLP, granite multipliers
+    "granitemoehybrid": dict(
+        num_hidden_layers=2,
+        intermediate_size=128,
+        shared_intermediate_size=64,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        layer_types=["mamba", "attention"],
+        position_embedding_type="rope",
+        mamba_n_heads=4,
+        mamba_d_head=32,
+        mamba_n_groups=1,
+        mamba_d_state=16,
+        mamba_d_conv=3,
+        mamba_chunk_size=16,
+        embedding_multiplier=2.0,
+        logits_scaling=4.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.0625,
+        rope_parameters=_ROPE,
+    ),
 })
 # families whose score-correction bias (a transformers buffer) is drawn too (else zeros)
 RANDOM_BUFFERS = ("minimax_m2",)

@@ -121,3 +121,20 @@ def jamba_config(cfg: dict) -> None:
     if (2 * offset) % period:
         raise ValueError(f"jamba: expert_layer_offset={offset} with expert_layer_period={period} "
                          "puts the experts in other layers in mlx-lm's model than in transformers'")
+
+
+def granitemoehybrid_config(cfg: dict) -> None:
+    """granitemoehybrid: mlx-lm names the layer kinds ``mamba`` / ``attention``
+    (transformers 5: ``linear_attention`` / ``full_attention``)."""
+    names = {"linear_attention": "mamba", "full_attention": "attention"}
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = [names.get(t, t) for t in cfg["layer_types"]]
+    _json_floats(cfg, "time_step_limit")
+
+
+def _json_floats(cfg: dict, key: str) -> None:
+    """transformers 5 writes infinities as ``{"__float__": "Infinity"}``: back to floats."""
+    value = cfg.get(key)
+    if isinstance(value, list):
+        cfg[key] = [float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else v
+                    for v in value]

@@ -16,6 +16,10 @@ _QWEN = dict(block="mlp", router="gate", experts="switch_mlp", expert_count_key=
 _DEEPSEEK = dict(block="mlp", router="gate", experts="switch_mlp", shared=("shared_experts",),
                  expert_count_key="n_routed_experts")
 
+_GRANITE_RENAMES = ((r"block_sparse_moe\.router\.weight$", "block_sparse_moe.router.layer.weight"),
+                    (r"block_sparse_moe\.input_linear\.weight$", "block_sparse_moe.experts.gate_up_proj"),
+                    (r"block_sparse_moe\.output_linear\.weight$", "block_sparse_moe.experts.down_proj"))
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mixtral", block="block_sparse_moe", rule="topk_softmax",
            hf_defaults={"rope_theta": 1e6}, mlx_lm_limits={"sliding_window": (None,)},
@@ -47,10 +51,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            mlx_lm_limits={"swiglu_alpha": (1.702, None), "swiglu_limit": (7.0, None)},
            fused_layout="interleaved", hidden_acts=None, config_fix=fixes.gpt_oss_config),
     Family("granitemoe", block="block_sparse_moe", router="router", rule="topk_softmax",
-           hf_defaults={"tie_word_embeddings": False},
-           renames=((r"block_sparse_moe\.router\.weight$", "block_sparse_moe.router.layer.weight"),
-                    (r"block_sparse_moe\.input_linear\.weight$", "block_sparse_moe.experts.gate_up_proj"),
-                    (r"block_sparse_moe\.output_linear\.weight$", "block_sparse_moe.experts.down_proj"))),
+           hf_defaults={"tie_word_embeddings": False}, renames=_GRANITE_RENAMES),
     Family("phimoe", block="block_sparse_moe", rule="sparsemixer",
            hf_defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5},
            mlx_lm_limits={"sliding_window": (None,), "input_jitter_noise": (0, 0.0, None)},
@@ -82,4 +83,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                         "attn_layer_period": 8, "attn_layer_offset": 4, "mamba_d_state": 16,
                         "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 256},
            config_fix=fixes.jamba_config),
+    Family("granitemoehybrid", block="block_sparse_moe", router="router", rule="topk_softmax",
+           shared=("shared_mlp",), hf_defaults={"tie_word_embeddings": False, "position_embedding_type": None},
+           renames=_GRANITE_RENAMES, config_fix=fixes.granitemoehybrid_config),
 )}
