@@ -230,9 +230,35 @@ FAMILY_CONFIGS.update({
         attention_multiplier=0.0625,
         rope_parameters=_ROPE,
     ),
+    # hybrid: mamba2, MoE (two: prefetch has a next layer), attention and MLP layers; group-limited sigmoid
+    "nemotron_h": dict(
+        layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "moe"],
+        intermediate_size=96,
+        head_dim=16,
+        moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=64,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        n_group=4,  # groups of 2; with groups of 4 an 8-bit expert flips a near-tied group
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        norm_topk_prob=True,
+        mamba_num_heads=4,
+        mamba_head_dim=32,
+        n_groups=1,
+        ssm_state_size=16,
+        conv_kernel=3,
+        chunk_size=16,
+        use_mamba_kernels=False,
+        layer_norm_epsilon=1e-5,
+    ),
 })
 # families whose score-correction bias (a transformers buffer) is drawn too (else zeros)
-RANDOM_BUFFERS = ("minimax_m2",)
+RANDOM_BUFFERS = ("minimax_m2", "nemotron_h")
+# mlx-lm's nemotron_h zeroes the scores of dropped groups, transformers sets them to -inf: the
+# same experts while every kept score + bias > 0, which a non-negative bias guarantees
+POSITIVE_BIAS = ("nemotron_h",)
 # multimodal configs: the text part in text_config (vision tower kept tiny)
 TEXT_CONFIGS: dict[str, dict] = {
     "qwen3_5_moe": dict(
@@ -278,7 +304,7 @@ def make_config(family: str, **overrides):
     return AutoConfig.for_model(family, **kwargs)
 
 
-def randomize_(model, seed: int = 0, buffers: bool = False) -> None:
+def randomize_(model, seed: int = 0, buffers: bool = False, positive_bias: bool = False) -> None:
     """Re-draw every parameter so activations and routing are far from uniform."""
     import torch
 
@@ -299,7 +325,8 @@ def randomize_(model, seed: int = 0, buffers: bool = False) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
         for name, b in sorted(model.named_buffers()) if buffers else ():
             if name.endswith("e_score_correction_bias"):  # score-correction biases kept as buffers
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+                bias = torch.randn(b.shape, generator=gen) * 0.1
+                b.copy_(bias.abs() if positive_bias else bias)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -351,7 +378,7 @@ def make_checkpoint(
     torch.manual_seed(seed)
     config = make_config(family, **overrides)
     model = auto_class(family).from_config(config, dtype=torch.float32)
-    randomize_(model, seed, buffers=family in RANDOM_BUFFERS)
+    randomize_(model, seed, buffers=family in RANDOM_BUFFERS, positive_bias=family in POSITIVE_BIAS)
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,8 @@ TIMEOUT = 60  # seconds a guarded run may take before the test calls it a hang
 
 FULL = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")  # every mode x policy x cache size
 LIGHT = ("qwen2_moe", "olmoe", "deepseek_v2", "granitemoe", "phimoe")  # two runs each
-LIGHT += ("qwen3_next", "qwen3_5_moe", "minimax_m2", "lfm2_moe", "jamba", "granitemoehybrid")  # fam2
+LIGHT += ("qwen3_next", "qwen3_5_moe", "minimax_m2", "lfm2_moe", "jamba", "granitemoehybrid",
+          "nemotron_h")  # fam2
 MODES = (("stream", True), ("sync", False), ("naive", False))  # (mode, prefetch)
 POLICIES = ("lru", "lfu", "score")
 

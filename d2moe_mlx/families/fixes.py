@@ -138,3 +138,13 @@ def _json_floats(cfg: dict, key: str) -> None:
     if isinstance(value, list):
         cfg[key] = [float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else v
                     for v in value]
+
+
+def nemotron_h_config(cfg: dict) -> None:
+    """nemotron_h: JSON infinities back to floats; a latent MoE (experts on a projection of
+    the router's input) is refused: d2moe's score policies read the router from the
+    experts' input."""
+    _json_floats(cfg, "time_step_limit")
+    if cfg.get("moe_latent_size") is not None:
+        raise ValueError("nemotron_h: moe_latent_size is set (a latent MoE); d2moe-mlx supports "
+                         "Nemotron-H MoE layers whose experts see the router's input")

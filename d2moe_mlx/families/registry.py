@@ -86,4 +86,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("granitemoehybrid", block="block_sparse_moe", router="router", rule="topk_softmax",
            shared=("shared_mlp",), hf_defaults={"tie_word_embeddings": False, "position_embedding_type": None},
            renames=_GRANITE_RENAMES, config_fix=fixes.granitemoehybrid_config),
+    Family("nemotron_h", block="mixer", rule="deepseek_v3", correction_bias="e_score_correction_bias",
+           shared=("shared_experts",), expert_count_key="n_routed_experts",
+           hidden_acts=None, config_fix=fixes.nemotron_h_config,
+           renames=((r"^model\.", "backbone."),
+                    (r"mixer\.experts\.up_proj$", "mixer.switch_mlp.fc1.weight"),
+                    (r"mixer\.experts\.down_proj$", "mixer.switch_mlp.fc2.weight")),
+           drop=((r"^mtp\.", "MTP (next-token prediction) layers"),)),
 )}
