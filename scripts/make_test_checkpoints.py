@@ -253,6 +253,20 @@ FAMILY_CONFIGS.update({
         use_mamba_kernels=False,
         layer_norm_epsilon=1e-5,
     ),
+    # sliding-window and full attention layers, a rope per layer kind
+    "mellum": dict(
+        intermediate_size=96,
+        moe_intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=False,
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        mlp_layer_types=["sparse", "sparse"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 25000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}},
+    ),
 })
 # families whose score-correction bias (a transformers buffer) is drawn too (else zeros)
 RANDOM_BUFFERS = ("minimax_m2", "nemotron_h")

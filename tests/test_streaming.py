@@ -41,8 +41,6 @@ TIMEOUT = 60  # seconds a guarded run may take before the test calls it a hang
 
 FULL = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")  # every mode x policy x cache size
 LIGHT = ("qwen2_moe", "olmoe", "deepseek_v2", "granitemoe", "phimoe")  # two runs each
-LIGHT += ("qwen3_next", "qwen3_5_moe", "minimax_m2", "lfm2_moe", "jamba", "granitemoehybrid",
-          "nemotron_h")  # fam2
 MODES = (("stream", True), ("sync", False), ("naive", False))  # (mode, prefetch)
 POLICIES = ("lru", "lfu", "score")
 
@@ -199,6 +197,11 @@ def test_same_shape_path_matches_resident(family, overlap, method, stores, resid
 
 LIGHT_RUNS = [(f, "stream", f != "granitemoe", "lru" if f == "granitemoe" else "score") for f in LIGHT]
 LIGHT_RUNS += [(f, "sync", False, "lfu") for f in LIGHT]
+# fam2's families (hybrids, multimodal, sigmoid routers): one run each, the streamed path
+# with prefetch and the score policy (every router is asked for scores)
+FAM2 = ("qwen3_next", "qwen3_5_moe", "minimax_m2", "lfm2_moe", "jamba", "granitemoehybrid",
+        "nemotron_h", "mellum")
+LIGHT_RUNS += [(f, "stream", True, "score") for f in FAM2]
 
 
 @pytest.mark.parametrize("family,mode,prefetch,policy", LIGHT_RUNS,

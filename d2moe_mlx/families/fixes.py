@@ -148,3 +148,11 @@ def nemotron_h_config(cfg: dict) -> None:
     if cfg.get("moe_latent_size") is not None:
         raise ValueError("nemotron_h: moe_latent_size is set (a latent MoE); d2moe-mlx supports "
                          "Nemotron-H MoE layers whose experts see the router's input")
+
+
+def mellum_config(cfg: dict) -> None:
+    """mellum: mlx-lm builds an MoE block in every layer; refuse dense MLP layers."""
+    kinds = set(cfg.get("mlp_layer_types") or ["sparse"])
+    if kinds != {"sparse"}:
+        raise ValueError(f"mellum: mlp_layer_types {sorted(kinds)}: mlx-lm's mellum model "
+                         "has an MoE block in every layer")

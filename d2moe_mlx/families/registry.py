@@ -93,4 +93,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                     (r"mixer\.experts\.up_proj$", "mixer.switch_mlp.fc1.weight"),
                     (r"mixer\.experts\.down_proj$", "mixer.switch_mlp.fc2.weight")),
            drop=((r"^mtp\.", "MTP (next-token prediction) layers"),)),
+    Family("mellum", **_QWEN, stack_here=True, config_fix=fixes.mellum_config,
+           hf_defaults={"norm_topk_prob": True, "tie_word_embeddings": False},
+           drop=((r"^(model\.)?mtp\.", "MTP (next-token prediction) layers"),)),
 )}
