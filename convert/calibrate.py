@@ -22,7 +22,7 @@ import numpy as np
 
 from d2moe_mlx import mwq
 from d2moe_mlx.moe import decoder_layers, projection_names
-from d2moe_mlx.families import Family, router_logits
+from d2moe_mlx.families import Family, router_logits, text_args
 from d2moe_mlx.hooks import hooked
 
 
@@ -70,11 +70,22 @@ def describe_calibration(tokens: int, note: str) -> str:
 
 
 class _LayerProbe(nn.Module):
-    """Stands in for a decoder layer: records its call arguments, returns the input."""
+    """Stands in for a decoder layer: records its call arguments, returns the input.
+    Other attributes are the layer's own (hybrid models ask a layer its kind)."""
 
-    def __init__(self, record: list):
+    def __init__(self, record: list, layer: nn.Module | None = None):
         super().__init__()
         self._record = record
+        object.__setattr__(self, "_layer", layer)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = object.__getattribute__(self, "_layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)
 
     def __call__(self, x, *args, **kwargs):
         self._record.append((x, args, kwargs))
@@ -93,7 +104,7 @@ def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tupl
     record: list = []
     try:
         for i in range(len(layers)):
-            layers[i] = _LayerProbe(record)
+            layers[i] = _LayerProbe(record, saved[i])
         model(tokens)  # lazy: only the recorded inputs are evaluated below
     finally:
         layers[:] = saved
@@ -226,7 +237,7 @@ def router_scores(model: nn.Module, family: Family, layer_idx: int, x: mx.array)
     ``x`` (softmax, or sigmoid where the family scores with it), via the family adapter."""
     block = decoder_layers(model)[layer_idx][family.block]
     logits = router_logits(block[family.router], x.astype(mx.float32))
-    return np.array(family.gating(model.args).scores(logits))
+    return np.array(family.gating(text_args(model)).scores(logits))
 
 
 def layer_statistics(indices: np.ndarray, scores: np.ndarray | None, num_experts: int) -> dict[str, np.ndarray]:

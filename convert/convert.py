@@ -11,6 +11,7 @@ quantisation -> write a dense shard -> drop the layer.
 from __future__ import annotations
 
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,13 +28,13 @@ from d2moe_mlx import __version__, mwq
 from d2moe_mlx.families import get_family
 from d2moe_mlx.model import DTYPES
 from d2moe_mlx.memory import peak_rss_bytes
-from d2moe_mlx.moe import decoder_layers, layer_of, projection_names, switch_modules
+from d2moe_mlx.moe import decoder_layers, layer_of, layers_path, projection_names, switch_modules
 from d2moe_mlx.store.format import DENSE_BITS, DENSE_GROUP_SIZES
 from d2moe_mlx.store.outdir import check_out_dir
 from d2moe_mlx.store.writer import StoreWriter
 
 from . import calibrate, formats, from_codes, source
-from .hf_config import build_model, normalize_weights
+from .hf_config import build_model, dropped_tensors, normalize_weights
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ConvertReport:
     dense_bytes: int
     layers: int
     calibration: str  # e.g. "2048 tokens from text (22832 available)"
+    dropped: str = ""  # checkpoint tensors not converted (vision tower, MTP layers), for people
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Conversion:
     start: float
     source_format: formats.SourceFormat | None = None  # None: float weights
     started: bool = False
+    dropped: str = ""  # what of the checkpoint is not converted (hf_config.dropped_tensors)
 
     @property
     def num_layers(self) -> int:
@@ -118,6 +121,8 @@ def prepare(
     weights = source.open_weights(path)
     fmt = formats.detect_format(path, hf_config)
     formats.validate(fmt)
+    drop, dropped = dropped_tensors(config["model_type"], weights)
+    weights = {k: v for k, v in weights.items() if k not in drop}
     switches = {layer_of(p): p for p, _ in switch_modules(model)}
     if not switches:
         raise source.SourceError(
@@ -142,7 +147,7 @@ def prepare(
     dense = {"bits": dense_bits, "group_size": dense_group_size, "dtype": _dtype_name(store_dtype)}
     return Conversion(src, Path(out), path, spec, method, quantization, dense, store_dtype,
                       (calib_text, calib_tokens, seq_len), overwrite, workers, model, config,
-                      weights, switches, num_experts, start, fmt)
+                      weights, switches, num_experts, start, fmt, dropped=dropped)
 
 
 def convert(
@@ -250,6 +255,7 @@ def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> Conv
         dense_bytes=sizes[1],
         layers=num_layers,
         calibration=calibrate.describe_calibration(int(tokens.size), calib_note),
+        dropped=job.dropped,
     )
 
 
@@ -257,8 +263,8 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
                    store_dtype, workers, codes=None) -> tuple[mx.array, dict[str, np.ndarray], dict]:
     """Load, calibrate, quantise and write decoder layer ``l``; returns the next hidden state.
     ``codes``: the source's quantized experts (:func:`from_codes.expert_codes`), kept as the top level."""
-    layer_path = f"model.layers.{l}"
-    _load_subset(model, config, subset, prefix=layer_path)
+    layer_path = f"{layers_path(model)}.{l}"
+    _load_subset(model, config, subset, prefix=layer_path, layer=l)
     subset.clear()  # the model holds what it needs; drop the checkpoint's arrays
     layers = decoder_layers(model)
     ex = calibrate.take_experts(calibrate.get_module(model, sw_path)) if sw_path else None
@@ -309,22 +315,25 @@ def _check_dims(model: nn.Module, switches: dict[int, str], spec: mwq.MWQSpec) -
     return counts.pop()
 
 
-def _load_subset(model: nn.Module, config: dict, subset: dict[str, mx.array], prefix: str | None) -> None:
+def _load_subset(model: nn.Module, config: dict, subset: dict[str, mx.array], prefix: str | None,
+                 layer: int | None = None) -> None:
     """Normalise + sanitize one layer's (or the top-level) tensors and load them into ``model``.
 
-    mlx-lm's ``sanitize`` functions look for layer 0's keys to decide whether
-    to restack experts, so a layer's tensors are renamed to layer 0 for the
-    call and back afterwards.
+    ``prefix`` is layer ``layer``'s path in the model's parameter names. mlx-lm's
+    ``sanitize`` functions look for layer 0's keys to decide whether to restack
+    experts, so a layer's tensors are renamed to layer 0 for the call
+    (``...layers.{layer}.`` -> ``...layers.0.``, whatever comes before) and back afterwards.
     """
     model_type = config["model_type"]
     if prefix is not None:
-        layer0 = "model.layers.0"
-        subset = {layer0 + k[len(prefix):]: v for k, v in subset.items()}
+        subset = {re.sub(rf"(^|\.)layers\.{layer}\.", r"\1layers.0.", k, count=1): v
+                  for k, v in subset.items()}
     subset = normalize_weights(model_type, config, subset)
     if hasattr(model, "sanitize"):
         subset = model.sanitize(dict(subset))
     if prefix is not None:
-        subset = {(prefix + k[len(layer0):] if k.startswith(layer0 + ".") else k): v for k, v in subset.items()}
+        subset = {re.sub(r"(^|\.)layers\.0\.", rf"\1layers.{layer}.", k, count=1): v
+                  for k, v in subset.items()}
     params = dict(tree_flatten(model.parameters()))
     if prefix is None:
         wanted = {k for k in params if layer_of(k) is None}

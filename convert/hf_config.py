@@ -71,15 +71,8 @@ def _rope_scaling(rope: dict) -> dict | None:
     return scaling
 
 
-def normalize_config(config: dict) -> dict:
-    """A copy of an HF config.json dict that mlx-lm's ModelArgs reads correctly."""
-    cfg = copy.deepcopy(config)
-    family = _family(cfg)
-    for k, v in family.hf_defaults.items():
-        if k not in cfg and not (k.startswith("rope_") and "rope_parameters" in cfg):
-            cfg[k] = copy.deepcopy(v)
-
-    # transformers 5: rope_parameters replaces rope_theta + rope_scaling.
+def _read_rope_parameters(cfg: dict) -> None:
+    """transformers 5: rope_parameters replaces rope_theta + rope_scaling."""
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict) and ("rope_theta" in rope or "rope_type" in rope):
         if "rope_theta" in rope:
@@ -89,12 +82,36 @@ def normalize_config(config: dict) -> dict:
             if k in rope and k not in cfg:
                 cfg[k] = rope[k]
 
+
+def normalize_config(config: dict) -> dict:
+    """A copy of an HF config.json dict that mlx-lm's ModelArgs reads correctly."""
+    cfg = copy.deepcopy(config)
+    family = _family(cfg)
+    for k, v in family.hf_defaults.items():
+        if k not in cfg and not (k.startswith("rope_") and "rope_parameters" in cfg):
+            cfg[k] = copy.deepcopy(v)
+
+    _read_rope_parameters(cfg)
+
     # Expert count: each family's ModelArgs reads one of these names.
     count = next((cfg[k] for k in _EXPERT_COUNT_KEYS if cfg.get(k) is not None), None)
     if count is not None and cfg.get(family.expert_count_key) is None:
         cfg[family.expert_count_key] = count
     if family.config_fix is not None:
         family.config_fix(cfg)
+    return _lift_text_config(cfg)
+
+
+def _lift_text_config(cfg: dict) -> dict:
+    """Multimodal: the text model's fields (text_config, normalised) also at the top, where
+    d2moe reads them (budget, calibration); mlx-lm's wrapper ModelArgs reads text_config."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        return cfg
+    for k, v in text.items():
+        if k not in cfg and k != "model_type":
+            cfg[k] = copy.deepcopy(v)
+    _read_rope_parameters(cfg)
     return cfg
 
 
@@ -113,7 +130,7 @@ def _split_fused(family: Family, config: dict, prefix: str, name: str, v: mx.arr
     """``experts.gate_up_proj`` / ``experts.down_proj`` (+ gpt_oss biases) -> SwitchGLU keys."""
     out = {}
     dst = prefix + "." + family.experts
-    hidden = config["hidden_size"]
+    hidden = normalize_config(config)["hidden_size"]
     if family.fused_layout == "interleaved":
         # [E, H, 2I] and [E, I, H], gate/up interleaved along 2I: y = x @ W.
         if name == "gate_up_proj":
@@ -141,6 +158,24 @@ def _split_fused(family: Family, config: dict, prefix: str, name: str, v: mx.arr
     return out
 
 
+def dropped_tensors(model_type: str, names) -> tuple[set[str], str]:
+    """The checkpoint tensors ``model_type``'s text model does not use (the family's
+    ``drop`` patterns: vision/audio towers, MTP layers) and a message saying what they are."""
+    family = get_family(model_type)
+    dropped: set[str] = set()
+    parts = []
+    for pattern, what in family.drop:
+        hit = {n for n in names if re.search(pattern, n) and n not in dropped}
+        if hit:
+            dropped |= hit
+            parts.append(f"{len(hit)} tensors of the {what}")
+    message = ""
+    if parts:
+        message = (f"dropped {', '.join(parts)}: d2moe converts and runs the {model_type} "
+                   "text model only")
+    return dropped, message
+
+
 def normalize_weights(model_type: str, config: dict, weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Turn (a subset of) an HF checkpoint's tensors into what ``Model.sanitize`` expects.
 
@@ -150,7 +185,10 @@ def normalize_weights(model_type: str, config: dict, weights: dict[str, mx.array
     family = get_family(model_type)
     out: dict[str, mx.array] = {}
     groups: dict[tuple[str, str, str], dict[int, mx.array]] = {}
+    dropped, _ = dropped_tensors(model_type, weights)
     for k, v in weights.items():
+        if k in dropped:
+            continue
         for pat, rep in family.renames:
             k = re.sub(pat, rep, k)
         head, _, name = k.rpartition(".experts.")

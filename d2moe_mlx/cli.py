@@ -265,6 +265,8 @@ def convert(
     click.echo(
         f"converting {src} -> {out}  (MWQ levels: {levels_text} bits, group {spec.group_size})", err=True
     )
+    if job.dropped:
+        click.echo(job.dropped, err=True)
     with progress_bar("layers") as progress:
         try:
             report = job.run(progress)

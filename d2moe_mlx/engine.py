@@ -22,7 +22,7 @@ import mlx.nn as nn
 from . import mwq
 from .cache import ExpertCache, PartPool
 from .experts import ExpertLayer
-from .families import Family, family_of
+from .families import Family, family_of, text_args
 from .hooks import replace_experts
 from .layout import LAYOUTS, Layout, levels_possible, make_layout, slot_tensors
 from .levels import Exact, LevelPolicy
@@ -201,7 +201,7 @@ def install_engine(model: nn.Module, store: Store, spec: mwq.MWQSpec, policy: Le
     make_policy(cache_policy, store.num_experts, **policy_options)  # bad options fail early
     caches = {layer: ExpertCache(layer, [], None) for layer, _ in blocks}
     loader = ExpertLoader(store, spec, threads=loader_threads, verify=verify)
-    scheduler = Scheduler(caches, loader, lay, policy, family.gating(model.args), mode=mode,
+    scheduler = Scheduler(caches, loader, lay, policy, family.gating(text_args(model)), mode=mode,
                           prefetch=prefetch, overlap=overlap, load_order=load_order, phases=phases)
     engine = Engine(store=store, spec=spec, layout=lay, scheduler=scheduler, loader=loader,
                     act_dtype=act_dtype, family=family, plan=plan, cache_policy=cache_policy,

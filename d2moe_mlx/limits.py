@@ -52,8 +52,10 @@ def bound_calls(model: nn.Module, max_tokens: int, context: int | None) -> None:
                     f"reserves {context}: raise the context (--context / context=) or start a "
                     "new conversation")
         step = max(1, max_tokens // batch)
-        if length <= step or args:
+        if args:  # called positionally: passed on as it came
             return base.__call__(self, inputs, cache, *args, **kwargs)
+        if length <= step:  # by keyword: some models' second parameter is a mask (minimax)
+            return base.__call__(self, inputs, cache=cache, **kwargs)
         if cache is None:
             from mlx_lm.models.cache import make_prompt_cache
 
@@ -63,7 +65,7 @@ def bound_calls(model: nn.Module, max_tokens: int, context: int | None) -> None:
         for s in range(0, length, step):
             if embeddings is not None:
                 kwargs["input_embeddings"] = embeddings[:, s:s + step]
-            outs.append(base.__call__(self, inputs[:, s:s + step], cache, **kwargs))
+            outs.append(base.__call__(self, inputs[:, s:s + step], cache=cache, **kwargs))
             mx.eval([c.state for c in cache])  # one chunk's working memory at a time
         return mx.concatenate(outs, axis=1)
 

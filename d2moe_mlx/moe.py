@@ -63,6 +63,18 @@ def decoder_layers(model: nn.Module) -> list:
     return layers
 
 
+def layers_path(model: nn.Module) -> str:
+    """The dotted path of the decoder-layer list in ``model`` (``model.layers``,
+    ``language_model.model.layers``, ...): where its parameter names put layer ``l``."""
+    layers = decoder_layers(model)
+    if layers:
+        first = layers[0]
+        for path, module in model.named_modules():
+            if module is first and path.endswith(".0"):
+                return path[:-2]
+    raise ValueError(f"{type(model).__module__}: cannot find where the decoder layers live")
+
+
 def set_level(model: nn.Module, level: int) -> None:
     """Run every expert of a d2moe ``model`` at MWQ ``level`` from the next call on
     (resident or streaming; see :meth:`d2moe_mlx.engine.Engine.set_level`)."""

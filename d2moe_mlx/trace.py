@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .families import family_of, router_logits
+from .families import family_of, router_logits, text_args
 from .hooks import hooked
 
 FORMAT = "d2moe-trace/1"
@@ -74,7 +74,7 @@ def record_trace(model: nn.Module, tokenizer: Any, text: str,
     blocks = family.blocks(model)
     if not blocks:
         raise ValueError(f"record_trace: no MoE block with routed experts in this {family.name} model")
-    gating = family.gating(model.args)
+    gating = family.gating(text_args(model))
     sinks = {layer: [] for layer, _ in blocks}
 
     def make_fn(layer, block, original):
@@ -97,7 +97,7 @@ def record_trace(model: nn.Module, tokenizer: Any, text: str,
                 ids, scores = _order(np.array(idx), np.array(sc))
                 ids_l[layer].append(ids)
                 scores_l[layer].append(scores)
-    num_experts = int(getattr(model.args, family.expert_count_key))
+    num_experts = int(getattr(text_args(model), family.expert_count_key))
     n = len(tokens)
     ids = np.stack([np.concatenate(ids_l[l]) for l in sinks])
     for layer, a in zip(sinks, ids):

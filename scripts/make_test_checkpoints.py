@@ -151,6 +151,158 @@ FAMILY_CONFIGS: dict[str, dict] = {
     ),
 }
 
+# fam2 ---------------------------------------------------------------------------
+_LINEAR_ATTN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                    linear_value_head_dim=16, linear_conv_kernel_dim=3, head_dim=16)
+FAMILY_CONFIGS.update({
+    # hybrid: gated-delta linear attention + full attention (every 2nd layer), dense layer 0
+    "qwen3_next": dict(
+        num_hidden_layers=3,
+        intermediate_size=96,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+        **_LINEAR_ATTN,
+    ),
+    "minimax_m2": dict(
+        intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+    ),
+    # hybrid: short-convolution and attention layers, dense layer 0
+    "lfm2_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=96,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=3,
+        num_dense_layers=1,
+        use_expert_bias=True,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.5,
+        conv_L_cache=4,
+        norm_eps=1e-5,
+        layer_types=["conv", "full_attention", "conv"],
+        tie_word_embeddings=True,  # mlx-lm's lfm2_moe has no separate lm_head
+        rope_parameters=_ROPE,
+    ),
+    # hybrid: mamba and attention layers (layer 3), experts in layers 1 (mamba) and 3
+    "jamba": dict(
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=3,
+        attn_layer_period=4,
+        attn_layer_offset=3,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        mamba_d_conv=3,
+        mamba_expand=2,
+        mamba_dt_rank=8,
+        use_mamba_kernels=False,
+    ),
+    # hybrid: mamba2 and attention layers, every layer MoE + shared MLP, granite multipliers
+    "granitemoehybrid": dict(
+        num_hidden_layers=2,
+        intermediate_size=128,
+        shared_intermediate_size=64,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        layer_types=["mamba", "attention"],
+        position_embedding_type="rope",
+        mamba_n_heads=4,
+        mamba_d_head=32,
+        mamba_n_groups=1,
+        mamba_d_state=16,
+        mamba_d_conv=3,
+        mamba_chunk_size=16,
+        embedding_multiplier=2.0,
+        logits_scaling=4.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.0625,
+        rope_parameters=_ROPE,
+    ),
+    # hybrid: mamba2, MoE (two: prefetch has a next layer), attention and MLP layers; group-limited sigmoid
+    "nemotron_h": dict(
+        layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "moe"],
+        intermediate_size=96,
+        head_dim=16,
+        moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=64,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        n_group=4,  # groups of 2; with groups of 4 an 8-bit expert flips a near-tied group
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        norm_topk_prob=True,
+        mamba_num_heads=4,
+        mamba_head_dim=32,
+        n_groups=1,
+        ssm_state_size=16,
+        conv_kernel=3,
+        chunk_size=16,
+        use_mamba_kernels=False,
+        layer_norm_epsilon=1e-5,
+    ),
+    # sliding-window and full attention layers, a rope per layer kind
+    "mellum": dict(
+        intermediate_size=96,
+        moe_intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=False,
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        mlp_layer_types=["sparse", "sparse"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 25000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}},
+    ),
+})
+# families whose score-correction bias (a transformers buffer) is drawn too (else zeros)
+RANDOM_BUFFERS = ("minimax_m2", "nemotron_h")
+# mlx-lm's nemotron_h zeroes the scores of dropped groups, transformers sets them to -inf: the
+# same experts while every kept score + bias > 0, which a non-negative bias guarantees
+POSITIVE_BIAS = ("nemotron_h",)
+# multimodal configs: the text part in text_config (vision tower kept tiny)
+TEXT_CONFIGS: dict[str, dict] = {
+    "qwen3_5_moe": dict(
+        num_hidden_layers=2,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=3,
+        layer_types=["linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        **_LINEAR_ATTN,
+    ),
+}
+VISION_CONFIGS: dict[str, dict] = {
+    "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                        patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16),
+}
+for _name in TEXT_CONFIGS:
+    FAMILY_CONFIGS.setdefault(_name, {})
+
+
+def auto_class(family: str):
+    """transformers' auto class of ``family``'s checkpoints (multimodal: image-text-to-text)."""
+    import transformers
+
+    if family in TEXT_CONFIGS:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
 
 def make_config(family: str, **overrides):
     """The transformers config object of the tiny ``family`` checkpoint."""
@@ -158,11 +310,15 @@ def make_config(family: str, **overrides):
 
     if family not in FAMILY_CONFIGS:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if family in TEXT_CONFIGS:  # multimodal: text part in text_config, a tiny vision tower
+        text = {**_COMMON, **TEXT_CONFIGS[family], **overrides}
+        return AutoConfig.for_model(family, text_config=text, vision_config=VISION_CONFIGS.get(family, {}),
+                                    tie_word_embeddings=text["tie_word_embeddings"])
     kwargs = {**_COMMON, **FAMILY_CONFIGS[family], **overrides}
     return AutoConfig.for_model(family, **kwargs)
 
 
-def randomize_(model, seed: int = 0) -> None:
+def randomize_(model, seed: int = 0, buffers: bool = False, positive_bias: bool = False) -> None:
     """Re-draw every parameter so activations and routing are far from uniform."""
     import torch
 
@@ -181,6 +337,10 @@ def randomize_(model, seed: int = 0) -> None:
             else:
                 std, mean = 0.08, 0.0
             p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
+        for name, b in sorted(model.named_buffers()) if buffers else ():
+            if name.endswith("e_score_correction_bias"):  # score-correction biases kept as buffers
+                bias = torch.randn(b.shape, generator=gen) * 0.1
+                b.copy_(bias.abs() if positive_bias else bias)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -228,12 +388,11 @@ def make_checkpoint(
     vocabulary has >= 256 ids). Returns ``out_dir``.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = make_config(family, **overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize_(model, seed)
+    model = auto_class(family).from_config(config, dtype=torch.float32)
+    randomize_(model, seed, buffers=family in RANDOM_BUFFERS, positive_bias=family in POSITIVE_BIAS)
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +400,7 @@ def make_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
-    if tokenizer and config.vocab_size >= 256:
+    if tokenizer and config.get_text_config().vocab_size >= 256:
         write_byte_tokenizer(out_dir)
     return out_dir
 

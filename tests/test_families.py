@@ -10,7 +10,7 @@ import pytest
 from make_test_checkpoints import FAMILIES
 
 from d2moe_mlx.convert.hf_config import load_mlx_reference
-from d2moe_mlx.families import family_of, get_family, router_logits, supported
+from d2moe_mlx.families import family_of, get_family, router_logits, supported, text_args
 from d2moe_mlx.hooks import hooked
 
 
@@ -56,10 +56,10 @@ def test_adapter_routes_like_mlx_lm(name, models):
     assert blocks, f"{name}: no MoE block found"
     layers = [l for l, _ in blocks]
     assert layers == sorted(set(layers))
-    gating = family.gating(model.args)
+    gating = family.gating(text_args(model))
     rng = np.random.default_rng(0)
     for layer, block in blocks:
-        x = mx.array(rng.normal(size=(2, 5, model.args.hidden_size)).astype(np.float32))
+        x = mx.array(rng.normal(size=(2, 5, text_args(model).hidden_size)).astype(np.float32))
         seen = {}
 
         def make_fn(_l, _b, original):
@@ -83,7 +83,7 @@ def test_adapter_routes_like_mlx_lm(name, models):
         want_sorted = np.take_along_axis(want_w.reshape(order_want.shape), order_want, -1)
         assert np.allclose(got_sorted, want_sorted, atol=1e-5), (name, layer, got_sorted, want_sorted)
         scores = np.array(gating.scores(logits))
-        assert scores.shape[-1] == int(getattr(model.args, family.expert_count_key))
+        assert scores.shape[-1] == int(getattr(text_args(model), family.expert_count_key))
         if not gating.sigmoid:
             assert np.allclose(scores.sum(-1), 1.0, atol=1e-5)
 
@@ -106,5 +106,5 @@ def test_hook_is_removed_after_an_error(models):
 
     with pytest.raises(RuntimeError, match="boom"):
         with hooked([(layer, block)], family, make_fn):
-            block(mx.zeros((1, 2, model.args.hidden_size)))
+            block(mx.zeros((1, 2, text_args(model).hidden_size)))
     assert block[family.experts] is original

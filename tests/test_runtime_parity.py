@@ -18,7 +18,7 @@ from d2moe_mlx import load_model, mwq
 from d2moe_mlx.convert.convert import convert
 from d2moe_mlx.convert.hf_config import load_mlx_reference
 from d2moe_mlx.experts import ExpertLayer
-from d2moe_mlx.moe import projection_names, switch_modules
+from d2moe_mlx.moe import layer_of, projection_names, switch_modules
 from d2moe_mlx.store.reader import Store
 
 # (a) is the same maths computed two ways (gather_qmm on packed codes vs a
@@ -48,7 +48,7 @@ def _reference_at_level(ckpt, store_path, level):
     with Store.open(store_path) as store:
         spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
         for path, switch in switch_modules(model):
-            layer = int(path.split(".")[2])
+            layer = layer_of(path)
             stacks = [store.read_expert_stack(layer, c) for c in range(level + 1)]
             for name in projection_names(switch):
                 proj = getattr(switch, name)

@@ -197,6 +197,11 @@ def test_same_shape_path_matches_resident(family, overlap, method, stores, resid
 
 LIGHT_RUNS = [(f, "stream", f != "granitemoe", "lru" if f == "granitemoe" else "score") for f in LIGHT]
 LIGHT_RUNS += [(f, "sync", False, "lfu") for f in LIGHT]
+# fam2's families (hybrids, multimodal, sigmoid routers): one run each, the streamed path
+# with prefetch and the score policy (every router is asked for scores)
+FAM2 = ("qwen3_next", "qwen3_5_moe", "minimax_m2", "lfm2_moe", "jamba", "granitemoehybrid",
+        "nemotron_h", "mellum")
+LIGHT_RUNS += [(f, "stream", True, "score") for f in FAM2]
 
 
 @pytest.mark.parametrize("family,mode,prefetch,policy", LIGHT_RUNS,

@@ -39,7 +39,7 @@ class Family:
     experts: str = "switch_mlp"  # attribute of the block: the routed experts
     shared: tuple[str, ...] = ()  # attributes of the block: shared experts (always run)
     rule: str = "softmax_topk"  # gating rule (routing.RULES)
-    correction_bias: str | None = None  # router attribute with a score-correction bias
+    correction_bias: str | None = None  # router (else block) attribute: a score-correction bias
     # Conversion (convert/hf_config.py): config keys and weight names of HF checkpoints.
     expert_count_key: str = "num_local_experts"  # the ModelArgs field holding the expert count
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # HF defaults mlx-lm lacks
@@ -51,6 +51,9 @@ class Family:
     config_fix: Callable[[dict], None] | None = None  # family quirk of the config (fixes.py)
     weights_fix: Callable[[dict, dict], None] | None = None  # family quirk of the weights
     verified: str = "transformers"  # how this family's support was verified
+    # Checkpoint tensors the text model does not use (regex on the checkpoint's name, what
+    # they are): vision/audio towers, MTP layers. Dropped before conversion, with a message.
+    drop: tuple[tuple[str, str], ...] = ()
 
     @property
     def switch_path(self) -> str:
@@ -65,7 +68,10 @@ class Family:
         """The router's score-correction bias of ``block``, if the family has one."""
         if self.correction_bias is None:
             return None
-        return block[self.router][self.correction_bias]
+        router = block[self.router]
+        if isinstance(router, nn.Module) and self.correction_bias in router:
+            return router[self.correction_bias]
+        return block[self.correction_bias]
 
     def blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         """(decoder layer index, MoE block) of every layer whose block has routed experts."""
@@ -93,6 +99,18 @@ def router_logits(router: nn.Module, x: mx.array) -> mx.array:
         raise ValueError(f"{type(router).__name__}: cannot find the router's weight")
     logits = x @ router["weight"].T
     return logits + router["bias"] if "bias" in router else logits
+
+
+def text_args(model: nn.Module):
+    """The ModelArgs of ``model``'s text model: ``model.args``, or for a multimodal
+    wrapper (its args hold a ``text_config``) the args of its language model."""
+    args = getattr(model, "args", None)
+    if hasattr(args, "text_config"):
+        lm = getattr(model, "language_model", None)
+        inner = getattr(lm, "args", None)
+        if inner is not None:
+            return inner
+    return args
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -126,4 +144,4 @@ def supported() -> tuple[str, ...]:
 
 
 __all__ = ["Family", "Gating", "family_of", "get_family", "model_type", "router_logits",
-           "supported"]
+           "supported", "text_args"]

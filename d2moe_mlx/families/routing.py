@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer")
+RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer",
+         "sigmoid_bias_norm", "sigmoid_bias")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Gating:
 
     @property
     def sigmoid(self) -> bool:
-        return self.rule == "deepseek_v3"
+        return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias")
 
     def scores(self, logits: mx.array) -> mx.array:
         """Importance of every expert [..., E] in float32: router probabilities."""
@@ -73,6 +74,20 @@ class Gating:
             from mlx_lm.models.phimoe import sparsemixer
 
             return sparsemixer(logits, top_k=k, jitter_eps=self.jitter_eps)
+        if self.rule == "sigmoid_bias_norm":  # minimax: top-k of sigmoid + bias, weights normalised
+            probs = mx.sigmoid(logits.astype(mx.float32))
+            chosen = probs if correction_bias is None else probs + correction_bias
+            inds = mx.argpartition(-chosen, kth=k - 1, axis=-1)[..., :k]
+            w = mx.take_along_axis(probs, inds, axis=-1)
+            return inds, w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+        if self.rule == "sigmoid_bias":  # lfm2_moe: as above, normalised if norm_topk, then scaled
+            probs = mx.sigmoid(logits)
+            chosen = probs if correction_bias is None else probs.astype(mx.float32) + correction_bias
+            inds = mx.argpartition(-chosen, kth=k - 1, axis=-1)[..., :k]
+            w = mx.take_along_axis(probs, inds, axis=-1)
+            if self.norm_topk:
+                w = w / (w.sum(axis=-1, keepdims=True) + 1e-6)
+            return inds, w * self.scaling
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
