@@ -251,7 +251,7 @@ def substitute(call: Call, decision: Decision, lo: int, hi: int, a: float) -> No
 QUALITIES = {
     "exact": None,
     "high": dict(drop=1, tau=0.3, alpha=0.0, stall=None),
-    "balanced": dict(drop=1, tau=0.5, alpha=0.25, stall=4.0),
+    "balanced": dict(drop=1, tau=0.5, alpha=0.1, stall=4.0),  # alpha 0.25 cost +10-12% ppl (docs/QUALITY.md)
     "fast": dict(drop=2, tau=0.7, alpha=0.35, stall=1.0),
     # The store's trained bit-width router (d2moe_mlx.bitrouter; ``d2moe calibrate
     # STORE --bit-router``), with SMoE substitution off unless ``alpha`` is given.
