@@ -108,7 +108,7 @@ def load_model(
     cache) is split
     by :func:`d2moe_mlx.budget.plan_budget` and experts stream from the store:
     ``cache_policy`` ``lru`` / ``lfu`` / ``score`` (SMoE's lowest mean gate
-    score), ``prefetch`` loads the next layer's likely experts early,
+    score) / ``cooc`` (co-occurrence tables; docs/EVICTION.md), ``prefetch`` loads the next layer's likely experts early,
     ``overlap`` computes a layer's resident experts while its misses load,
     ``loader_threads`` read in parallel, ``mode`` ``stream`` / ``sync`` /
     ``naive`` (see :mod:`d2moe_mlx.scheduler`), ``io_mode`` ``random`` /
