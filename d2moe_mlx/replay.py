@@ -3,7 +3,9 @@
 A trace is an ``.npz`` with ``topk_ids`` [tokens, layers, k] (the experts each token
 ran in each MoE layer), optionally ``prompt_lens`` (tokens per prompt, in order) and
 the router's weights of the chosen experts (``gate_probs`` or ``topk_weights_renorm``,
-shaped like ``topk_ids``; the ``score`` policy needs them). Each layer gets one
+shaped like ``topk_ids``; the ``score`` policy needs them). A trace written by
+``d2moe trace`` (:mod:`d2moe_mlx.trace`: ``ids``/``scores`` [layers, tokens, k]) is read
+too, as one prompt. Each layer gets one
 :class:`~d2moe_mlx.cache.ExpertCache` (a slot table only: a :class:`PartPool` without
 tensors) with a policy from :func:`~d2moe_mlx.policies.make_policy`, and every token is
 one decode step through it, as the scheduler runs it: the next layer's policy hears this
@@ -106,6 +108,8 @@ def load_trace(path: str | Path, num_experts: int | None = None) -> Trace:
         raise TraceError(f"{path}: not an .npz file (a single .npy array); save the trace "
                          f"with numpy.savez(path, topk_ids=...)")
     with data:
+        if "topk_ids" not in data.files and {"ids", "scores", "meta"} <= set(data.files):
+            return _d2moe_trace(path, num_experts)
         if "topk_ids" not in data.files:
             raise TraceError(f"{path}: no 'topk_ids' array (has: {', '.join(data.files) or 'none'})")
         ids = data["topk_ids"]
@@ -140,6 +144,22 @@ def load_trace(path: str | Path, num_experts: int | None = None) -> Trace:
     if num_experts < top:
         raise TraceError(f"{path}: expert id {top - 1} does not exist among {num_experts} experts")
     return Trace(str(path), ids, lens, num_experts, weights)
+
+
+def _d2moe_trace(path: Path, num_experts: int | None) -> Trace:
+    """A trace of :func:`d2moe_mlx.trace.record_trace` as one prompt, its scores as weights."""
+    from .trace import load_trace as load_recorded
+
+    try:
+        rec = load_recorded(path)
+    except ValueError as err:
+        raise TraceError(str(err)) from err
+    ids = np.ascontiguousarray(np.transpose(rec["ids"], (1, 0, 2))).astype(np.int64)
+    weights = np.ascontiguousarray(np.transpose(rec["scores"], (1, 0, 2))).astype(np.float64)
+    num_experts = int(rec["meta"]["num_experts"]) if num_experts is None else num_experts
+    if ids.size == 0 or ids.min() < 0 or ids.max() >= num_experts:
+        raise TraceError(f"{path}: expert ids outside 0..{num_experts - 1}")
+    return Trace(str(path), ids, np.array([len(ids)]), num_experts, weights)
 
 
 def slots_for(trace: Trace, fraction: float) -> int:

@@ -206,3 +206,23 @@ def test_bad_replay_options(tmp_path):
     assert res.exit_code != 0 and "comma-separated layer columns" in res.output
     res = CliRunner().invoke(main, ["replay", str(tmp_path / "none.npz")])
     assert res.exit_code != 0 and "no such trace file" in res.output
+
+
+def test_reads_d2moe_trace_format(tmp_path):
+    """A trace written by ``d2moe trace`` ([layers, tokens, k], router scores): one prompt."""
+    from d2moe_mlx.trace import FORMAT, save_trace
+
+    rng = np.random.default_rng(5)
+    ids = random_trace(rng, 60, 2, 8, 2)
+    scores = rng.random(ids.shape).astype(np.float32)
+    meta = {"format": FORMAT, "model_type": "x", "num_experts": 8, "k": 2, "layers": [0, 1],
+            "num_tokens": 60, "scoring": "softmax"}
+    save_trace({"ids": ids.transpose(1, 0, 2).astype(np.int16), "scores": scores.transpose(1, 0, 2),
+                "tokens": np.arange(60, dtype=np.int32), "meta": meta}, tmp_path / "r.npz")
+    trace = load_trace(tmp_path / "r.npz")
+    np.testing.assert_array_equal(trace.ids, ids)
+    np.testing.assert_allclose(trace.weights, scores)
+    same = load_trace(write(tmp_path, ids, gate_probs=scores))
+    for policy in ("lru", "score", "cooc"):
+        a, b = replay(trace, policy, 0.5), replay(same, policy, 0.5)
+        assert (a.hits, a.loads) == (b.hits, b.loads), policy
