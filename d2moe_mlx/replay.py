@@ -77,7 +77,8 @@ class Result:
     hits: int
     lookups: int
     loads: int
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time (the honest cost on a shared machine)
 
     @property
     def hit_rate(self) -> float:
@@ -272,7 +273,7 @@ def replay(trace: Trace, policy: str, fraction: float, layers: list[int] | None 
     if policy == "score" and trace.weights is None:
         raise ValueError(f"{trace.path}: policy 'score' needs router weights "
                          f"({' or '.join(SCORE_KEYS)}), and the trace has none")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     hits = loads = 0
     for col in cols:
         h, n = belady_layer(trace, col, slots) if policy == ORACLE else replay_layer(
@@ -280,7 +281,8 @@ def replay(trace: Trace, policy: str, fraction: float, layers: list[int] | None 
         hits, loads = hits + h, loads + n
     name = f"{ORACLE} (oracle)" if policy == ORACLE else policy
     return Result(name, fraction, slots, trace.tokens, len(cols), hits,
-                  trace.tokens * len(cols) * trace.k, loads, time.perf_counter() - start)
+                  trace.tokens * len(cols) * trace.k, loads, time.perf_counter() - start,
+                  time.process_time() - cpu)
 
 
 def run(path: str, fractions: list[float], policies: list[str] | None = None,
@@ -310,8 +312,10 @@ def table(results: list[Result]) -> str:
         lru = next((r for r in rows if r.policy == "lru"), None)
         out.append(f"cache {f:g} ({rows[0].slots} slots per layer), {rows[0].tokens} tokens x "
                    f"{rows[0].layers} layers")
-        out.append(f"  {'policy':<16} {'hit rate':>8} {'loads/token':>12} {'bytes vs lru':>12} {'seconds':>8}")
+        out.append(f"  {'policy':<16} {'hit rate':>8} {'loads/token':>12} {'bytes vs lru':>12} "
+                   f"{'wall s':>8} {'cpu s':>8}")
         for r in rows:
             rel = f"{r.loads / lru.loads:.3f}" if lru and lru.loads else "-"
-            out.append(f"  {r.policy:<16} {r.hit_rate:8.4f} {r.loads_per_token:12.3f} {rel:>12} {r.seconds:8.1f}")
+            out.append(f"  {r.policy:<16} {r.hit_rate:8.4f} {r.loads_per_token:12.3f} {rel:>12} "
+                       f"{r.seconds:8.1f} {r.cpu_seconds:8.2f}")
     return "\n".join(out)
