@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from d2moe_mlx.cli import main
-from d2moe_mlx.replay import TraceError, load_trace, replay, run
+from d2moe_mlx.replay import TraceError, load_trace, replay, run, select
 
 
 def write(tmp_path, ids, name="t.npz", **extra):
@@ -226,3 +226,13 @@ def test_reads_d2moe_trace_format(tmp_path):
     for policy in ("lru", "score", "cooc"):
         a, b = replay(trace, policy, 0.5), replay(same, policy, 0.5)
         assert (a.hits, a.loads) == (b.hits, b.loads), policy
+
+
+def test_select_cuts_prompts_and_checks_layers(tmp_path):
+    ids = np.arange(120 * 3).reshape(120, 3, 1) % 16
+    trace = load_trace(write(tmp_path, ids, prompt_lens=[60, 0, 60]))
+    cut, cols = select(trace, 70, [2, 0, 2])
+    assert cut.prompt_lens.tolist() == [60, 10] and cut.tokens == 70 and cols == [0, 2]
+    np.testing.assert_array_equal(cut.ids, ids[:70])
+    whole, cols = select(trace)
+    assert whole.tokens == 120 and cols == [0, 1, 2]
