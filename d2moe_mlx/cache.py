@@ -157,7 +157,9 @@ class ExpertCache:
         victims = np.empty(0, dtype=np.int64)
         if need > 0:
             candidates = pool.evictable()
-            candidates = candidates[~np.isin(candidates, experts)]
+            other = np.ones(pool.num_experts, dtype=bool)
+            other[experts] = False  # (np.isin costs ~20x more on these small arrays)
+            candidates = candidates[other[candidates]]
             victims = self.policy.victims(candidates, need)
             if spare is not None and spare[candidates].any():
                 first = self.policy.victims(candidates[spare[candidates]], need)

@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .mwq import METHODS
+from .policies import POLICIES
 from .progress import progress_bar
 
 DEFAULT_MAX_TOKENS = 256
@@ -107,7 +108,7 @@ def _streaming_options(f):
                           "(6*2^30): experts stream from the store into a cache (same output, "
                           "slower). Default: all experts in memory."),
         click.option("--cache-policy", type=click.Choice(POLICIES), default="lru", show_default=True,
-                     help="With --memory: which experts to evict (score = lowest mean gate score)."),
+                     help="With --memory: which experts to evict (score = lowest mean gate score; cooc = co-occurrence tables, loads ahead what the previous layer predicts: docs/EVICTION.md)."),
         click.option("--prefetch/--no-prefetch", default=False, show_default=True,
                      help="With --memory: load the next layer's likely experts early, by the "
                           "store's predictors if `d2moe calibrate` made them, else by the next "
@@ -598,6 +599,45 @@ def eval_(store, text_file, qualities, level, memory, max_tokens, mode, dtype, a
         click.echo(f"{results[0].tokens} positions scored in {text_file}, {mode} mode; reference: "
                    f"the highest level, exact")
         click.echo(format_table(results))
+def _columns(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated layer columns such as 0,5,10, got {value!r}")
+
+
+@main.command()
+@click.argument("trace_file", metavar="TRACE", type=click.Path(dir_okay=False))
+@click.option("--cache", "fractions", type=float, multiple=True, default=(0.25,), show_default=True,
+              help="Cache fraction: slots per layer / experts, in (0, 1]; repeat for several.")
+@click.option("--policy", "policies", multiple=True, type=click.Choice([*POLICIES, "belady"]),
+              help="Policy to replay; repeat for several. Default: every runtime policy "
+                   "(score only if the trace has router weights) and belady, the oracle.")
+@click.option("--tokens", type=click.IntRange(1), default=None,
+              help="Replay only the first N tokens (quick runs). Default: all.")
+@click.option("--layers", callback=_columns, default=None, metavar="I,J,...",
+              help="Replay only these layer columns of the trace (0-based). Default: all.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list of {policy, cache_fraction, hit_rate, loads_per_token}.")
+def replay(trace_file, fractions, policies, tokens, layers, as_json):
+    """Replay a routing TRACE (.npz with topk_ids [tokens, layers, k]) through the
+    runtime's expert cache and eviction policies; print hit rate and expert loads per
+    token per policy. Prompts run back to back through one cache per layer; a token's
+    hits are counted before its experts are placed. docs/EVICTION.md has the results.
+    """
+    from .replay import run, table
+
+    try:
+        results = run(trace_file, list(fractions), list(policies) or None, tokens, layers,
+                      note=lambda m: click.echo(m, err=True))
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=1))
+    else:
+        click.echo(table(results))
 
 
 @main.command()

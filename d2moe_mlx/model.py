@@ -108,9 +108,10 @@ def load_model(
     cache) is split
     by :func:`d2moe_mlx.budget.plan_budget` and experts stream from the store:
     ``cache_policy`` ``lru`` / ``lfu`` / ``score`` (SMoE's lowest mean gate
-    score), ``prefetch`` loads the next layer's likely experts early (by the
-    store's predictors when ``d2moe calibrate`` made them, else by the next
-    layer's router on this layer's input),
+    score) / ``cooc`` (co-occurrence tables and loads ahead; docs/EVICTION.md),
+    ``prefetch`` loads the next layer's likely experts early (by the store's
+    predictors when ``d2moe calibrate`` made them, else by the next layer's router
+    on this layer's input),
     ``overlap`` computes a layer's resident experts while its misses load,
     ``loader_threads`` read in parallel, ``mode`` ``stream`` / ``sync`` /
     ``naive`` (see :mod:`d2moe_mlx.scheduler`), ``io_mode`` ``random`` /

@@ -128,6 +128,7 @@ class Scheduler:
             self._books(el.layer, lc, idx, flat, level, y)
             if nxt is not None:
                 self._prefetch(nl, np.array(nxt), self.prefetch_top or k)
+            self._route(el.layer, idx)
             return y
         full = pair_scores = None
         if scores is not None:
@@ -169,6 +170,7 @@ class Scheduler:
         try:
             if nxt is not None:
                 self._prefetch(nl, np.array(nxt), self.prefetch_top or k)
+            self._route(el.layer, idx)
             y = self._compute(el, lc, x, inds, idx, groups, futures)
         except BaseException:
             self._unpin(pins)
@@ -502,12 +504,26 @@ class Scheduler:
 
     def _prefetch(self, layer: int, scores: np.ndarray, k: int) -> None:
         """Start loading the ``k`` experts ``scores`` rank first for ``layer``."""
-        lc = self.caches[layer]
-        level = self.levels.uniform
-        if level is None:
+        if self.levels.uniform is None:
             return
         pred = np.argsort(-scores, kind="stable")[:k]
         self._predicted[layer] = pred
+        self._load_ahead(layer, pred)
+
+    def _route(self, layer: int, idx: np.ndarray) -> None:
+        """Tell the next layer's policy this call's routing (``on_route``) and, streaming,
+        start loading the experts it asks for (the ``cooc`` policy's loads ahead)."""
+        nl = self._next.get(layer)
+        if nl is None:
+            return
+        ahead = self.caches[nl].policy.on_route(idx.reshape(-1, idx.shape[-1]))
+        if len(ahead) and self.mode == "stream" and self.levels.uniform is not None:
+            self._load_ahead(nl, np.asarray(ahead, dtype=np.int64))
+
+    def _load_ahead(self, layer: int, pred: np.ndarray) -> None:
+        """Start loading ``pred`` into ``layer``'s pools of the running level (no pins)."""
+        lc = self.caches[layer]
+        level = self.levels.uniform
         self._settle(layer)
         for p in self.layout.cover(level):
             try:

@@ -31,7 +31,7 @@ def store(hf_checkpoint, tmp_path_factory):
 def test_help_for_every_command():
     res = run("--help")
     assert res.returncode == 0
-    for cmd in ("convert", "generate", "chat", "inspect", "trace", "demo"):
+    for cmd in ("convert", "generate", "chat", "inspect", "trace", "demo", "replay"):
         assert cmd in res.stdout
         sub = run(cmd, "--help")
         assert sub.returncode == 0, sub.stderr

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from d2moe_mlx.policies import POLICIES, LFUPolicy, LRUPolicy, ScorePolicy, make_policy
+from d2moe_mlx.policies import POLICIES, CoocPolicy, LFUPolicy, LRUPolicy, ScorePolicy, make_policy
 
 
 class Reference:
@@ -133,6 +133,11 @@ def test_score_counts_unchosen_experts_and_forgets_old_steps():
     ("lru", {"decay": 0.9}, "decay"),  # an option the policy does not have
     ("lfu", {"window": 4}, "window"),
     ("score", {"decay": 0.9}, "decay"),
+    ("cooc", {"lift": 0.0}, "lift"),
+    ("cooc", {"lift": -1.0}, "lift"),
+    ("cooc", {"lift": "2"}, "lift"),
+    ("cooc", {"lift": math.nan}, "lift"),
+    ("cooc", {"decay": 0.9}, "decay"),
     ("mru", {}, "unknown cache policy"),
     ("", {}, "unknown cache policy"),
 ])
@@ -149,9 +154,29 @@ def test_score_needs_one_score_per_expert():
 
 
 def test_make_policy_names():
-    assert POLICIES == ("lru", "lfu", "score")
-    for name, cls in zip(POLICIES, (LRUPolicy, LFUPolicy, ScorePolicy)):
+    assert POLICIES == ("lru", "lfu", "score", "cooc")
+    for name, cls in zip(POLICIES, (LRUPolicy, LFUPolicy, ScorePolicy, CoocPolicy)):
         pol = make_policy(name, 5)
         assert type(pol) is cls and pol.name == name and pol.num_experts == 5
     assert make_policy("lfu", 5, decay=0.5).decay == 0.5
     assert make_policy("score", 5, window=3).window == 3
+
+
+def test_cooc_hand_case():
+    """Transition keys and cross-layer predictions computed by hand."""
+    pol = CoocPolicy(4, lift=2.0)  # k = 1 of 4 experts: predict at probability >= 0.5
+    assert pol.on_route(np.array([[0]])).tolist() == []  # empty tables predict nothing
+    pol.on_access(np.array([1]))  # layer pair (0 -> 1)
+    pol.on_route(np.array([[0]]))
+    pol.on_access(np.array([2]))  # (0 -> 2); transition 1 -> 2
+    pol.on_route(np.array([[0]]))
+    pol.on_access(np.array([2]))  # (0 -> 2); transition 2 -> 2
+    pol.on_access(np.array([1]))  # no route: the pair table is unchanged; transition 2 -> 1
+    np.testing.assert_allclose(pol.cross[0], [0, 1, 2, 0])
+    assert pol.cross_n.tolist() == [3, 0, 0, 0]
+    np.testing.assert_allclose(pol.keys(), [0, 0, 1, 0])  # after 1 came 2, always
+    assert pol.victims(np.array([1, 2, 3]), 2).tolist() == [3, 1]  # key 0 both; 3 never used
+    assert pol.on_route(np.array([[0]])).tolist() == [2]  # P(2 | 0) = 2/3 >= 0.5, P(1 | 0) = 1/3
+    assert pol.on_route(np.array([[0], [1]])).tolist() == []  # several tokens: no prediction
+    with pytest.raises(ValueError, match="previous layer's expert ids"):
+        pol.on_route(np.array([[4]]))

@@ -233,6 +233,17 @@ def test_prefetch_with_slow_reads(family, stores, resident, fixed_baseline, monk
     assert state.stats.predicted_right < state.stats.predicted  # some prefetches were wrong
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_cooc_loads_ahead_match_resident(family, stores, resident, fixed_baseline):
+    """cooc hears the previous layer's routing (on_route) and the scheduler loads ahead what
+    it predicts (a tiny lift: nearly every seen pair): more loads, never another output."""
+    path = stores(family)
+    model, state = stream_model(path, pieces(path).top_k, cache_policy="cooc",
+                                policy_options={"lift": 0.01})
+    assert_same_as_resident(family, greedy(model), resident(family), state)
+    assert state.stats.prefetch_loads > 0 and state.stats.predicted == 0
+
+
 @pytest.mark.parametrize("prefetch,policy", [(True, "lru"), (False, "score")], ids=["prefetch", "score"])
 def test_granitemoe_router_for_prefetch_and_score(prefetch, policy, stores, resident, fixed_baseline):
     path = stores("granitemoe")
