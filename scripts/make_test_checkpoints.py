@@ -149,6 +149,38 @@ FAMILY_CONFIGS: dict[str, dict] = {
         router_jitter_noise=0.01,
         rope_parameters=_ROPE,
     ),
+    # fam1
+    "glm4_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        use_qk_norm=True,
+        attention_bias=True,
+        head_dim=32,
+        rope_parameters={**_ROPE, "partial_rotary_factor": 0.5},
+    ),
+    "dots1": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        rope_parameters=_ROPE,
+    ),
 }
 
 
@@ -181,6 +213,11 @@ def randomize_(model, seed: int = 0) -> None:
             else:
                 std, mean = 0.08, 0.0
             p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
+        # Score-correction biases are buffers in transformers: re-draw them too, so a
+        # dropped bias changes the routing (fam1).
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

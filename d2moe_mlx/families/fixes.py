@@ -40,3 +40,17 @@ def phimoe_weights(config: dict, w: dict[str, mx.array]) -> None:
             b = k[: -len("weight")] + "bias"
             if b not in w:
                 w[b] = mx.zeros((w[k].shape[0],), dtype=w[k].dtype)
+
+
+def head_dim_config(cfg: dict) -> None:
+    """mlx-lm needs head_dim spelled out (transformers derives it from hidden_size)."""
+    if cfg.get("head_dim") is None:
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def full_attention_only(cfg: dict) -> None:
+    """Families whose mlx-lm model has no sliding-window layers: refuse configs with some."""
+    sliding = [i for i, t in enumerate(cfg.get("layer_types") or []) if t != "full_attention"]
+    if sliding and cfg.get("use_sliding_window", True) and cfg.get("sliding_window"):
+        raise ValueError(f"{cfg.get('model_type')}: layers {sliding} use sliding-window attention, "
+                         "which mlx-lm's model does not implement")

@@ -56,4 +56,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            mlx_lm_limits={"sliding_window": (None,), "input_jitter_noise": (0, 0.0, None)},
            renames=((r"\.mlp\.router\.", ".block_sparse_moe.gate."), (r"\.mlp\.", ".block_sparse_moe.")),
            stack_here=True, weights_fix=fixes.phimoe_weights),
+    # fam1
+    Family("glm4_moe", rule="deepseek_v3", correction_bias="e_score_correction_bias", **_DEEPSEEK,
+           hf_defaults={"routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+                        "first_k_dense_replace": 1, "norm_topk_prob": True, "use_qk_norm": False,
+                        "attention_bias": False, "partial_rotary_factor": 0.5,
+                        "n_shared_experts": 1, "n_routed_experts": 128},
+           mlx_lm_limits={"topk_method": ("noaux_tc", None), "scoring_func": ("sigmoid", None)},
+           config_fix=fixes.head_dim_config),
+    Family("dots1", experts="experts", rule="deepseek_v3",
+           correction_bias="e_score_correction_bias", shared=("shared_experts",),
+           expert_count_key="n_routed_experts",
+           hf_defaults={"first_k_dense_replace": 0, "norm_topk_prob": False, "n_group": 1,
+                        "topk_group": 1, "routed_scaling_factor": 1.0},
+           stack_here=True, config_fix=fixes.full_attention_only),
 )}
