@@ -51,6 +51,11 @@ class Family:
     config_fix: Callable[[dict], None] | None = None  # family quirk of the config (fixes.py)
     weights_fix: Callable[[dict, dict], None] | None = None  # family quirk of the weights
     verified: str = "transformers"  # how this family's support was verified
+    # fam1: per-family gating config names (field -> ModelArgs attribute, over GATING_KEYS)
+    # and constants mlx-lm's block hard-codes (field -> value), e.g. ernie's top-k "moe_k".
+    gating_keys: dict[str, str] = field(default_factory=dict)
+    gating_const: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""  # known differences from transformers, shown by --list-families
 
     @property
     def switch_path(self) -> str:
@@ -59,7 +64,7 @@ class Family:
 
     def gating(self, args) -> Gating:
         """The gating rule with ``args``' (mlx-lm ModelArgs) constants bound."""
-        return bind(self.rule, args, GATING_KEYS)
+        return bind(self.rule, args, {**GATING_KEYS, **self.gating_keys}, self.gating_const)
 
     def correction(self, block: nn.Module) -> mx.array | None:
         """The router's score-correction bias of ``block``, if the family has one."""

@@ -54,3 +54,20 @@ def full_attention_only(cfg: dict) -> None:
     if sliding and cfg.get("use_sliding_window", True) and cfg.get("sliding_window"):
         raise ValueError(f"{cfg.get('model_type')}: layers {sliding} use sliding-window attention, "
                          "which mlx-lm's model does not implement")
+
+
+def drop_correction_bias(config: dict, w: dict[str, mx.array]) -> None:
+    """Families whose mlx-lm block has no score-correction bias (ernie4_5_moe's
+    ``moe_statics``): drop it, warning when it is not zero (routing then differs)."""
+    import warnings
+
+    for k in [k for k in w if k.endswith("e_score_correction_bias")]:
+        if mx.any(w.pop(k) != 0).item():
+            warnings.warn(f"{config.get('model_type')}: {k} is not zero but mlx-lm's model "
+                          "ignores it; expert choice can differ from transformers", stacklevel=2)
+
+
+def ernie_config(cfg: dict) -> None:
+    """ernie4_5_moe: the experts per token also under the common name (budgets read it)."""
+    if cfg.get("num_experts_per_tok") is None and cfg.get("moe_k") is not None:
+        cfg["num_experts_per_tok"] = cfg["moe_k"]

@@ -70,4 +70,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            hf_defaults={"first_k_dense_replace": 0, "norm_topk_prob": False, "n_group": 1,
                         "topk_group": 1, "routed_scaling_factor": 1.0},
            stack_here=True, config_fix=fixes.full_attention_only),
+    Family("ernie4_5_moe", expert_count_key="moe_num_experts", shared=("shared_experts",),
+           gating_keys={"top_k": "moe_k"}, gating_const={"norm_topk": True},
+           hf_defaults={"moe_layer_start_index": 1, "moe_layer_end_index": 27,
+                        "moe_layer_interval": 1, "moe_k": 6, "moe_num_shared_experts": 2,
+                        "use_bias": False, "tie_word_embeddings": True, "rope_theta": 500000.0},
+           mlx_lm_limits={"moe_gate_act": ("softmax", None), "use_bias": (False, None)},
+           stack_here=True, config_fix=fixes.ernie_config, weights_fix=fixes.drop_correction_bias,
+           notes="mlx-lm ignores the router's score-correction bias (moe_statics), which "
+                 "transformers adds before the top-k: expert choice can differ"),
 )}

@@ -76,9 +76,10 @@ class Gating:
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
-def bind(rule: str, args, keys: dict[str, str]) -> Gating:
+def bind(rule: str, args, keys: dict[str, str], const: dict | None = None) -> Gating:
     """The :class:`Gating` of ``rule`` with constants read from mlx-lm's ModelArgs
-    ``args`` under the attribute names ``keys`` (field -> attribute)."""
+    ``args`` under the attribute names ``keys`` (field -> attribute); ``const``
+    (field -> value) are constants the family's block hard-codes."""
     if rule not in RULES:
         raise ValueError(f"unknown gating rule {rule!r}; known: {', '.join(RULES)}")
     values = {}
@@ -86,6 +87,7 @@ def bind(rule: str, args, keys: dict[str, str]) -> Gating:
         value = getattr(args, attr, None)
         if value is not None:
             values[field] = value
+    values.update(const or {})
     if "top_k" not in values:
         raise ValueError(f"{type(args).__module__}: the model's arguments have no "
                          f"{keys.get('top_k')!r} (experts per token)")
