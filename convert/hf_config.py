@@ -41,7 +41,8 @@ def _family(config: dict) -> Family:
 
 def check_supported(config: dict) -> str:
     """Return the config's model_type, or raise ValueError saying why not."""
-    if config.get("auto_map") or config.get("model_file"):
+    remote_ok = config.get("model_type") in supported() and _family(config).hub_remote_code
+    if (config.get("auto_map") or config.get("model_file")) and not remote_ok:
         raise ValueError(
             "this checkpoint needs remote code (config has 'auto_map'/'model_file'); "
             "d2moe-mlx only runs architectures implemented in mlx-lm and never "

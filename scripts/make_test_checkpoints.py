@@ -194,6 +194,25 @@ FAMILY_CONFIGS: dict[str, dict] = {
         rope_parameters=_ROPE,
     ),
 }
+# fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
+# models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format
+# (save_model + save_config, as ``mlx_lm.convert`` writes them). Plain rope_theta
+# here: these configs are read by mlx-lm as written.
+MLX_LM_CONFIGS: dict[str, dict] = {
+    "deepseek": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        rope_theta=25000.0,
+    ),
+}
+HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
+
 # Tensors mlx-lm's model ignores (docs/FAMILIES.md): kept at zero in the test
 # checkpoints so that transformers parity measures everything else.
 ZEROED = {"ernie4_5_moe": ("e_score_correction_bias",)}
@@ -203,6 +222,9 @@ def make_config(family: str, **overrides):
     """The transformers config object of the tiny ``family`` checkpoint."""
     from transformers import AutoConfig
 
+    if family in MLX_LM_CONFIGS:
+        raise ValueError(f"{family}: transformers lacks this family; make_checkpoint builds it "
+                         "with mlx-lm's classes")
     if family not in FAMILY_CONFIGS:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     kwargs = {**_COMMON, **FAMILY_CONFIGS[family], **overrides}
@@ -233,6 +255,47 @@ def randomize_(model, seed: int = 0) -> None:
         for name, b in sorted(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+
+
+def randomize_mlx_(model, seed: int = 0) -> None:
+    """:func:`randomize_` for an mlx-lm model (same spreads, numpy's generator)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    rng = np.random.default_rng(seed)
+    new = []
+    for name, p in sorted(tree_flatten(model.parameters())):
+        leaf = name.rsplit(".", 1)[-1]
+        if "embed_tokens" in name:
+            std, mean = 1.0, 0.0
+        elif leaf in ("sinks", "e_score_correction_bias") or leaf.endswith("bias"):
+            std, mean = 0.1, 0.0
+        elif p.ndim == 1:  # norm weights
+            std, mean = 0.1, 1.0
+        elif any(r in name for r in (".gate.", ".router.", "shared_expert_gate")):
+            std, mean = 0.5, 0.0
+        else:
+            std, mean = 0.08, 0.0
+        new.append((name, mx.array(rng.normal(mean, std, p.shape).astype(np.float32))))
+    model.load_weights(new, strict=True)
+
+
+def make_mlx_lm_checkpoint(family: str, out_dir: Path, seed: int = 0, *, tokenizer: bool = True,
+                           **overrides) -> Path:
+    """Write a tiny random float32 checkpoint of ``family`` built and saved by mlx-lm."""
+    from mlx_lm.utils import _get_classes, save_config, save_model
+
+    cfg = {**_COMMON, "model_type": family, **MLX_LM_CONFIGS[family], **overrides}
+    model_class, args_class = _get_classes(cfg)
+    model = model_class(args_class.from_dict(cfg))
+    randomize_mlx_(model, seed)
+    out_dir = Path(out_dir)
+    save_model(out_dir, model)
+    save_config(cfg, out_dir / "config.json")
+    if tokenizer and cfg["vocab_size"] >= 256:
+        write_byte_tokenizer(out_dir)
+    return out_dir
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -279,6 +342,10 @@ def make_checkpoint(
     per-expert hub layout. ``tokenizer`` adds a byte-level tokenizer (when the
     vocabulary has >= 256 ids). Returns ``out_dir``.
     """
+    if family in MLX_LM_CONFIGS:
+        if fused_experts or max_shard_size is not None:
+            raise ValueError(f"{family}: an mlx-lm-saved checkpoint has one layout")
+        return make_mlx_lm_checkpoint(family, out_dir, seed, tokenizer=tokenizer, **overrides)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -7,7 +7,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from make_test_checkpoints import FAMILIES
+from make_test_checkpoints import FAMILIES, HF_FAMILIES
 
 from d2moe_mlx.convert.hf_config import (
     SUPPORTED_FAMILIES,
@@ -43,7 +43,7 @@ def test_families_match():
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["hub-layout", "fused-layout"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_logits_match_transformers(hf_checkpoint, family, fused):
     ckpt = hf_checkpoint(family, fused_experts=fused)
     ref = hf_logits(ckpt)
@@ -117,7 +117,7 @@ def test_untruncated_yarn_fix_matters(hf_checkpoint):
 
 
 def test_normalize_config_pure_and_idempotent(hf_checkpoint):
-    for family in FAMILIES:
+    for family in HF_FAMILIES:
         raw = load_config(hf_checkpoint(family))
         before = copy.deepcopy(raw)
         cfg = normalize_config(raw)
@@ -132,7 +132,7 @@ def _layer_of(key: str):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["hub-layout", "fused-layout"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_normalize_weights_per_layer(hf_checkpoint, family, fused):
     """Layer by layer (+ the non-layer tensors) == the whole checkpoint at once,
     and each layer's result passes mlx-lm's sanitize into the model's shapes."""

@@ -55,6 +55,9 @@ class Family:
     # and constants mlx-lm's block hard-codes (field -> value), e.g. ernie's top-k "moe_k".
     gating_keys: dict[str, str] = field(default_factory=dict)
     gating_const: dict[str, Any] = field(default_factory=dict)
+    # Hub checkpoints carry auto_map because transformers lacks the family: accepted,
+    # since mlx-lm's own model code runs (never the checkpoint's).
+    hub_remote_code: bool = False
     notes: str = ""  # known differences from transformers, shown by --list-families
 
     @property
