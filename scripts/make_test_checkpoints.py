@@ -193,6 +193,23 @@ FAMILY_CONFIGS: dict[str, dict] = {
         use_bias=False,  # mlx-lm has no lm_head bias (mlx_lm_limits)
         rope_parameters=_ROPE,
     ),
+    "mistral4": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        # llama-4 query scaling from position 8 on (the prompt is 16 tokens)
+        rope_parameters={**_YARN, "original_max_position_embeddings": 8, "llama_4_scaling_beta": 0.2},
+        **_MLA,
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format
@@ -255,6 +272,17 @@ def randomize_(model, seed: int = 0) -> None:
         for name, b in sorted(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+
+
+# Families transformers does not list under AutoModelForCausalLM (fam1).
+CAUSAL_LM_CLASSES = {"mistral4": "Mistral4ForCausalLM"}
+
+
+def causal_lm_class(family: str):
+    """transformers' causal-LM class of ``family`` (``AutoModelForCausalLM`` for most)."""
+    import transformers
+
+    return getattr(transformers, CAUSAL_LM_CLASSES.get(family, "AutoModelForCausalLM"))
 
 
 def randomize_mlx_(model, seed: int = 0) -> None:
@@ -347,11 +375,12 @@ def make_checkpoint(
             raise ValueError(f"{family}: an mlx-lm-saved checkpoint has one layout")
         return make_mlx_lm_checkpoint(family, out_dir, seed, tokenizer=tokenizer, **overrides)
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = make_config(family, **overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    cls = causal_lm_class(family)
+    model = cls.from_config(config, dtype=torch.float32) if hasattr(cls, "from_config") \
+        else cls._from_config(config, dtype=torch.float32)
     randomize_(model, seed)
     with torch.no_grad():
         for name, p in model.state_dict().items():

@@ -27,9 +27,10 @@ ATOL = 1e-4  # max abs logit difference, float32 both sides (observed <= 1.2e-6)
 
 def hf_logits(hf_dir) -> np.ndarray:
     import torch
-    from transformers import AutoModelForCausalLM
+    from make_test_checkpoints import causal_lm_class
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    cls = causal_lm_class(load_config(hf_dir)["model_type"])
+    model = cls.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         return model.eval()(torch.tensor([TOKENS])).logits[0].numpy()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer")
+RULES += ("mistral4",)  # fam1
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class Gating:
             from mlx_lm.models.phimoe import sparsemixer
 
             return sparsemixer(logits, top_k=k, jitter_eps=self.jitter_eps)
+        if self.rule == "mistral4":  # softmax, group-limited (top-2 sum per group), renormalised
+            from mlx_lm.models.mistral4 import mistral4_expert_select
+
+            return mistral4_expert_select(logits, k, self.n_group, self.topk_group, self.scaling,
+                                          self.norm_topk)
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
