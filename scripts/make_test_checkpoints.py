@@ -210,6 +210,44 @@ FAMILY_CONFIGS: dict[str, dict] = {
         rope_parameters={**_YARN, "original_max_position_embeddings": 8, "llama_4_scaling_beta": 0.2},
         **_MLA,
     ),
+    "glm4_moe_lite": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        q_lora_rank=32,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.3,
+        rope_parameters=_ROPE,
+        **{**_MLA, "v_head_dim": 16},
+    ),
+    "deepseek_v32": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        q_lora_rank=32,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.3,
+        index_topk=6,  # sparse attention within the 16-token prompt
+        index_head_dim=32,
+        # 16 indexer heads: with 2, ReLU'd scores tie at exactly 0 and mlx-lm's argpartition
+        # and torch.topk break ties differently (documented in docs/FAMILIES.md)
+        index_n_heads=16,
+        rope_parameters=_ROPE,
+        **_MLA,
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format

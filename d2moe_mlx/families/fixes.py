@@ -71,3 +71,20 @@ def ernie_config(cfg: dict) -> None:
     """ernie4_5_moe: the experts per token also under the common name (budgets read it)."""
     if cfg.get("num_experts_per_tok") is None and cfg.get("moe_k") is not None:
         cfg["num_experts_per_tok"] = cfg["moe_k"]
+
+
+def dense_prefix_config(cfg: dict) -> None:
+    """transformers 5 lists ``mlp_layer_types`` ("dense"/"sparse" per layer); mlx-lm's
+    DeepSeek-like models read ``first_k_dense_replace``: the leading dense layers."""
+    types = cfg.get("mlp_layer_types")
+    if not types:
+        return
+    k = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    if any(t != "sparse" for t in types[k:]):
+        raise ValueError(f"{cfg.get('model_type')}: mlp_layer_types {types} is not dense layers "
+                         "followed by sparse ones, which is all mlx-lm's model can build")
+    if cfg.get("first_k_dense_replace") is None:
+        cfg["first_k_dense_replace"] = k
+    elif cfg["first_k_dense_replace"] != k:
+        raise ValueError(f"{cfg.get('model_type')}: first_k_dense_replace="
+                         f"{cfg['first_k_dense_replace']} contradicts mlp_layer_types {types}")
