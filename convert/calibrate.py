@@ -72,9 +72,13 @@ def describe_calibration(tokens: int, note: str) -> str:
 class _LayerProbe(nn.Module):
     """Stands in for a decoder layer: records its call arguments, returns the input."""
 
-    def __init__(self, record: list):
+    def __init__(self, record: list, layer: nn.Module | None = None):
         super().__init__()
         self._record = record
+        # Plain flags a model's forward reads off its layers (exaone_moe: is_sliding_window).
+        for k, v in vars(layer or {}).items():
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str)):
+                setattr(self, k, v)
 
     def __call__(self, x, *args, **kwargs):
         self._record.append((x, args, kwargs))
@@ -93,7 +97,7 @@ def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tupl
     record: list = []
     try:
         for i in range(len(layers)):
-            layers[i] = _LayerProbe(record)
+            layers[i] = _LayerProbe(record, saved[i])
         model(tokens)  # lazy: only the recorded inputs are evaluated below
     finally:
         layers[:] = saved

@@ -248,6 +248,24 @@ FAMILY_CONFIGS: dict[str, dict] = {
         rope_parameters=_ROPE,
         **_MLA,
     ),
+    "exaone_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        head_dim=16,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        first_k_dense_replace=1,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        sliding_window=6,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.3,
+        rope_parameters=_ROPE,
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format

@@ -88,3 +88,11 @@ def dense_prefix_config(cfg: dict) -> None:
     elif cfg["first_k_dense_replace"] != k:
         raise ValueError(f"{cfg.get('model_type')}: first_k_dense_replace="
                          f"{cfg['first_k_dense_replace']} contradicts mlp_layer_types {types}")
+
+
+def moe_layer_flags_config(cfg: dict) -> None:
+    """exaone_moe: mlx-lm reads ``is_moe_layer`` (a flag per layer), transformers 5 writes
+    ``mlp_layer_types``."""
+    types = cfg.get("mlp_layer_types")
+    if cfg.get("is_moe_layer") is None and types:
+        cfg["is_moe_layer"] = [t == "sparse" for t in types]
