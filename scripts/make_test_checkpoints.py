@@ -266,6 +266,21 @@ FAMILY_CONFIGS: dict[str, dict] = {
         routed_scaling_factor=1.3,
         rope_parameters=_ROPE,
     ),
+    "afmoe": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        num_dense_layers=1,
+        head_dim=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        sliding_window=6,
+        route_scale=1.7,
+        mup_enabled=True,
+        rope_parameters=_ROPE,
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format

@@ -55,6 +55,7 @@ class Family:
     # and constants mlx-lm's block hard-codes (field -> value), e.g. ernie's top-k "moe_k".
     gating_keys: dict[str, str] = field(default_factory=dict)
     gating_const: dict[str, Any] = field(default_factory=dict)
+    correction_on_block: bool = False  # the correction bias is the block's, not the router's
     # Hub checkpoints carry auto_map because transformers lacks the family: accepted,
     # since mlx-lm's own model code runs (never the checkpoint's).
     hub_remote_code: bool = False
@@ -73,7 +74,8 @@ class Family:
         """The router's score-correction bias of ``block``, if the family has one."""
         if self.correction_bias is None:
             return None
-        return block[self.router][self.correction_bias]
+        owner = block if self.correction_on_block else block[self.router]
+        return owner[self.correction_bias]
 
     def blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         """(decoder layer index, MoE block) of every layer whose block has routed experts."""
@@ -90,11 +92,14 @@ class Family:
 
 def router_logits(router: nn.Module, x: mx.array) -> mx.array:
     """The router's logits over all experts for ``x``, whatever the router returns:
-    a Linear router is called; one holding its Linear in ``layer`` (granitemoe) calls
-    that; others (DeepSeek's MoEGate) hold a ``weight`` (and maybe a ``bias``)."""
+    a Linear router is called; one holding its Linear in ``layer`` (granitemoe) or
+    ``gate`` (afmoe) calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
+    maybe a ``bias``)."""
     if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
         return router(x)
-    inner = router.get("layer") if isinstance(router, nn.Module) else None
+    inner = None
+    if isinstance(router, nn.Module):
+        inner = router.get("layer", router.get("gate"))
     if isinstance(inner, (nn.Linear, nn.QuantizedLinear)):
         return inner(x)
     if "weight" not in router:
