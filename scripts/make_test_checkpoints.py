@@ -281,6 +281,25 @@ FAMILY_CONFIGS: dict[str, dict] = {
         mup_enabled=True,
         rope_parameters=_ROPE,
     ),
+    "laguna": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=192,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        num_attention_heads_per_layer=[4, 8, 4],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=6,
+        moe_routed_scaling_factor=1.7,
+        moe_router_logit_softcapping=2.0,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0, "partial_rotary_factor": 1.0},
+        },
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format

@@ -124,7 +124,8 @@ def test_normalize_config_pure_and_idempotent(hf_checkpoint):
         cfg = normalize_config(raw)
         assert raw == before
         assert normalize_config(cfg) == cfg
-        assert cfg["rope_theta"] == raw["rope_parameters"]["rope_theta"]
+        if "rope_theta" in raw["rope_parameters"]:  # not per layer type (laguna: mlx-lm reads those)
+            assert cfg["rope_theta"] == raw["rope_parameters"]["rope_theta"]
 
 
 def _layer_of(key: str):

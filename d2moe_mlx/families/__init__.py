@@ -92,14 +92,14 @@ class Family:
 
 def router_logits(router: nn.Module, x: mx.array) -> mx.array:
     """The router's logits over all experts for ``x``, whatever the router returns:
-    a Linear router is called; one holding its Linear in ``layer`` (granitemoe) or
-    ``gate`` (afmoe) calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
+    a Linear router is called; one holding its Linear in ``layer`` (granitemoe),
+    ``gate`` (afmoe) or ``proj`` (laguna) calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
     maybe a ``bias``)."""
     if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
         return router(x)
     inner = None
     if isinstance(router, nn.Module):
-        inner = router.get("layer", router.get("gate"))
+        inner = next((router[k] for k in ("layer", "gate", "proj") if k in router), None)
     if isinstance(inner, (nn.Linear, nn.QuantizedLinear)):
         return inner(x)
     if "weight" not in router:

@@ -30,6 +30,7 @@ class Gating:
     topk_group: int = 1
     topk_method: str = "greedy"
     jitter_eps: float = 0.0
+    softcap: float = 0.0  # fam1: logits -> tanh(logits / c) * c first (laguna), 0 = off
 
     @property
     def sigmoid(self) -> bool:
@@ -37,12 +38,19 @@ class Gating:
 
     def scores(self, logits: mx.array) -> mx.array:
         """Importance of every expert [..., E] in float32: router probabilities."""
-        logits = logits.astype(mx.float32)
+        logits = self.capped(logits.astype(mx.float32))
         return mx.sigmoid(logits) if self.sigmoid else mx.softmax(logits, axis=-1, precise=True)
+
+    def capped(self, logits: mx.array) -> mx.array:
+        """The logits with the router's soft cap applied (unchanged without one)."""
+        if not self.softcap:
+            return logits
+        return mx.tanh(logits.astype(mx.float32) / self.softcap) * self.softcap
 
     def route(self, logits: mx.array, correction_bias: mx.array | None = None):
         """(indices [..., k], weights [..., k]) exactly as the family's block routes."""
         k = self.top_k
+        logits = self.capped(logits)
         if self.rule == "softmax_topk":  # qwen2/3_moe, olmoe: top-k of the softmax
             probs = mx.softmax(logits, axis=-1, precise=True)
             inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
