@@ -317,6 +317,19 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         moe_layer_freq=1,
         rope_theta=25000.0,
     ),
+    "Klear": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        attention_bias=False,
+        rope_theta=25000.0,
+    ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 

@@ -56,6 +56,9 @@ class Family:
     gating_keys: dict[str, str] = field(default_factory=dict)
     gating_const: dict[str, Any] = field(default_factory=dict)
     correction_on_block: bool = False  # the correction bias is the block's, not the router's
+    # The block multiplies its routed experts' sum by a per-token factor of its own
+    # (Klear: a softmax coefficient mixing routed and shared output), outside the routing.
+    scaled_output: bool = False
     # Hub checkpoints carry auto_map because transformers lacks the family: accepted,
     # since mlx-lm's own model code runs (never the checkpoint's).
     hub_remote_code: bool = False

@@ -115,6 +115,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("deepseek", shared=("shared_experts",), expert_count_key="n_routed_experts",
            mlx_lm_limits={"norm_topk_prob": (False, None), "scoring_func": ("softmax", None)},
            hub_remote_code=True, verified="mlx-lm"),
+    Family("Klear", experts="experts", shared=("shared_experts",), rule="deepseek_v3",
+           correction_bias="expert_bias", correction_on_block=True, expert_count_key="num_experts",
+           scaled_output=True, stack_here=True, hub_remote_code=True, verified="mlx-lm",
+           notes="the routed output is mixed with the shared expert by a per-token softmax "
+                 "coefficient (outside the routing weights)"),
     Family("ernie4_5_moe", expert_count_key="moe_num_experts", shared=("shared_experts",),
            gating_keys={"top_k": "moe_k"}, gating_const={"norm_topk": True},
            hf_defaults={"moe_layer_start_index": 1, "moe_layer_end_index": 27,
