@@ -96,6 +96,11 @@ def normalize_config(config: dict) -> dict:
         cfg[family.expert_count_key] = count
     if family.config_fix is not None:
         family.config_fix(cfg)
+    # Experts per token also under the common name where the family spells it
+    # otherwise (ernie's moe_k): budgets and profiles read num_experts_per_tok.
+    top_k = family.gating_keys.get("top_k")
+    if top_k and cfg.get("num_experts_per_tok") is None and cfg.get(top_k) is not None:
+        cfg["num_experts_per_tok"] = cfg[top_k]
     return cfg
 
 

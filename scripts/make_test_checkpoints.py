@@ -330,6 +330,26 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         attention_bias=False,
         rope_theta=25000.0,
     ),
+    "step3p5": dict(
+        num_hidden_layers=3,
+        num_attention_groups=2,
+        head_dim=16,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        share_expert_dim=192,
+        moe_num_experts=8,
+        moe_top_k=2,
+        moe_layers_enum="1,2",
+        moe_router_scaling_factor=1.7,
+        norm_expert_weight=True,
+        swiglu_limits=[0.0, 0.6, 0.0],  # clamped SwiGLU experts in layer 1
+        swiglu_limits_shared=[0.0, 0.0, 0.6],
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        sliding_window=6,
+        attention_other_setting={"num_attention_heads": 8, "num_attention_groups": 2},
+        partial_rotary_factors=[0.5, 1.0, 0.5],
+        rope_theta=25000.0,
+    ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 

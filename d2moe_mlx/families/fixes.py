@@ -67,12 +67,6 @@ def drop_correction_bias(config: dict, w: dict[str, mx.array]) -> None:
                           "ignores it; expert choice can differ from transformers", stacklevel=2)
 
 
-def ernie_config(cfg: dict) -> None:
-    """ernie4_5_moe: the experts per token also under the common name (budgets read it)."""
-    if cfg.get("num_experts_per_tok") is None and cfg.get("moe_k") is not None:
-        cfg["num_experts_per_tok"] = cfg["moe_k"]
-
-
 def dense_prefix_config(cfg: dict) -> None:
     """transformers 5 lists ``mlp_layer_types`` ("dense"/"sparse" per layer); mlx-lm's
     DeepSeek-like models read ``first_k_dense_replace``: the leading dense layers."""
@@ -96,3 +90,13 @@ def moe_layer_flags_config(cfg: dict) -> None:
     types = cfg.get("mlp_layer_types")
     if cfg.get("is_moe_layer") is None and types:
         cfg["is_moe_layer"] = [t == "sparse" for t in types]
+
+
+def step3p5_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """step3p5: mlx-lm's sanitize renames hub tensors (``.moe.*``) and adds 1 to every norm
+    weight when it sees them; the final norm comes in a part without ``.moe.`` names, so a
+    part-by-part conversion would miss it: refuse hub-layout checkpoints."""
+    hub = [k for k in w if ".moe." in k]
+    if hub:
+        raise ValueError(f"step3p5: hub-layout tensors ({hub[0]}, ...) are not supported yet: "
+                         "convert the checkpoint with mlx_lm.convert first, then with d2moe")

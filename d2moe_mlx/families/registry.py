@@ -120,13 +120,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            scaled_output=True, stack_here=True, hub_remote_code=True, verified="mlx-lm",
            notes="the routed output is mixed with the shared expert by a per-token softmax "
                  "coefficient (outside the routing weights)"),
+    Family("step3p5", shared=("share_expert",), rule="deepseek_v3", correction_bias="router_bias",
+           expert_count_key="moe_num_experts",
+           gating_keys={"top_k": "moe_top_k", "norm_topk": "norm_expert_weight",
+                        "scaling": "moe_router_scaling_factor"},
+           gating_const={"n_group": 1, "topk_group": 1},
+           weights_fix=fixes.step3p5_weights, hub_remote_code=True, verified="mlx-lm",
+           notes="hub-layout checkpoints (.moe.* names) refused: mlx_lm.convert them first"),
     Family("ernie4_5_moe", expert_count_key="moe_num_experts", shared=("shared_experts",),
            gating_keys={"top_k": "moe_k"}, gating_const={"norm_topk": True},
            hf_defaults={"moe_layer_start_index": 1, "moe_layer_end_index": 27,
                         "moe_layer_interval": 1, "moe_k": 6, "moe_num_shared_experts": 2,
                         "use_bias": False, "tie_word_embeddings": True, "rope_theta": 500000.0},
            mlx_lm_limits={"moe_gate_act": ("softmax", None), "use_bias": (False, None)},
-           stack_here=True, config_fix=fixes.ernie_config, weights_fix=fixes.drop_correction_bias,
+           stack_here=True, weights_fix=fixes.drop_correction_bias,
            notes="mlx-lm ignores the router's score-correction bias (moe_statics), which "
                  "transformers adds before the top-k: expert choice can differ"),
 )}
