@@ -141,5 +141,30 @@ def supported() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
 
-__all__ = ["Family", "Gating", "family_of", "get_family", "model_type", "router_logits",
+VERIFIED = {  # Family.verified -> how, in words (--list-families, docs/FAMILIES.md)
+    "transformers": "transformers",  # tiny random checkpoint written by transformers 5
+    "mlx-lm": "mlx-lm",  # transformers lacks it: tiny random model saved by mlx-lm
+    "none": "not verified",
+}
+
+
+def describe(family: Family) -> str:
+    """What a user should know about ``family``: its notes, then the config values
+    mlx-lm's model cannot run (the converter refuses them)."""
+    parts = [family.notes] if family.notes else []
+    for key, allowed in family.mlx_lm_limits.items():
+        shown = [repr(a) for a in allowed if a is not None]
+        unset = " (or unset)" if None in allowed and shown else ""
+        parts.append(f"{key} must be {' or '.join(shown)}{unset}" if shown else f"{key} must be unset")
+    return "; ".join(parts)
+
+
+def family_table() -> list[tuple[str, str, str]]:
+    """(model_type, verified how, notes) of every supported family, in registry order."""
+    from .registry import FAMILIES
+
+    return [(f.name, VERIFIED.get(f.verified, f.verified), describe(f)) for f in FAMILIES.values()]
+
+
+__all__ = ["Family", "describe", "family_table", "Gating", "family_of", "get_family", "model_type", "router_logits",
            "supported"]
