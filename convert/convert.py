@@ -251,9 +251,19 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
         shapes = _write_experts(writer, l, ex, spec, method, workers)
     _quantize_dense(model, quantization, lambda p: layer_of(p) == l)
     writer.write_dense_shard(_dense_params(layers[l], store_dtype, prefix=layer_path))
-    layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
+    layers[l] = _DroppedLayer()  # drop the layer: nothing of it is needed again
     mx.clear_cache()  # hand freed buffers back so peak memory stays at one layer
     return h_next, stats, shapes
+
+
+class _DroppedLayer(nn.Module):
+    """Stands in for a converted layer. A family's ``sanitize`` may walk every layer
+    (kimi_linear: ``layer.mlp``, ``layer.self_attn``); here those read as None."""
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            return super().__getattr__(key)
+        return self.get(key)
 
 
 def _store_dtype(dtype: str | None, config: dict) -> mx.Dtype:
@@ -293,13 +303,14 @@ def _load_subset(model: nn.Module, config: dict, subset: dict[str, mx.array], pr
     call and back afterwards.
     """
     model_type = config["model_type"]
-    if prefix is not None:
+    in_place = prefix is not None and not get_family(model_type).sanitize_layer0
+    if prefix is not None and not in_place:
         layer0 = "model.layers.0"
         subset = {layer0 + k[len(prefix):]: v for k, v in subset.items()}
     subset = normalize_weights(model_type, config, subset)
     if hasattr(model, "sanitize"):
         subset = model.sanitize(dict(subset))
-    if prefix is not None:
+    if prefix is not None and not in_place:
         subset = {(prefix + k[len(layer0):] if k.startswith(layer0 + ".") else k): v for k, v in subset.items()}
     params = dict(tree_flatten(model.parameters()))
     if prefix is None:

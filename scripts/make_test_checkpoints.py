@@ -300,6 +300,26 @@ FAMILY_CONFIGS: dict[str, dict] = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0, "partial_rotary_factor": 1.0},
         },
     ),
+    "kimi_linear": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_token=2,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_head_dim=16,
+        linear_num_heads=4,
+        linear_conv_kernel_dim=3,
+        num_expert_group=2,
+        topk_group=1,
+        moe_renormalize=True,
+        routed_scaling_factor=1.7,
+        model_max_length=512,
+        rope_parameters=_ROPE,
+        **_MLA,
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format

@@ -55,6 +55,10 @@ class Family:
     # and constants mlx-lm's block hard-codes (field -> value), e.g. ernie's top-k "moe_k".
     gating_keys: dict[str, str] = field(default_factory=dict)
     gating_const: dict[str, Any] = field(default_factory=dict)
+    # The converter sanitizes a layer's tensors renamed to layer 0 (several mlx-lm sanitize
+    # methods look only there); False: under their own index (kimi_linear's looks at each
+    # layer's module).
+    sanitize_layer0: bool = True
     correction_on_block: bool = False  # the correction bias is the block's, not the router's
     # The block multiplies its routed experts' sum by a per-token factor of its own
     # (Klear: a softmax coefficient mixing routed and shared output), outside the routing.

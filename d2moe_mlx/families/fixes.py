@@ -100,3 +100,24 @@ def step3p5_weights(config: dict, w: dict[str, mx.array]) -> None:
     if hub:
         raise ValueError(f"step3p5: hub-layout tensors ({hub[0]}, ...) are not supported yet: "
                          "convert the checkpoint with mlx_lm.convert first, then with d2moe")
+
+
+def kimi_linear_config(cfg: dict) -> None:
+    """kimi_linear: transformers 5 writes ``layer_types`` and ``linear_*`` keys, mlx-lm
+    reads the hub's ``linear_attn_config`` (1-based KDA / full-attention layer lists)."""
+    dense_prefix_config(cfg)
+    types = cfg.get("layer_types")
+    if cfg.get("linear_attn_config") is None and types:
+        cfg["linear_attn_config"] = {
+            "kda_layers": [i + 1 for i, t in enumerate(types) if t == "linear_attention"],
+            "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
+            "head_dim": cfg.get("linear_head_dim"), "num_heads": cfg.get("linear_num_heads"),
+            "short_conv_kernel_size": cfg.get("linear_conv_kernel_dim", 4)}
+
+
+def kimi_linear_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """kimi_linear, transformers-5 module layout: one ``conv1d`` over q, k and v
+    concatenated -> the hub's ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d``."""
+    for k in [k for k in w if k.endswith("self_attn.conv1d.weight")]:
+        for name, part in zip("qkv", mx.split(w.pop(k), 3, axis=0)):
+            w[k.replace(".conv1d.", f".{name}_conv1d.")] = part
