@@ -320,6 +320,27 @@ FAMILY_CONFIGS: dict[str, dict] = {
         rope_parameters=_ROPE,
         **_MLA,
     ),
+    "mimo_v2_flash": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        head_dim=32,
+        v_head_dim=16,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        sliding_window=7,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        attention_value_scale=0.6,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0, "partial_rotary_factor": 0.5},
+        },
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format

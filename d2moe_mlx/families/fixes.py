@@ -121,3 +121,34 @@ def kimi_linear_weights(config: dict, w: dict[str, mx.array]) -> None:
     for k in [k for k in w if k.endswith("self_attn.conv1d.weight")]:
         for name, part in zip("qkv", mx.split(w.pop(k), 3, axis=0)):
             w[k.replace(".conv1d.", f".{name}_conv1d.")] = part
+
+
+def mimo_v2_flash_config(cfg: dict) -> None:
+    """mimo_v2_flash: mlx-lm reads the hub's config (``hybrid_layer_pattern``,
+    ``moe_layer_freq``, ``swa_*``); transformers 5 writes ``layer_types``,
+    ``mlp_layer_types`` and rope per layer type, and builds sliding layers with twice
+    the kv heads and attention sinks, a window of ``sliding_window_size + 1``."""
+    types, mlp = cfg.get("layer_types"), cfg.get("mlp_layer_types")
+    if cfg.get("hybrid_layer_pattern") is not None or not types or not mlp:
+        return
+    rope = cfg.get("rope_parameters") or {}
+    full, swa = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    factors = {full.get("partial_rotary_factor", 0.334), swa.get("partial_rotary_factor", 0.334)}
+    if len(factors) != 1:
+        raise ValueError("mimo_v2_flash: mlx-lm's model has one partial_rotary_factor for both "
+                         f"layer types, the config has {sorted(factors)}")
+    cfg.update(
+        hybrid_layer_pattern=[int(t == "sliding_attention") for t in types],
+        moe_layer_freq=[int(t == "sparse") for t in mlp],
+        add_swa_attention_sink_bias=True, add_full_attention_sink_bias=False,
+        sliding_window_size=cfg["sliding_window"],  # mlx-lm's window counts the query too
+        layernorm_epsilon=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=full.get("rope_theta", 5_000_000.0), swa_rope_theta=swa.get("rope_theta", 10_000.0),
+        partial_rotary_factor=factors.pop(),
+        swa_num_attention_heads=cfg["num_attention_heads"],
+        swa_num_key_value_heads=2 * cfg["num_key_value_heads"],
+        swa_head_dim=cfg.get("head_dim", 192), swa_v_head_dim=cfg.get("v_head_dim", 128))
+    cfg.setdefault("n_shared_experts", None)
+    cfg.setdefault("topk_method", "noaux_tc")
+    cfg.setdefault("scoring_func", "sigmoid")
+    cfg["rope_scaling"] = None
