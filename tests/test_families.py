@@ -77,10 +77,12 @@ def test_adapter_routes_like_mlx_lm(name, models):
         # weights keyed by expert id, both sides
         got_w = np.array(weights.astype(mx.float32))
         want_w = _block_weights(block, family, x, seen["idx"])
-        order_got = np.argsort(np.array(inds), -1)
-        order_want = np.argsort(np.array(seen["idx"]), -1)
-        got_sorted = np.take_along_axis(got_w.reshape(order_got.shape), order_got, -1)
-        want_sorted = np.take_along_axis(want_w.reshape(order_want.shape), order_want, -1)
+        # by expert id, then weight (a block may repeat an expert id)
+        got_w, want_w = got_w.reshape(inds.shape), want_w.reshape(inds.shape)
+        order_got = np.lexsort((got_w, np.array(inds)), axis=-1)
+        order_want = np.lexsort((want_w, np.array(seen["idx"])), axis=-1)
+        got_sorted = np.take_along_axis(got_w, order_got, -1)
+        want_sorted = np.take_along_axis(want_w, order_want, -1)
         if family.scaled_output:  # the block's own per-token factor: compare proportions
             got_sorted = got_sorted / got_sorted.sum(-1, keepdims=True)
             want_sorted = want_sorted / want_sorted.sum(-1, keepdims=True)
