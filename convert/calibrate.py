@@ -86,6 +86,10 @@ class _LayerProbe(nn.Module):
             if layer is None:
                 raise
             return getattr(layer, name)
+        # Plain flags a model's forward reads off its layers (exaone_moe: is_sliding_window).
+        for k, v in vars(layer or {}).items():
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str)):
+                setattr(self, k, v)
 
     def __call__(self, x, *args, **kwargs):
         self._record.append((x, args, kwargs))

@@ -281,9 +281,19 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
             stats["inexact_groups"] = shapes.pop("inexact_groups")
     _quantize_dense(model, quantization, lambda p: layer_of(p) == l)
     writer.write_dense_shard(_dense_params(layers[l], store_dtype, prefix=layer_path))
-    layers[l] = nn.Module()  # drop the layer: nothing of it is needed again
+    layers[l] = _DroppedLayer()  # drop the layer: nothing of it is needed again
     mx.clear_cache()  # hand freed buffers back so peak memory stays at one layer
     return h_next, stats, shapes
+
+
+class _DroppedLayer(nn.Module):
+    """Stands in for a converted layer. A family's ``sanitize`` may walk every layer
+    (kimi_linear: ``layer.mlp``, ``layer.self_attn``); here those read as None."""
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            return super().__getattr__(key)
+        return self.get(key)
 
 
 def _store_dtype(dtype: str | None, config: dict) -> mx.Dtype:
@@ -325,13 +335,15 @@ def _load_subset(model: nn.Module, config: dict, subset: dict[str, mx.array], pr
     (``...layers.{layer}.`` -> ``...layers.0.``, whatever comes before) and back afterwards.
     """
     model_type = config["model_type"]
-    if prefix is not None:
+    # A family whose sanitize looks at each layer's own index keeps it (sanitize_layer0 False)
+    rename = prefix is not None and get_family(model_type).sanitize_layer0
+    if rename:
         subset = {re.sub(rf"(^|\.)layers\.{layer}\.", r"\1layers.0.", k, count=1): v
                   for k, v in subset.items()}
     subset = normalize_weights(model_type, config, subset)
     if hasattr(model, "sanitize"):
         subset = model.sanitize(dict(subset))
-    if prefix is not None:
+    if rename:
         subset = {re.sub(r"(^|\.)layers\.0\.", rf"\1layers.{layer}.", k, count=1): v
                   for k, v in subset.items()}
     params = dict(tree_flatten(model.parameters()))

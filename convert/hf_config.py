@@ -41,7 +41,8 @@ def _family(config: dict) -> Family:
 
 def check_supported(config: dict) -> str:
     """Return the config's model_type, or raise ValueError saying why not."""
-    if config.get("auto_map") or config.get("model_file"):
+    remote_ok = config.get("model_type") in supported() and _family(config).hub_remote_code
+    if (config.get("auto_map") or config.get("model_file")) and not remote_ok:
         raise ValueError(
             "this checkpoint needs remote code (config has 'auto_map'/'model_file'); "
             "d2moe-mlx only runs architectures implemented in mlx-lm and never "
@@ -99,6 +100,11 @@ def normalize_config(config: dict) -> dict:
         cfg[family.expert_count_key] = count
     if family.config_fix is not None:
         family.config_fix(cfg)
+    # Experts per token also under the common name where the family spells it
+    # otherwise (ernie's moe_k): budgets and profiles read num_experts_per_tok.
+    top_k = family.gating_keys.get("top_k")
+    if top_k and cfg.get("num_experts_per_tok") is None and cfg.get(top_k) is not None:
+        cfg["num_experts_per_tok"] = cfg[top_k]
     return _lift_text_config(cfg)
 
 

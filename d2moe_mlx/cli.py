@@ -164,7 +164,29 @@ def main() -> None:
     sys.modules.setdefault("torch", None)
 
 
+def _list_families(ctx, _param, value) -> None:
+    """--list-families: every supported family, how it was verified, and its notes."""
+    if not value or ctx.resilient_parsing:
+        return
+    from .families import family_table
+
+    rows = family_table()
+    width = max(len(name) for name, _, _ in rows)
+    click.echo(f"{'family':<{width}}  {'verified':<12}  notes")
+    for name, verified, notes in rows:
+        click.echo(f"{name:<{width}}  {verified:<12}  {notes}".rstrip())
+    counts = {v: sum(r[1] == v for r in rows) for v in dict.fromkeys(r[1] for r in rows)}
+    click.echo(f"{len(rows)} families: " + ", ".join(f"{n} verified against {v}" if v != "not verified"
+                                                     else f"{n} not verified" for v, n in counts.items()))
+    click.echo("transformers: transformers-5 logits match mlx-lm's after normalisation; mlx-lm: "
+               "transformers lacks the family, a model saved by mlx-lm converts and runs "
+               "(docs/FAMILIES.md)")
+    ctx.exit()
+
+
 @main.command()
+@click.option("--list-families", is_flag=True, is_eager=True, expose_value=False,
+              callback=_list_families, help="Print the supported model families and exit.")
 @click.argument("src")
 @click.option(
     "-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Store directory to create."

@@ -149,7 +149,254 @@ FAMILY_CONFIGS: dict[str, dict] = {
         router_jitter_noise=0.01,
         rope_parameters=_ROPE,
     ),
+    # fam1
+    "glm4_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        use_qk_norm=True,
+        attention_bias=True,
+        head_dim=32,
+        rope_parameters={**_ROPE, "partial_rotary_factor": 0.5},
+    ),
+    "dots1": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        rope_parameters=_ROPE,
+    ),
+    "ernie4_5_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        moe_num_experts=8,
+        moe_num_shared_experts=1,
+        moe_k=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=2,
+        use_bias=False,  # mlx-lm has no lm_head bias (mlx_lm_limits)
+        rope_parameters=_ROPE,
+    ),
+    "mistral4": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        # llama-4 query scaling from position 8 on (the prompt is 16 tokens)
+        rope_parameters={**_YARN, "original_max_position_embeddings": 8, "llama_4_scaling_beta": 0.2},
+        **_MLA,
+    ),
+    "glm4_moe_lite": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        q_lora_rank=32,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.3,
+        rope_parameters=_ROPE,
+        **{**_MLA, "v_head_dim": 16},
+    ),
+    "deepseek_v32": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        q_lora_rank=32,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.3,
+        index_topk=6,  # sparse attention within the 16-token prompt
+        index_head_dim=32,
+        # 16 indexer heads: with 2, ReLU'd scores tie at exactly 0 and mlx-lm's argpartition
+        # and torch.topk break ties differently (documented in docs/FAMILIES.md)
+        index_n_heads=16,
+        rope_parameters=_ROPE,
+        **_MLA,
+    ),
+    "exaone_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        head_dim=16,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        first_k_dense_replace=1,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        sliding_window=6,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.3,
+        rope_parameters=_ROPE,
+    ),
+    "afmoe": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        num_dense_layers=1,
+        head_dim=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        sliding_window=6,
+        route_scale=1.7,
+        mup_enabled=True,
+        rope_parameters=_ROPE,
+    ),
+    "laguna": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=192,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        num_attention_heads_per_layer=[4, 8, 4],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=6,
+        moe_routed_scaling_factor=1.7,
+        moe_router_logit_softcapping=2.0,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0, "partial_rotary_factor": 1.0},
+        },
+    ),
+    "kimi_linear": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_token=2,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_head_dim=16,
+        linear_num_heads=4,
+        linear_conv_kernel_dim=3,
+        num_expert_group=2,
+        topk_group=1,
+        moe_renormalize=True,
+        routed_scaling_factor=1.7,
+        model_max_length=512,
+        rope_parameters=_ROPE,
+        **_MLA,
+    ),
+    "mimo_v2_flash": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        head_dim=32,
+        v_head_dim=16,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        sliding_window=7,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        attention_value_scale=0.6,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0, "partial_rotary_factor": 0.5},
+        },
+    ),
 }
+# fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
+# models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format
+# (save_model + save_config, as ``mlx_lm.convert`` writes them). Plain rope_theta
+# here: these configs are read by mlx-lm as written.
+MLX_LM_CONFIGS: dict[str, dict] = {
+    "deepseek": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        rope_theta=25000.0,
+    ),
+    "Klear": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        attention_bias=False,
+        rope_theta=25000.0,
+    ),
+    "step3p5": dict(
+        num_hidden_layers=3,
+        num_attention_groups=2,
+        head_dim=16,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        share_expert_dim=192,
+        moe_num_experts=8,
+        moe_top_k=2,
+        moe_layers_enum="1,2",
+        moe_router_scaling_factor=1.7,
+        norm_expert_weight=True,
+        swiglu_limits=[0.0, 0.6, 0.0],  # clamped SwiGLU experts in layer 1
+        swiglu_limits_shared=[0.0, 0.0, 0.6],
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        sliding_window=6,
+        attention_other_setting={"num_attention_heads": 8, "num_attention_groups": 2},
+        partial_rotary_factors=[0.5, 1.0, 0.5],
+        rope_theta=25000.0,
+    ),
+}
+HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
+
+# Tensors mlx-lm's model ignores (docs/FAMILIES.md): kept at zero in the test
+# checkpoints so that transformers parity measures everything else.
+ZEROED = {"ernie4_5_moe": ("e_score_correction_bias",)}
 
 # fam2 ---------------------------------------------------------------------------
 _LINEAR_ATTN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
@@ -268,8 +515,6 @@ FAMILY_CONFIGS.update({
                          "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}},
     ),
 })
-# families whose score-correction bias (a transformers buffer) is drawn too (else zeros)
-RANDOM_BUFFERS = ("minimax_m2", "nemotron_h")
 # mlx-lm's nemotron_h zeroes the scores of dropped groups, transformers sets them to -inf: the
 # same experts while every kept score + bias > 0, which a non-negative bias guarantees
 POSITIVE_BIAS = ("nemotron_h",)
@@ -308,6 +553,9 @@ def make_config(family: str, **overrides):
     """The transformers config object of the tiny ``family`` checkpoint."""
     from transformers import AutoConfig
 
+    if family in MLX_LM_CONFIGS:
+        raise ValueError(f"{family}: transformers lacks this family; make_checkpoint builds it "
+                         "with mlx-lm's classes")
     if family not in FAMILY_CONFIGS:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     if family in TEXT_CONFIGS:  # multimodal: text part in text_config, a tiny vision tower
@@ -341,6 +589,61 @@ def randomize_(model, seed: int = 0, buffers: bool = False, positive_bias: bool 
             if name.endswith("e_score_correction_bias"):  # score-correction biases kept as buffers
                 bias = torch.randn(b.shape, generator=gen) * 0.1
                 b.copy_(bias.abs() if positive_bias else bias)
+
+
+# Families transformers does not list under AutoModelForCausalLM (fam1).
+CAUSAL_LM_CLASSES = {"mistral4": "Mistral4ForCausalLM"}
+
+
+def causal_lm_class(family: str):
+    """transformers' model class of ``family``'s checkpoints: its own causal-LM class where
+    the auto class lacks it, image-text-to-text for multimodal ones, else the causal-LM auto class."""
+    import transformers
+
+    if family in CAUSAL_LM_CLASSES:
+        return getattr(transformers, CAUSAL_LM_CLASSES[family])
+    return auto_class(family)
+
+
+def randomize_mlx_(model, seed: int = 0) -> None:
+    """:func:`randomize_` for an mlx-lm model (same spreads, numpy's generator)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    rng = np.random.default_rng(seed)
+    new = []
+    for name, p in sorted(tree_flatten(model.parameters())):
+        leaf = name.rsplit(".", 1)[-1]
+        if "embed_tokens" in name:
+            std, mean = 1.0, 0.0
+        elif leaf in ("sinks", "e_score_correction_bias") or leaf.endswith("bias"):
+            std, mean = 0.1, 0.0
+        elif p.ndim == 1:  # norm weights
+            std, mean = 0.1, 1.0
+        elif any(r in name for r in (".gate.", ".router.", "shared_expert_gate")):
+            std, mean = 0.5, 0.0
+        else:
+            std, mean = 0.08, 0.0
+        new.append((name, mx.array(rng.normal(mean, std, p.shape).astype(np.float32))))
+    model.load_weights(new, strict=True)
+
+
+def make_mlx_lm_checkpoint(family: str, out_dir: Path, seed: int = 0, *, tokenizer: bool = True,
+                           **overrides) -> Path:
+    """Write a tiny random float32 checkpoint of ``family`` built and saved by mlx-lm."""
+    from mlx_lm.utils import _get_classes, save_config, save_model
+
+    cfg = {**_COMMON, "model_type": family, **MLX_LM_CONFIGS[family], **overrides}
+    model_class, args_class = _get_classes(cfg)
+    model = model_class(args_class.from_dict(cfg))
+    randomize_mlx_(model, seed)
+    out_dir = Path(out_dir)
+    save_model(out_dir, model)
+    save_config(cfg, out_dir / "config.json")
+    if tokenizer and cfg["vocab_size"] >= 256:
+        write_byte_tokenizer(out_dir)
+    return out_dir
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -387,12 +690,24 @@ def make_checkpoint(
     per-expert hub layout. ``tokenizer`` adds a byte-level tokenizer (when the
     vocabulary has >= 256 ids). Returns ``out_dir``.
     """
+    if family in MLX_LM_CONFIGS:
+        if fused_experts or max_shard_size is not None:
+            raise ValueError(f"{family}: an mlx-lm-saved checkpoint has one layout")
+        return make_mlx_lm_checkpoint(family, out_dir, seed, tokenizer=tokenizer, **overrides)
     import torch
 
     torch.manual_seed(seed)
     config = make_config(family, **overrides)
-    model = auto_class(family).from_config(config, dtype=torch.float32)
-    randomize_(model, seed, buffers=family in RANDOM_BUFFERS, positive_bias=family in POSITIVE_BIAS)
+    cls = causal_lm_class(family)
+    model = cls.from_config(config, dtype=torch.float32) if hasattr(cls, "from_config") \
+        else cls._from_config(config, dtype=torch.float32)
+    # Score-correction biases are buffers in transformers: re-drawn for every family, so a
+    # dropped bias changes the routing (nemotron_h's kept positive: see POSITIVE_BIAS).
+    randomize_(model, seed, buffers=True, positive_bias=family in POSITIVE_BIAS)
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name.endswith(ZEROED.get(family, ())):
+                p.zero_()
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

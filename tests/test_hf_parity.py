@@ -7,7 +7,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from make_test_checkpoints import FAMILIES, auto_class
+from make_test_checkpoints import FAMILIES, HF_FAMILIES, causal_lm_class
 
 from d2moe_mlx.convert.hf_config import (
     SUPPORTED_FAMILIES,
@@ -28,8 +28,8 @@ ATOL = 1e-4  # max abs logit difference, float32 both sides (observed <= 1.2e-6)
 def hf_logits(hf_dir) -> np.ndarray:
     import torch
 
-    family = load_config(hf_dir)["model_type"]
-    model = auto_class(family).from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    cls = causal_lm_class(load_config(hf_dir)["model_type"])
+    model = cls.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         return model.eval()(torch.tensor([TOKENS])).logits[0].numpy()
 
@@ -63,7 +63,7 @@ def test_families_match():
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["hub-layout", "fused-layout"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_logits_match_transformers(hf_checkpoint, family, fused, monkeypatch):
     ckpt = hf_checkpoint(family, fused_experts=fused)
     model, _ = load_mlx_reference(ckpt)
@@ -140,14 +140,14 @@ def test_untruncated_yarn_fix_matters(hf_checkpoint):
 
 
 def test_normalize_config_pure_and_idempotent(hf_checkpoint):
-    for family in FAMILIES:
+    for family in HF_FAMILIES:
         raw = load_config(hf_checkpoint(family))
         before = copy.deepcopy(raw)
         cfg = normalize_config(raw)
         assert raw == before
         assert normalize_config(cfg) == cfg
         rope = (raw.get("text_config") or raw).get("rope_parameters") or {}  # multimodal: the text part's
-        if "rope_theta" in rope:  # else one rope per layer kind (mellum), read by mlx-lm itself
+        if "rope_theta" in rope:  # else one rope per layer kind (mellum, laguna), read by mlx-lm itself
             assert cfg["rope_theta"] == rope["rope_theta"]
 
 
@@ -157,7 +157,7 @@ def _layer_of(key: str):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["hub-layout", "fused-layout"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_normalize_weights_per_layer(hf_checkpoint, family, fused):
     """Layer by layer (+ the non-layer tensors) == the whole checkpoint at once,
     and each layer's result passes mlx-lm's sanitize into the model's shapes."""

@@ -25,6 +25,7 @@ from d2moe_mlx.budget import BudgetError, plan_budget
 from d2moe_mlx.cache import READY, PartPool
 from d2moe_mlx.convert.convert import convert
 from d2moe_mlx.engine import choose_layout, streaming_of
+from d2moe_mlx.families import supported
 from d2moe_mlx.layout import build_part, make_layout, slot_tensors
 from d2moe_mlx.loader import ExpertLoader, float_to_bf16_bits
 from d2moe_mlx.memory import format_bytes, parse_size
@@ -41,6 +42,8 @@ TIMEOUT = 60  # seconds a guarded run may take before the test calls it a hang
 
 FULL = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")  # every mode x policy x cache size
 LIGHT = ("qwen2_moe", "olmoe", "deepseek_v2", "granitemoe", "phimoe")  # two runs each
+# fam1: every other registry family, one streaming run each (levels layout, prefetch, score)
+OTHER = tuple(f for f in supported() if f not in FULL + LIGHT)
 MODES = (("stream", True), ("sync", False), ("naive", False))  # (mode, prefetch)
 POLICIES = ("lru", "lfu", "score")
 
@@ -197,11 +200,6 @@ def test_same_shape_path_matches_resident(family, overlap, method, stores, resid
 
 LIGHT_RUNS = [(f, "stream", f != "granitemoe", "lru" if f == "granitemoe" else "score") for f in LIGHT]
 LIGHT_RUNS += [(f, "sync", False, "lfu") for f in LIGHT]
-# fam2's families (hybrids, multimodal, sigmoid routers): one run each, the streamed path
-# with prefetch and the score policy (every router is asked for scores)
-FAM2 = ("qwen3_next", "qwen3_5_moe", "minimax_m2", "lfm2_moe", "jamba", "granitemoehybrid",
-        "nemotron_h", "mellum")
-LIGHT_RUNS += [(f, "stream", True, "score") for f in FAM2]
 
 
 @pytest.mark.parametrize("family,mode,prefetch,policy", LIGHT_RUNS,
@@ -213,6 +211,14 @@ def test_streaming_matches_resident_other_families(family, mode, prefetch, polic
     model, state = stream_model(path, pieces(path).top_k, mode=mode, prefetch=prefetch,
                                 cache_policy=policy)
     assert_same_as_resident(family, greedy(model), resident(family, method), state, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("family", OTHER)  # hybrids, multimodal, sigmoid routers...: the
+def test_streaming_matches_resident_every_family(family, stores, resident, fixed_baseline):
+    path = stores(family)
+    model, state = stream_model(path, pieces(path).top_k, mode="stream", prefetch=True,
+                                cache_policy="score")
+    assert_same_as_resident(family, greedy(model), resident(family), state, prefetch=True)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])

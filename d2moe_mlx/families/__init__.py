@@ -54,6 +54,22 @@ class Family:
     # Checkpoint tensors the text model does not use (regex on the checkpoint's name, what
     # they are): vision/audio towers, MTP layers. Dropped before conversion, with a message.
     drop: tuple[tuple[str, str], ...] = ()
+    # fam1: per-family gating config names (field -> ModelArgs attribute, over GATING_KEYS)
+    # and constants mlx-lm's block hard-codes (field -> value), e.g. ernie's top-k "moe_k".
+    gating_keys: dict[str, str] = field(default_factory=dict)
+    gating_const: dict[str, Any] = field(default_factory=dict)
+    # The converter sanitizes a layer's tensors renamed to layer 0 (several mlx-lm sanitize
+    # methods look only there); False: under their own index (kimi_linear's looks at each
+    # layer's module).
+    sanitize_layer0: bool = True
+    correction_on_block: bool = False  # the correction bias is the block's, not the router's
+    # The block multiplies its routed experts' sum by a per-token factor of its own
+    # (Klear: a softmax coefficient mixing routed and shared output), outside the routing.
+    scaled_output: bool = False
+    # Hub checkpoints carry auto_map because transformers lacks the family: accepted,
+    # since mlx-lm's own model code runs (never the checkpoint's).
+    hub_remote_code: bool = False
+    notes: str = ""  # known differences from transformers, shown by --list-families
 
     @property
     def switch_path(self) -> str:
@@ -62,12 +78,14 @@ class Family:
 
     def gating(self, args) -> Gating:
         """The gating rule with ``args``' (mlx-lm ModelArgs) constants bound."""
-        return bind(self.rule, args, GATING_KEYS)
+        return bind(self.rule, args, {**GATING_KEYS, **self.gating_keys}, self.gating_const)
 
     def correction(self, block: nn.Module) -> mx.array | None:
         """The router's score-correction bias of ``block``, if the family has one."""
         if self.correction_bias is None:
             return None
+        if self.correction_on_block:
+            return block[self.correction_bias]
         router = block[self.router]
         if isinstance(router, nn.Module) and self.correction_bias in router:
             return router[self.correction_bias]
@@ -88,11 +106,14 @@ class Family:
 
 def router_logits(router: nn.Module, x: mx.array) -> mx.array:
     """The router's logits over all experts for ``x``, whatever the router returns:
-    a Linear router is called; one holding its Linear in ``layer`` (granitemoe) calls
-    that; others (DeepSeek's MoEGate) hold a ``weight`` (and maybe a ``bias``)."""
+    a Linear router is called; one holding its Linear in ``layer`` (granitemoe),
+    ``gate`` (afmoe) or ``proj`` (laguna) calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
+    maybe a ``bias``)."""
     if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
         return router(x)
-    inner = router.get("layer") if isinstance(router, nn.Module) else None
+    inner = None
+    if isinstance(router, nn.Module):
+        inner = next((router[k] for k in ("layer", "gate", "proj") if k in router), None)
     if isinstance(inner, (nn.Linear, nn.QuantizedLinear)):
         return inner(x)
     if "weight" not in router:
@@ -143,5 +164,30 @@ def supported() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
 
-__all__ = ["Family", "Gating", "family_of", "get_family", "model_type", "router_logits",
-           "supported", "text_args"]
+VERIFIED = {  # Family.verified -> how, in words (--list-families, docs/FAMILIES.md)
+    "transformers": "transformers",  # tiny random checkpoint written by transformers 5
+    "mlx-lm": "mlx-lm",  # transformers lacks it: tiny random model saved by mlx-lm
+    "none": "not verified",
+}
+
+
+def describe(family: Family) -> str:
+    """What a user should know about ``family``: its notes, then the config values
+    mlx-lm's model cannot run (the converter refuses them)."""
+    parts = [family.notes] if family.notes else []
+    for key, allowed in family.mlx_lm_limits.items():
+        shown = [repr(a) for a in allowed if a is not None]
+        unset = " (or unset)" if None in allowed and shown else ""
+        parts.append(f"{key} must be {' or '.join(shown)}{unset}" if shown else f"{key} must be unset")
+    return "; ".join(parts)
+
+
+def family_table() -> list[tuple[str, str, str]]:
+    """(model_type, verified how, notes) of every supported family, in registry order."""
+    from .registry import FAMILIES
+
+    return [(f.name, VERIFIED.get(f.verified, f.verified), describe(f)) for f in FAMILIES.values()]
+
+
+__all__ = ["Family", "describe", "family_table", "Gating", "family_of", "get_family", "model_type",
+           "router_logits", "supported", "text_args"]

@@ -156,3 +156,115 @@ def mellum_config(cfg: dict) -> None:
     if kinds != {"sparse"}:
         raise ValueError(f"mellum: mlp_layer_types {sorted(kinds)}: mlx-lm's mellum model "
                          "has an MoE block in every layer")
+
+
+def head_dim_config(cfg: dict) -> None:
+    """mlx-lm needs head_dim spelled out (transformers derives it from hidden_size)."""
+    if cfg.get("head_dim") is None:
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def full_attention_only(cfg: dict) -> None:
+    """Families whose mlx-lm model has no sliding-window layers: refuse configs with some."""
+    sliding = [i for i, t in enumerate(cfg.get("layer_types") or []) if t != "full_attention"]
+    if sliding and cfg.get("use_sliding_window", True) and cfg.get("sliding_window"):
+        raise ValueError(f"{cfg.get('model_type')}: layers {sliding} use sliding-window attention, "
+                         "which mlx-lm's model does not implement")
+
+
+def drop_correction_bias(config: dict, w: dict[str, mx.array]) -> None:
+    """Families whose mlx-lm block has no score-correction bias (ernie4_5_moe's
+    ``moe_statics``): drop it, warning when it is not zero (routing then differs)."""
+    import warnings
+
+    for k in [k for k in w if k.endswith("e_score_correction_bias")]:
+        if mx.any(w.pop(k) != 0).item():
+            warnings.warn(f"{config.get('model_type')}: {k} is not zero but mlx-lm's model "
+                          "ignores it; expert choice can differ from transformers", stacklevel=2)
+
+
+def dense_prefix_config(cfg: dict) -> None:
+    """transformers 5 lists ``mlp_layer_types`` ("dense"/"sparse" per layer); mlx-lm's
+    DeepSeek-like models read ``first_k_dense_replace``: the leading dense layers."""
+    types = cfg.get("mlp_layer_types")
+    if not types:
+        return
+    k = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    if any(t != "sparse" for t in types[k:]):
+        raise ValueError(f"{cfg.get('model_type')}: mlp_layer_types {types} is not dense layers "
+                         "followed by sparse ones, which is all mlx-lm's model can build")
+    if cfg.get("first_k_dense_replace") is None:
+        cfg["first_k_dense_replace"] = k
+    elif cfg["first_k_dense_replace"] != k:
+        raise ValueError(f"{cfg.get('model_type')}: first_k_dense_replace="
+                         f"{cfg['first_k_dense_replace']} contradicts mlp_layer_types {types}")
+
+
+def moe_layer_flags_config(cfg: dict) -> None:
+    """exaone_moe: mlx-lm reads ``is_moe_layer`` (a flag per layer), transformers 5 writes
+    ``mlp_layer_types``."""
+    types = cfg.get("mlp_layer_types")
+    if cfg.get("is_moe_layer") is None and types:
+        cfg["is_moe_layer"] = [t == "sparse" for t in types]
+
+
+def step3p5_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """step3p5: mlx-lm's sanitize renames hub tensors (``.moe.*``) and adds 1 to every norm
+    weight when it sees them; the final norm comes in a part without ``.moe.`` names, so a
+    part-by-part conversion would miss it: refuse hub-layout checkpoints."""
+    hub = [k for k in w if ".moe." in k]
+    if hub:
+        raise ValueError(f"step3p5: hub-layout tensors ({hub[0]}, ...) are not supported yet: "
+                         "convert the checkpoint with mlx_lm.convert first, then with d2moe")
+
+
+def kimi_linear_config(cfg: dict) -> None:
+    """kimi_linear: transformers 5 writes ``layer_types`` and ``linear_*`` keys, mlx-lm
+    reads the hub's ``linear_attn_config`` (1-based KDA / full-attention layer lists)."""
+    dense_prefix_config(cfg)
+    types = cfg.get("layer_types")
+    if cfg.get("linear_attn_config") is None and types:
+        cfg["linear_attn_config"] = {
+            "kda_layers": [i + 1 for i, t in enumerate(types) if t == "linear_attention"],
+            "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
+            "head_dim": cfg.get("linear_head_dim"), "num_heads": cfg.get("linear_num_heads"),
+            "short_conv_kernel_size": cfg.get("linear_conv_kernel_dim", 4)}
+
+
+def kimi_linear_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """kimi_linear, transformers-5 module layout: one ``conv1d`` over q, k and v
+    concatenated -> the hub's ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d``."""
+    for k in [k for k in w if k.endswith("self_attn.conv1d.weight")]:
+        for name, part in zip("qkv", mx.split(w.pop(k), 3, axis=0)):
+            w[k.replace(".conv1d.", f".{name}_conv1d.")] = part
+
+
+def mimo_v2_flash_config(cfg: dict) -> None:
+    """mimo_v2_flash: mlx-lm reads the hub's config (``hybrid_layer_pattern``,
+    ``moe_layer_freq``, ``swa_*``); transformers 5 writes ``layer_types``,
+    ``mlp_layer_types`` and rope per layer type, and builds sliding layers with twice
+    the kv heads and attention sinks, a window of ``sliding_window_size + 1``."""
+    types, mlp = cfg.get("layer_types"), cfg.get("mlp_layer_types")
+    if cfg.get("hybrid_layer_pattern") is not None or not types or not mlp:
+        return
+    rope = cfg.get("rope_parameters") or {}
+    full, swa = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    factors = {full.get("partial_rotary_factor", 0.334), swa.get("partial_rotary_factor", 0.334)}
+    if len(factors) != 1:
+        raise ValueError("mimo_v2_flash: mlx-lm's model has one partial_rotary_factor for both "
+                         f"layer types, the config has {sorted(factors)}")
+    cfg.update(
+        hybrid_layer_pattern=[int(t == "sliding_attention") for t in types],
+        moe_layer_freq=[int(t == "sparse") for t in mlp],
+        add_swa_attention_sink_bias=True, add_full_attention_sink_bias=False,
+        sliding_window_size=cfg["sliding_window"],  # mlx-lm's window counts the query too
+        layernorm_epsilon=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=full.get("rope_theta", 5_000_000.0), swa_rope_theta=swa.get("rope_theta", 10_000.0),
+        partial_rotary_factor=factors.pop(),
+        swa_num_attention_heads=cfg["num_attention_heads"],
+        swa_num_key_value_heads=2 * cfg["num_key_value_heads"],
+        swa_head_dim=cfg.get("head_dim", 192), swa_v_head_dim=cfg.get("v_head_dim", 128))
+    cfg.setdefault("n_shared_experts", None)
+    cfg.setdefault("topk_method", "noaux_tc")
+    cfg.setdefault("scoring_func", "sigmoid")
+    cfg["rope_scaling"] = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer",
-         "sigmoid_bias_norm", "sigmoid_bias")
+         "sigmoid_bias_norm", "sigmoid_bias", "mistral4")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Gating:
     topk_group: int = 1
     topk_method: str = "greedy"
     jitter_eps: float = 0.0
+    softcap: float = 0.0  # fam1: logits -> tanh(logits / c) * c first (laguna), 0 = off
 
     @property
     def sigmoid(self) -> bool:
@@ -37,12 +38,19 @@ class Gating:
 
     def scores(self, logits: mx.array) -> mx.array:
         """Importance of every expert [..., E] in float32: router probabilities."""
-        logits = logits.astype(mx.float32)
+        logits = self.capped(logits.astype(mx.float32))
         return mx.sigmoid(logits) if self.sigmoid else mx.softmax(logits, axis=-1, precise=True)
+
+    def capped(self, logits: mx.array) -> mx.array:
+        """The logits with the router's soft cap applied (unchanged without one)."""
+        if not self.softcap:
+            return logits
+        return mx.tanh(logits.astype(mx.float32) / self.softcap) * self.softcap
 
     def route(self, logits: mx.array, correction_bias: mx.array | None = None):
         """(indices [..., k], weights [..., k]) exactly as the family's block routes."""
         k = self.top_k
+        logits = self.capped(logits)
         if self.rule == "softmax_topk":  # qwen2/3_moe, olmoe: top-k of the softmax
             probs = mx.softmax(logits, axis=-1, precise=True)
             inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
@@ -88,12 +96,18 @@ class Gating:
             if self.norm_topk:
                 w = w / (w.sum(axis=-1, keepdims=True) + 1e-6)
             return inds, w * self.scaling
+        if self.rule == "mistral4":  # softmax, group-limited (top-2 sum per group), renormalised
+            from mlx_lm.models.mistral4 import mistral4_expert_select
+
+            return mistral4_expert_select(logits, k, self.n_group, self.topk_group, self.scaling,
+                                          self.norm_topk)
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
-def bind(rule: str, args, keys: dict[str, str]) -> Gating:
+def bind(rule: str, args, keys: dict[str, str], const: dict | None = None) -> Gating:
     """The :class:`Gating` of ``rule`` with constants read from mlx-lm's ModelArgs
-    ``args`` under the attribute names ``keys`` (field -> attribute)."""
+    ``args`` under the attribute names ``keys`` (field -> attribute); ``const``
+    (field -> value) are constants the family's block hard-codes."""
     if rule not in RULES:
         raise ValueError(f"unknown gating rule {rule!r}; known: {', '.join(RULES)}")
     values = {}
@@ -101,6 +115,7 @@ def bind(rule: str, args, keys: dict[str, str]) -> Gating:
         value = getattr(args, attr, None)
         if value is not None:
             values[field] = value
+    values.update(const or {})
     if "top_k" not in values:
         raise ValueError(f"{type(args).__module__}: the model's arguments have no "
                          f"{keys.get('top_k')!r} (experts per token)")
