@@ -66,7 +66,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3_5_moe", shared=("shared_expert",), **_QWEN, stack_here=True,
            config_fix=fixes.qwen3_5_moe_config, weights_fix=fixes.qwen3_next_weights,
            drop=((r"^mtp\.", "MTP (next-token prediction) layers"),
-                 (r"^(model\.visual|vision_tower)\.", "vision tower"))),
+                 (r"^(model\.visual|vision_tower)\.", "vision tower")),
+           notes="multimodal checkpoints: the text model converts, the vision tower and MTP "
+                 "layers are dropped with a message"),
     Family("minimax_m2", block="block_sparse_moe", rule="sigmoid_bias_norm",
            correction_bias="e_score_correction_bias", stack_here=True,
            hf_defaults={"use_qk_norm": True}, mlx_lm_limits={"scoring_func": ("sigmoid", None)},
@@ -82,7 +84,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            hf_defaults={"tie_word_embeddings": False, "expert_layer_period": 2, "expert_layer_offset": 1,
                         "attn_layer_period": 8, "attn_layer_offset": 4, "mamba_d_state": 16,
                         "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 256},
-           config_fix=fixes.jamba_config),
+           config_fix=fixes.jamba_config,
+           notes="mlx-lm renormalises the top-k router weights, transformers' Jamba router does "
+                 "not: logits differ from transformers"),
     Family("granitemoehybrid", block="block_sparse_moe", router="router", rule="topk_softmax",
            shared=("shared_mlp",), hf_defaults={"tie_word_embeddings": False, "position_embedding_type": None},
            renames=_GRANITE_RENAMES, config_fix=fixes.granitemoehybrid_config),
@@ -92,7 +96,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            renames=((r"^model\.", "backbone."),
                     (r"mixer\.experts\.up_proj$", "mixer.switch_mlp.fc1.weight"),
                     (r"mixer\.experts\.down_proj$", "mixer.switch_mlp.fc2.weight")),
-           drop=((r"^mtp\.", "MTP (next-token prediction) layers"),)),
+           drop=((r"^mtp\.", "MTP (next-token prediction) layers"),),
+           notes="mlx-lm zeroes dropped groups' scores, transformers sets -inf: same experts "
+                 "only while kept scores + bias > 0; latent MoE refused"),
     Family("mellum", **_QWEN, stack_here=True, config_fix=fixes.mellum_config,
            hf_defaults={"norm_topk_prob": True, "tie_word_embeddings": False},
            drop=((r"^(model\.)?mtp\.", "MTP (next-token prediction) layers"),)),
