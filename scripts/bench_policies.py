@@ -126,8 +126,10 @@ def run_one(job: dict) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True,
                          text=True, env=env)
     if out.returncode:
+        if "BudgetError" in out.stderr:  # the policy's pools do not fit exact's budget: a result
+            return dict(fits=False, error=out.stderr.strip().splitlines()[-1][-400:])
         raise RuntimeError(f"{job['name']}: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(fits=True, **json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def make_store(a) -> Path:
@@ -196,16 +198,22 @@ def main(argv: list[str] | None = None) -> None:
                 r = dict(policy=name, routing="trace" if trace else "own", cache_fraction=fraction,
                          requests=requests, **run_one(job))
                 rows.append(r)
+                if not r["fits"]:
+                    print(f"{fraction:>6.3f} {requests:>3} {name:<12} {r['routing']:<5} does not fit "
+                          f"the budget: {r['error']}", flush=True)
+                    continue
                 print(f"{fraction:>6.3f} {requests:>3} {name:<12} {r['routing']:<5} "
                       f"{r['decode_tps']:8.2f} tok/s  {r['per_request_tps']:7.2f} /req  "
                       f"hit {r['hit_rate']:.2f}  {r['bytes_per_token'] / 1e6:6.2f} MB/tok  "
                       f"mix {r['level_mix']}  subst {r['substitution_rate']:.2f}  "
                       f"rss {r['peak_rss_mb']:.0f} MB", flush=True)
     for r in rows:  # each next to exact streaming of the same cache, requests and routing
-        base = next((b for b in rows if b["policy"] == "exact" and b["routing"] == r["routing"]
+        if not r["fits"]:
+            continue
+        base = next((b for b in rows if b["fits"] and b["policy"] == "exact" and b["routing"] == r["routing"]
                      and b["cache_fraction"] == r["cache_fraction"]
                      and b["requests"] == r["requests"]), None)
-        one = next((b for b in rows if b["policy"] == r["policy"] and b["routing"] == r["routing"]
+        one = next((b for b in rows if b["fits"] and b["policy"] == r["policy"] and b["routing"] == r["routing"]
                     and b["cache_fraction"] == r["cache_fraction"] and b["requests"] == 1), None)
         r["vs_exact"] = r["decode_tps"] / base["decode_tps"] if base else None
         r["per_request_vs_one"] = r["per_request_tps"] / one["per_request_tps"] if one else None
