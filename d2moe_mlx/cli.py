@@ -121,7 +121,8 @@ def _streaming_options(f):
                      help="exact: every expert at --level. high / balanced / fast: important "
                           "and hot experts at --level, the rest lower, unimportant cache misses "
                           "substituted by resident experts (faster, slightly lower quality; "
-                          "docs/BENCHMARKS.md measures both)."),
+                          "docs/BENCHMARKS.md measures both). learned: levels from the bit-width "
+                          "router `d2moe calibrate --bit-router` trained (docs/BIT_ROUTER.md)."),
         click.option("--alpha", type=click.FloatRange(0, 1, max_open=True), default=None,
                      help="With --quality: the SMoE substitution band (0 = no substitution; "
                           "default: the preset's, 0.25 for balanced)."),
@@ -575,8 +576,8 @@ def trace(model_path, text_file, out, max_tokens):
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
               help="Plain text file to score (teacher forcing on its first --max-tokens tokens).")
 @click.option("--quality", "qualities", multiple=True, metavar="QUALITY",
-              help="Quality preset to evaluate: exact, high, balanced or fast; repeat for several. "
-                   "Default: all four.")
+              help="Quality preset to evaluate: exact, high, balanced, fast or learned; repeat "
+                   "for several. Default: all of them (learned where the store has its router).")
 @click.option("--level", type=click.IntRange(0), default=None,
               help="MWQ level the runs are loaded at (the presets' ceiling). Default: highest. "
                    "The reference is always the highest level, exact.")

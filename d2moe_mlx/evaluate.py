@@ -221,11 +221,18 @@ def evaluate(
     from .memory import parse_size
     from .model import load
 
-    qualities = list(QUALITIES if qualities is None else qualities)
+    if qualities is None:  # every preset; the learned one where the store has its router
+        from .store.extras import read_extra
+
+        qualities = [q for q in QUALITIES if q != "learned"]
+        if read_extra(store, "bit_router") is not None:
+            qualities.append("learned")
+    qualities = list(qualities)
     if not qualities:
         raise ValueError("no quality to evaluate: name at least one of " + ", ".join(QUALITIES))
-    for q in qualities:
-        for_quality(q, 1)  # unknown names fail before anything loads
+    for q in qualities:  # unknown names fail before anything loads
+        if q not in QUALITIES:
+            raise ValueError(f"unknown quality {q!r}; choose one of {', '.join(QUALITIES)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if max_tokens < 2:
@@ -265,7 +272,8 @@ def evaluate(
                 model, _ = fresh(level, q)
                 engine = engine_of(model)
             else:
-                engine.set_policy(for_quality(q, level, **(options if q != "exact" else {})))
+                engine.set_policy(for_quality(q, level, store=engine.store,
+                                              **(options if q != "exact" else {})))
             scores, stats = _run(model, tokens, mode, chunk, reference)
             if q == "exact":
                 exact_ppl = scores.perplexity

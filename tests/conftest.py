@@ -36,3 +36,36 @@ def hf_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def small_store(hf_checkpoint, tmp_path_factory):
+    """A small qwen3_moe store (default nested fit, float32, unquantized dense weights),
+    converted once per session; tests that change a store work on a copy (:func:`store_copy`)."""
+    from d2moe_mlx.convert.convert import convert
+
+    out = tmp_path_factory.mktemp("small-store") / "store"
+    return convert(hf_checkpoint("qwen3_moe"), out, dense_bits=0, dtype="float32",
+                   calib_tokens=64, seq_len=32).path
+
+
+@pytest.fixture
+def store_copy(small_store, tmp_path):
+    """A fresh copy of :func:`small_store` that a test may change."""
+    import shutil
+
+    return shutil.copytree(small_store, tmp_path / "store")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """d2moe's cache (the demo store, store profiles) in a directory of this session's own:
+    tests never read or write the user's ~/.cache/d2moe, and parallel workers never share one."""
+    path = tmp_path_factory.mktemp("d2moe-cache")
+    old = os.environ.get("D2MOE_CACHE")
+    os.environ["D2MOE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("D2MOE_CACHE", None)
+    else:
+        os.environ["D2MOE_CACHE"] = old

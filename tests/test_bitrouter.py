@@ -7,7 +7,6 @@ ceiling is token-identical to exact)."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -32,16 +31,13 @@ BASELINE = 64 << 20
 
 
 @pytest.fixture(scope="module")
-def store(hf_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bitrouter") / "store"
-    return convert(hf_checkpoint("qwen3_moe"), out, dense_bits=0, dtype="float32",
-                   calib_tokens=64, seq_len=32).path
+def store(small_store):
+    return small_store
 
 
 @pytest.fixture
-def copy(store, tmp_path):
-    """A copy of the store that a test may write a router into."""
-    return shutil.copytree(store, tmp_path / "store")
+def copy(store_copy):
+    return store_copy
 
 
 @pytest.fixture(scope="module")

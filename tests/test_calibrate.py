@@ -29,18 +29,13 @@ BASELINE = 64 << 20
 
 
 @pytest.fixture(scope="module")
-def store(hf_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calib") / "store"
-    return convert(hf_checkpoint("qwen3_moe"), out, dense_bits=0, dtype="float32",
-                   calib_tokens=64, seq_len=32).path
+def store(small_store):
+    return small_store
 
 
 @pytest.fixture
-def copy(store, tmp_path):
-    """A fresh copy of the store (tests change it)."""
-    import shutil
-
-    return shutil.copytree(store, tmp_path / "store")
+def copy(store_copy):
+    return store_copy
 
 
 def _manifest(path):
@@ -274,3 +269,9 @@ def test_calibrate_refuses_a_text_too_short(copy, tmp_path):
     result = CliRunner().invoke(main, ["calibrate", str(copy), "--text", str(short)])
     assert result.exit_code == 1 and "give a longer --text" in result.output, result.output
     assert "extras" not in _manifest(copy)  # nothing written
+
+
+def test_calibrate_with_nothing_to_train_is_an_error(copy):
+    result = CliRunner().invoke(main, ["calibrate", str(copy), "--no-predictor"])
+    assert result.exit_code == 1 and "nothing to calibrate" in result.output
+    assert "extras" not in _manifest(copy)
