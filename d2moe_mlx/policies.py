@@ -26,6 +26,8 @@ import numbers
 
 import numpy as np
 
+_NONE = np.empty(0, dtype=np.int64)  # on_route: nothing to load ahead (one array, not one per call)
+_NONE.setflags(write=False)
 POLICIES = ("lru", "lfu", "score", "cooc")
 
 
@@ -51,7 +53,7 @@ class EvictionPolicy:
     def on_route(self, prev_ids: np.ndarray) -> np.ndarray:
         """The previous layer's expert ids [tokens, k] of the step about to run here; returns
         the experts this policy wants loaded ahead of the step (none by default)."""
-        return np.empty(0, dtype=np.int64)
+        return _NONE
 
     def keys(self) -> np.ndarray:
         """Per-expert priority: lower is evicted first."""
