@@ -41,7 +41,9 @@ AUTO_STEPS = (4096, 2048, 1024, 512, 256, 128)
 PREFILL_SHARE = 0.25
 # A per-pair level policy runs every pair at least at its floor level and only important
 # or hot pairs above it: the parts that compute the floor get this many times the slots
-# of the parts above (more base slots than plane slots).
+# of the parts above (more base slots than plane slots). A budget too small for top-k
+# slots above the floor still works with at least top-k floor slots and one above: the
+# scheduler then runs a call's least valuable pairs at the floor (levels.fit_pools).
 FLOOR_SHARE = 2
 
 
@@ -189,7 +191,10 @@ def plan_budget(
 
     Slots per part: the same count for every part of one level (each pair of the level
     needs all of them); with ``floor_parts`` (a per-pair level policy's floor) those
-    get FLOOR_SHARE times the slots of the parts above them."""
+    get FLOOR_SHARE times the slots of the parts above them; where that leaves fewer
+    than top-k slots above the floor, the floor parts get at least top-k and the parts
+    above what is left (at least one; the scheduler keeps a call's pairs above the floor
+    within them)."""
     layers = store.moe_layers
     if not layers:
         raise StoreError(f"{store.path} has no expert layers")
@@ -209,30 +214,46 @@ def plan_budget(
     work = workspace_bytes(config, min(prefill_step, context), context, act_itemsize)
     mlx_cache = int(MLX_CACHE_FRACTION * work)
     fixed = baseline + dense + kv + work + mlx_cache + staging + slack
-    weight = {p: FLOOR_SHARE if floor_parts and p in floor_parts and set(floor_parts) != set(parts)
-              else 1 for p in parts}
+    split = bool(floor_parts) and set(floor_parts) != set(parts)
+    weight = {p: FLOOR_SHARE if split and p in floor_parts else 1 for p in parts}
     one_expert = len(layers) * sum(weight[p] * b for p, b in per_slot.items())  # n slots each
     zero = len(layers) * sum(per_slot.values())  # every pool's all-zero slot
     cache = total - fixed
     n = (cache - zero) // one_expert if cache > zero else -1
     n = min(n, store.num_experts)
+    slots = {p: min(int(n) * weight[p], store.num_experts) for p in parts}
+    if split and n < top_k:  # tight: top-k floor slots, what is left above the floor
+        floor_one = len(layers) * sum(b for p, b in per_slot.items() if weight[p] > 1)
+        upper_one = len(layers) * sum(b for p, b in per_slot.items() if weight[p] == 1)
+        f = max(FLOOR_SHARE * max(n, 0), top_k)
+        u = (cache - zero - f * floor_one) // upper_one if cache > zero else -1
+        slots = {p: min(f if weight[p] > 1 else int(u), store.num_experts) for p in parts}
+        n = top_k if u >= 1 else -1
     if n < top_k:
-        need = fixed + zero + top_k * one_expert
+        if split:  # the least a per-pair policy runs with: top-k floor slots + one above
+            floor_one = len(layers) * sum(b for p, b in per_slot.items() if weight[p] > 1)
+            need_cache = zero + top_k * floor_one + (one_expert - FLOOR_SHARE * floor_one)
+            least = (f"{top_k} experts per layer at the floor and one above it "
+                     f"({format_bytes(need_cache)} over {len(layers)} layers)")
+        else:
+            need_cache = zero + top_k * one_expert
+            least = (f"{top_k} experts per layer at level {level} ({format_bytes(need_cache)} "
+                     f"over {len(layers)} layers)")
+        need = fixed + need_cache
         raise BudgetError(
             f"a memory budget of {format_bytes(total)} is too small: the process needs "
             f"{format_bytes(baseline)} (interpreter and libraries) + {format_bytes(dense)} dense "
             f"weights + {format_bytes(kv)} KV cache ({batch} x {context} tokens) + "
             f"{format_bytes(work + mlx_cache + staging + slack)} working memory (prefill steps of "
-            f"{prefill_step} tokens), and at least {top_k} experts per "
-            f"layer at level {level} ({format_bytes(zero + top_k * one_expert)} over {len(layers)} "
-            f"layers). The smallest budget that works is {suggest_budget(need)}; or use a lower "
+            f"{prefill_step} tokens), and at least {least}. The smallest budget that works is "
+            f"{suggest_budget(need)}; or use a lower "
             f"level, a shorter context, or a smaller prefill step."
         )
     return BudgetPlan(
         total=total, baseline=baseline, dense=dense, kv=kv, workspace=work, mlx_cache=mlx_cache,
         slack=slack, staging=staging,
         cache=cache, slot_bytes=per_slot, layers=len(layers),
-        slots={p: min(int(n) * weight[p], store.num_experts) for p in parts},
+        slots=slots,
         num_experts=store.num_experts, top_k=top_k, context=context, prefill_step=prefill_step,
         level=level, loader_threads=loader_threads, batch=batch, weights=weight,
     )

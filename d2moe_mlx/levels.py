@@ -215,6 +215,34 @@ def raise_to_ready(call: Call, levels: np.ndarray) -> np.ndarray:
     return np.where(~ready_now.reshape(ids.shape) & (have > levels), have, levels)
 
 
+def fit_pools(ids: np.ndarray, levels: np.ndarray, scores: np.ndarray | None, floor: int,
+              cover: dict[int, tuple[int, ...]], capacity: dict[int, int]) -> np.ndarray:
+    """``levels`` [N, k] of the pairs ``ids`` [N, k] with the pairs above ``floor`` held
+    to what the pools above the floor's parts hold at once (``capacity``: part -> slots;
+    ``cover``: level -> its parts): where a part needs more distinct experts than its
+    slots, the experts of least value there (fewest pairs, then lowest router score in
+    ``scores``) run all their pairs at the floor. A call whose distinct experts do not
+    fit the floor's own pools is returned unchanged (it is computed in groups anyway)."""
+    floor_parts = set(cover[floor])
+    upper = sorted(p for p in capacity if p not in floor_parts)
+    experts = np.unique(ids)
+    if not upper or experts.size > min(capacity[p] for p in floor_parts):
+        return levels
+    out = levels
+    for p in upper:  # dropping to the floor only frees slots of the other parts
+        using = np.isin(out, [lv for lv, parts in cover.items() if p in parts])
+        users, counts = np.unique(ids[using], return_counts=True)
+        excess = users.size - capacity[p]
+        if excess <= 0:
+            continue
+        best = np.zeros(users.size)
+        if scores is not None:
+            np.maximum.at(best, np.searchsorted(users, ids[using]), scores[using])
+        drop = users[np.lexsort((best, counts))[:excess]]  # least valuable first
+        out = np.where(using & np.isin(ids, drop), floor, out)
+    return out
+
+
 def substitute(call: Call, decision: Decision, lo: int, hi: int, a: float) -> None:
     """SMoE substitution with band ``a`` (see :class:`DualRouting`) on ``decision`` in
     place: levels ``lo``..``hi`` have pools; a substitute runs at its resident level."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from .cache import CacheFullError, ExpertCache
 from .layout import Layout
-from .levels import Call, LevelPolicy
+from .levels import Call, LevelPolicy, fit_pools
 from .loader import ExpertLoader
 from .stats import StreamStats
 
@@ -55,6 +55,7 @@ class Scheduler:
         self.caches = caches
         self.loader = loader
         self.layout = layout
+        self._cover = {lv: tuple(layout.cover(lv)) for lv in range(len(layout.parts))}
         self.levels = levels
         self.gating = gating
         self.mode = mode
@@ -148,6 +149,13 @@ class Scheduler:
                 flat = idx.reshape(-1)
                 inds = mx.array(idx)
                 self.stats.substituted += decision.substituted
+                if full is not None:
+                    pair_scores = np.take_along_axis(full, flat.reshape(-1, k), -1)
+            if np.ndim(levels):  # a call that fits the floor's pools runs in one pass
+                levels = fit_pools(flat.reshape(-1, k), np.asarray(levels).reshape(-1, k),
+                                   pair_scores, self.levels.floor, self._cover,
+                                   {p: pool.capacity for p, pool in enumerate(lc.pools)
+                                    if pool is not None})
         if flat.size == k:  # one token (decode): its k experts are distinct and equally hot
             experts, counts = flat, np.ones(k, dtype=np.int64)
             order = experts
@@ -164,7 +172,7 @@ class Scheduler:
             for p in range(len(lc.pools)):
                 lc.drop(p)  # (pools the layout does not use are None)
         needed = sorted({p for lv in groups for p in self.layout.cover(lv)})
-        if len(order) > lc.capacity(needed):
+        if self._over(lc, needed, order, groups, flat):
             return self._grouped(el, lc, x, idx, order, groups)
         pins, futures = self._ensure(lc, needed, order, groups, flat)
         try:
@@ -177,6 +185,17 @@ class Scheduler:
             raise
         self._pending.append((y, pins))
         return y
+
+    def _over(self, lc: ExpertCache, needed, order, groups, flat) -> bool:
+        """Whether a part would need more distinct experts at once than it has slots."""
+        if len(groups) == 1:
+            return len(order) > lc.capacity(needed)
+        for p in needed:
+            users = np.concatenate([flat[ids] for lv, ids in groups.items()
+                                    if p in self.layout.cover(lv)])
+            if np.unique(users).size > lc.pools[p].capacity:
+                return True
+        return False
 
     def _ready(self, lc: ExpertCache) -> np.ndarray:
         """[levels, E]: which experts of the layer can run at each level with no read."""

@@ -431,3 +431,49 @@ def test_a_higher_level_of_an_expert_ready_lower_is_evicted_first(stores):
     spare[2] = True  # expert 2 is also ready at a lower level
     _, loads = cache.acquire(0, np.array([5]), spare)
     assert pool.slot_of[2] == -1 and pool.slot_of[0] >= 0  # 2 went first, not LRU's 0
+
+
+def test_presets_fit_a_budget_with_fewer_than_top_k_slots_above_the_floor(stores, fixed_baseline):
+    """A budget that gives exact 3 slots at the ceiling holds 2 (= top-k) at the floor
+    and 1 above under a per-pair policy: a token whose pairs all want the ceiling runs
+    its lower-scored pair at the floor in one pass (numpy reference pair by pair), and
+    decoding needs no grouped calls."""
+    from mlx_lm.generate import generate_step
+
+    from d2moe_mlx.budget import budget_for_slots
+
+    path = stores("nested")
+    with Store.open(path) as store:
+        spec = mwq.MWQSpec.from_dict(store.manifest["mwq"])
+        layout = make_layout("levels", spec)
+        budget = budget_for_slots(3, store, layout, 2, 4, BASELINE, prefill_step=STEP)
+        with pytest.raises(BudgetError, match="floor and one above"):  # less: refused
+            plan_budget(budget_for_slots(1, store, layout, 2, 4, BASELINE, prefill_step=STEP),
+                        store, store.config, layout, 2, 4, BASELINE, prefill_step=STEP,
+                        parts=[1, 2], floor_parts=[1])
+    model, _ = load_model(path, dtype="float32", memory_budget=budget, prefill_step=STEP)
+    engine = streaming_of(model)
+    seen = {}
+
+    def ceiling_for_all(layer, ids, scores):
+        seen["scores"] = scores
+        return np.full(ids.shape, 2)
+
+    engine.set_policy(PerPair(ceiling_for_all, (1, 2), needs_scores=True))
+    assert engine.plan.slots == {1: 2, 2: 1}
+    layer, el = next(iter(engine.layers.items()))
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1, 64)).astype(np.float32)
+    inds = np.array([[3, 6]], dtype=np.int32)
+    groups = engine.stats.groups
+    got = np.array(el(mx.array(x), mx.array(inds)))
+    assert engine.stats.groups == groups  # one pass
+    levels = np.where(seen["scores"] == seen["scores"].max(), 2, 1)
+    assert sorted(levels[0].tolist()) == [1, 2]
+    want = _reference(path, layer, x, inds, levels)
+    assert np.allclose(got, want, atol=2e-5 * max(1.0, np.abs(want).max())), np.abs(got - want).max()
+    prompt = mx.array(np.random.default_rng(8).integers(3, 250, (1, 16)))
+    steps = generate_step(prompt[0], model, max_tokens=10)
+    next(steps)
+    groups = engine.stats.groups
+    assert len([t for t, _ in steps]) == 9 and engine.stats.groups == groups

@@ -131,3 +131,41 @@ def test_stall_budget_drops_the_least_important_reads_to_the_floor():
     c.read_s = None  # no profile: no budget
     c.compute_s = [0.2, 0.5, 1.0]
     assert p.decide(c).levels.tolist() == [[2, 2, 2, 2]]
+
+
+LEVELS_COVER = {0: (0,), 1: (1,), 2: (2,)}  # levels layout: one part per level
+PLANES_COVER = {0: (0,), 1: (0, 1), 2: (0, 1, 2)}  # planes layout: level l reads parts 0..l
+
+
+def test_fit_pools_keeps_the_most_valuable_experts_above_the_floor():
+    from d2moe_mlx.levels import fit_pools
+
+    ids = np.array([[0, 1, 2, 3]])
+    levels = np.array([[2, 2, 2, 0]])
+    scores = np.array([[0.1, 0.4, 0.3, 0.2]])
+    # two slots above the floor at level 2: expert 0 (lowest score) drops to the floor
+    got = fit_pools(ids, levels, scores, 0, LEVELS_COVER, {0: 4, 2: 2})
+    assert got.tolist() == [[0, 2, 2, 0]]
+    assert levels.tolist() == [[2, 2, 2, 0]]  # the input is not changed
+    # enough slots: unchanged
+    assert fit_pools(ids, levels, scores, 0, LEVELS_COVER, {0: 4, 2: 3}).tolist() == levels.tolist()
+    # the call does not fit the floor's pool in one pass anyway: unchanged (grouped)
+    assert fit_pools(ids, levels, scores, 0, LEVELS_COVER, {0: 3, 2: 1}).tolist() == levels.tolist()
+
+
+def test_fit_pools_counts_pairs_before_scores_and_drops_every_pair_of_an_expert():
+    from d2moe_mlx.levels import fit_pools
+
+    # expert 5 is chosen by both tokens (hot) with low scores; expert 6 once, high score
+    ids = np.array([[5, 6], [5, 7]])
+    levels = np.array([[1, 1], [1, 1]])
+    scores = np.array([[0.2, 0.9], [0.1, 0.3]])
+    got = fit_pools(ids, levels, scores, 0, PLANES_COVER, {0: 3, 1: 2})
+    assert got.tolist() == [[1, 1], [1, 0]]  # 7 (one pair, 0.3) goes; hot 5 and 6 stay
+    got = fit_pools(ids, levels, scores, 0, PLANES_COVER, {0: 3, 1: 1})
+    assert got.tolist() == [[1, 0], [1, 0]]  # only the hot expert keeps its pairs above
+    # planes: level 2 pairs use parts 1 and 2; part 2's limit drops one to the floor,
+    # which also frees its part-1 slot
+    levels = np.array([[2, 2], [2, 1]])
+    got = fit_pools(ids, levels, None, 0, PLANES_COVER, {0: 3, 1: 3, 2: 1})
+    assert got.tolist() == [[2, 0], [2, 1]]  # no scores: the hot expert 5 keeps level 2
