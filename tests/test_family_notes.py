@@ -83,6 +83,14 @@ def test_minimax_m3_vl_rotary_dim_as_transformers_reads_it():
         normalize_config({"model_type": "minimax_m3_vl", "text_config": {**text, "index_head_dim": 4}})
     with pytest.raises(ValueError, match="text_config"):
         normalize_config({"model_type": "minimax_m3_vl", **text})
+    with pytest.raises(ValueError, match="use_gemma_norm"):
+        normalize_config({"model_type": "minimax_m3_vl", "text_config": {**text, "use_gemma_norm": False}})
+    # the hub's spelling: SwiGLU-OAI named in hidden_act (mlx-lm's experts ignore it), indexer nested
+    hub = {k: v for k, v in text.items() if k not in ("layer_types", "index_head_dim")}
+    hub["sparse_attention_config"] = {"sparse_attention_freq": [1, 0], "sparse_index_dim": 4}
+    assert check_supported({"model_type": "minimax_m3_vl", "hidden_act": "swigluoai"})
+    with pytest.raises(ValueError, match="index_head_dim 4"):
+        normalize_config({"model_type": "minimax_m3_vl", "text_config": hub})
 
 
 def test_minimax_m3_vl_towers_dropped_and_fused_mlps_split():

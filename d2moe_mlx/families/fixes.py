@@ -288,12 +288,18 @@ def minimax_m3_vl_config(cfg: dict) -> None:
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     if factor is not None:
         text["rotary_dim"] = int(head_dim * factor)
-    sparse = [t for t in text.get("layer_types") or [] if t != "full_attention"]
-    index_dim = text.get("index_head_dim")
+    hub = text.get("sparse_attention_config") or {}  # the hub's nested spelling
+    sparse = [t for t in text.get("layer_types") or [] if t != "full_attention"] \
+        or [f for f in hub.get("sparse_attention_freq") or [] if f]
+    index_dim = text.get("index_head_dim", hub.get("sparse_index_dim"))
     rotary = text.get("rotary_dim") or head_dim
     if sparse and index_dim is not None and index_dim < rotary:
         raise ValueError(f"minimax_m3_vl: index_head_dim {index_dim} < rotary_dim {rotary}: "
                          "mlx-lm's indexer rope then differs from transformers'")
+    for key in ("use_qk_norm", "use_gemma_norm"):  # mlx-lm's switches; transformers always does both
+        if text.get(key) is False:
+            raise ValueError(f"minimax_m3_vl: {key}=false, but transformers' model always uses "
+                             "Gemma-style (1 + weight) RMSNorms with q/k norms; not supported")
 
 
 _FUSED_GATE_UP = re.compile(r"\.(mlp|shared_experts)\.gate_up_proj\.weight$")

@@ -216,7 +216,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # <mm>
     Family("minimax_m3_vl", block="block_sparse_moe", shared=("shared_experts",),
            rule="sigmoid_bias_norm", correction_bias="e_score_correction_bias",
-           correction_on_block=True, stack_here=True,
+           correction_on_block=True, stack_here=True, hidden_acts=None,
            renames=((r"^model\.language_model\.", "language_model.model."),
                     (r"^lm_head\.", "language_model.lm_head."),
                     (r"\.mlp\.gate\.e_score_correction_bias$", ".block_sparse_moe.e_score_correction_bias"),
