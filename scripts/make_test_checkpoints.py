@@ -536,6 +536,35 @@ VISION_CONFIGS: dict[str, dict] = {
     "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                         patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16),
 }
+# <mm>
+# hybrid: dense layer 0; lightning-indexer sparse attention in layers 0-1 (blocks of 4 keys,
+# top-2 blocks of the 16-token prompt kept), full attention in layer 2; SwiGLU-OAI experts
+# clamped; rotary_dim left at transformers' default 64 (transformers ignores it)
+TEXT_CONFIGS["minimax_m3_vl"] = dict(
+    num_hidden_layers=3,
+    intermediate_size=128,
+    dense_intermediate_size=96,
+    shared_intermediate_size=64,
+    num_local_experts=8,
+    num_experts_per_tok=3,
+    head_dim=16,
+    routed_scaling_factor=1.7,
+    swiglu_alpha=1.3,
+    swiglu_limit=1.0,
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    layer_types=["minimax_m3_sparse", "minimax_m3_sparse", "full_attention"],
+    index_n_heads=2,
+    index_head_dim=16,
+    index_block_size=4,
+    index_topk_blocks=2,
+    index_local_blocks=1,
+    rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+)
+VISION_CONFIGS["minimax_m3_vl"] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, patch_size=4, temporal_patch_size=1,
+                                       spatial_merge_size=1, image_size=16)
+TOP_CONFIGS: dict[str, dict] = {"minimax_m3_vl": dict(projector_hidden_size=64)}  # multimodal wrapper
+# </mm>
 for _name in TEXT_CONFIGS:
     FAMILY_CONFIGS.setdefault(_name, {})
 
@@ -561,7 +590,8 @@ def make_config(family: str, **overrides):
     if family in TEXT_CONFIGS:  # multimodal: text part in text_config, a tiny vision tower
         text = {**_COMMON, **TEXT_CONFIGS[family], **overrides}
         return AutoConfig.for_model(family, text_config=text, vision_config=VISION_CONFIGS.get(family, {}),
-                                    tie_word_embeddings=text["tie_word_embeddings"])
+                                    tie_word_embeddings=text["tie_word_embeddings"],
+                                    **TOP_CONFIGS.get(family, {}))
     kwargs = {**_COMMON, **FAMILY_CONFIGS[family], **overrides}
     return AutoConfig.for_model(family, **kwargs)
 

@@ -67,3 +67,43 @@ def test_sliding_layers_refused_where_mlx_lm_has_none():
     with pytest.raises(ValueError, match="sliding-window"):
         normalize_config({"model_type": "dots1", "sliding_window": 4, "use_sliding_window": True,
                           "layer_types": ["full_attention", "sliding_attention"]})
+
+
+# <mm>
+def test_minimax_m3_vl_rotary_dim_as_transformers_reads_it():
+    """transformers rotates head_dim x partial_rotary_factor channels and ignores the
+    rotary_dim it writes; an indexer head narrower than the rotated channels is refused."""
+    text = {"hidden_size": 64, "num_attention_heads": 4, "head_dim": 16, "rotary_dim": 64,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                "partial_rotary_factor": 0.5},
+            "layer_types": ["minimax_m3_sparse", "full_attention"], "index_head_dim": 16}
+    cfg = normalize_config({"model_type": "minimax_m3_vl", "text_config": text})
+    assert cfg["text_config"]["rotary_dim"] == 8 and text["rotary_dim"] == 64
+    with pytest.raises(ValueError, match="index_head_dim 4 < rotary_dim 8"):
+        normalize_config({"model_type": "minimax_m3_vl", "text_config": {**text, "index_head_dim": 4}})
+    with pytest.raises(ValueError, match="text_config"):
+        normalize_config({"model_type": "minimax_m3_vl", **text})
+    with pytest.raises(ValueError, match="use_gemma_norm"):
+        normalize_config({"model_type": "minimax_m3_vl", "text_config": {**text, "use_gemma_norm": False}})
+    # the hub's spelling: SwiGLU-OAI named in hidden_act (mlx-lm's experts ignore it), indexer nested
+    hub = {k: v for k, v in text.items() if k not in ("layer_types", "index_head_dim")}
+    hub["sparse_attention_config"] = {"sparse_attention_freq": [1, 0], "sparse_index_dim": 4}
+    assert check_supported({"model_type": "minimax_m3_vl", "hidden_act": "swigluoai"})
+    with pytest.raises(ValueError, match="index_head_dim 4"):
+        normalize_config({"model_type": "minimax_m3_vl", "text_config": hub})
+
+
+def test_minimax_m3_vl_towers_dropped_and_fused_mlps_split():
+    from d2moe_mlx.convert.hf_config import dropped_tensors
+
+    names = ["model.vision_tower.blocks.0.attn.qkv.weight", "vision_tower.vision_model.x.weight",
+             "multi_modal_projector.linear_1.weight", "patch_merge_mlp.linear_1.weight",
+             "model.language_model.layers.0.mlp.gate_up_proj.weight"]
+    dropped, message = dropped_tensors("minimax_m3_vl", names)
+    assert dropped == set(names[:4]) and "vision tower and projector" in message
+    w = {names[-1]: mx.arange(8 * 4, dtype=mx.float32).reshape(8, 4), names[0]: mx.zeros((2,))}
+    out = normalize_weights("minimax_m3_vl", {"model_type": "minimax_m3_vl"}, w)
+    assert set(out) == {"language_model.model.layers.0.mlp.gate_proj.weight",
+                        "language_model.model.layers.0.mlp.up_proj.weight"}
+    assert mx.array_equal(out["language_model.model.layers.0.mlp.up_proj.weight"], w[names[-1]][4:])
+# </mm>

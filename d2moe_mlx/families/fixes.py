@@ -268,3 +268,48 @@ def mimo_v2_flash_config(cfg: dict) -> None:
     cfg.setdefault("topk_method", "noaux_tc")
     cfg.setdefault("scoring_func", "sigmoid")
     cfg["rope_scaling"] = None
+
+
+# <mm> ---------------------------------------------------------------------------
+
+
+def minimax_m3_vl_config(cfg: dict) -> None:
+    """minimax_m3_vl: transformers rotates ``head_dim * partial_rotary_factor`` channels
+    and ignores ``rotary_dim`` (which it still writes, default 64); mlx-lm reads
+    ``rotary_dim`` first. Spell it as transformers computes it. The indexer's rope is
+    the attention rope cut to ``index_head_dim``: mlx-lm's equals it only when the
+    index head holds every rotated channel."""
+    text = cfg.get("text_config")
+    if text is None:  # a text-only config: mlx-lm reads the wrapper's text_config only
+        raise ValueError("minimax_m3_vl: config.json has no text_config; mlx-lm's model "
+                         "reads the text model's fields from it")
+    rope = text.get("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", text.get("partial_rotary_factor"))
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if factor is not None:
+        text["rotary_dim"] = int(head_dim * factor)
+    hub = text.get("sparse_attention_config") or {}  # the hub's nested spelling
+    sparse = [t for t in text.get("layer_types") or [] if t != "full_attention"] \
+        or [f for f in hub.get("sparse_attention_freq") or [] if f]
+    index_dim = text.get("index_head_dim", hub.get("sparse_index_dim"))
+    rotary = text.get("rotary_dim") or head_dim
+    if sparse and index_dim is not None and index_dim < rotary:
+        raise ValueError(f"minimax_m3_vl: index_head_dim {index_dim} < rotary_dim {rotary}: "
+                         "mlx-lm's indexer rope then differs from transformers'")
+    for key in ("use_qk_norm", "use_gemma_norm"):  # mlx-lm's switches; transformers always does both
+        if text.get(key) is False:
+            raise ValueError(f"minimax_m3_vl: {key}=false, but transformers' model always uses "
+                             "Gemma-style (1 + weight) RMSNorms with q/k norms; not supported")
+
+
+_FUSED_GATE_UP = re.compile(r"\.(mlp|shared_experts)\.gate_up_proj\.weight$")
+
+
+def minimax_m3_vl_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """minimax_m3_vl, transformers-5 module layout: the dense MLPs and shared experts
+    hold one ``gate_up_proj`` Linear (gate rows first) -> mlx-lm's gate/up projections."""
+    for k in [k for k in w if _FUSED_GATE_UP.search(k) and w[k].ndim == 2]:
+        gate, up = mx.split(w.pop(k), 2, axis=0)
+        w[k.replace(".gate_up_proj.", ".gate_proj.")] = gate
+        w[k.replace(".gate_up_proj.", ".up_proj.")] = up
+# </mm>

@@ -213,4 +213,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            stack_here=True, weights_fix=fixes.drop_correction_bias,
            notes="mlx-lm ignores the router's score-correction bias (moe_statics), which "
                  "transformers adds before the top-k: expert choice can differ"),
+    # <mm>
+    Family("minimax_m3_vl", block="block_sparse_moe", shared=("shared_experts",),
+           rule="sigmoid_bias_norm", correction_bias="e_score_correction_bias",
+           correction_on_block=True, stack_here=True, hidden_acts=None,
+           renames=((r"^model\.language_model\.", "language_model.model."),
+                    (r"^lm_head\.", "language_model.lm_head."),
+                    (r"\.mlp\.gate\.e_score_correction_bias$", ".block_sparse_moe.e_score_correction_bias"),
+                    (r"\.mlp\.(experts|gate|shared_experts)\.", r".block_sparse_moe.\1."),
+                    (r"\.self_attn\.indexer\.([qk])_(proj|norm)\.", r".self_attn.index_\1_\2.")),
+           config_fix=fixes.minimax_m3_vl_config, weights_fix=fixes.minimax_m3_vl_weights,
+           drop=((r"^(model\.)?(vision_tower|multi_modal_projector|patch_merge_mlp)\.",
+                  "vision tower and projector"),
+                 (r"(^|\.)mtp\.", "MTP (next-token prediction) layers")),
+           notes="multimodal checkpoints: the text model converts, the vision tower and projector "
+                 "are dropped with a message; sparse-attention (lightning indexer) layers; "
+                 "rotary_dim read as transformers does (head_dim x partial_rotary_factor)"),
+    # </mm>
 )}

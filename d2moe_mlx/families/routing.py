@@ -87,7 +87,9 @@ class Gating:
             chosen = probs if correction_bias is None else probs + correction_bias
             inds = mx.argpartition(-chosen, kth=k - 1, axis=-1)[..., :k]
             w = mx.take_along_axis(probs, inds, axis=-1)
-            return inds, w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+            w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+            # <mm> minimax_m3_vl scales by routed_scaling_factor (minimax_m2's args lack it: 1.0)
+            return inds, (w * self.scaling if self.scaling != 1.0 else w)
         if self.rule == "sigmoid_bias":  # lfm2_moe: as above, normalised if norm_topk, then scaled
             probs = mx.sigmoid(logits)
             chosen = probs if correction_bias is None else probs.astype(mx.float32) + correction_bias
