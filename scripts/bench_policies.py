@@ -173,7 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu", action="store_true", help="MLX's GPU backend (bfloat16)")
     p.add_argument("--gpu-limit-gb", type=int, default=48, help="mx.set_memory_limit on the GPU")
     p.add_argument("--out", default=None, help="write all results as JSON here")
+    p.add_argument("--plot", nargs="+", metavar="JSON", default=None,
+                   help="only draw earlier results (JSON files written by --out) as a PNG "
+                        "(needs matplotlib) and exit; where files repeat a point, the first "
+                        "file's is drawn; see --plot-out")
+    p.add_argument("--plot-out", default="docs/img/policies.png", help="the PNG --plot writes")
     a = p.parse_args(argv)
+    if a.plot:
+        print(f"wrote {plot([r for f in a.plot for r in json.loads(Path(f).read_text())['rows']], Path(a.plot_out))}")
+        return
     unknown = set(a.policies.split(",")) - set(POLICIES)
     if unknown:
         p.error(f"unknown policies {sorted(unknown)}; choose from {', '.join(POLICIES)}")
@@ -221,6 +229,55 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(dict(args=vars(a), rows=rows), indent=1))
         print(f"wrote {a.out}")
+
+
+def plot(rows: list[dict], out: Path) -> Path:
+    """Decode speed over exact streaming per policy, one request, own routing, one bar
+    group per cache size (left); tok/s per request against concurrent requests (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen, kept = set(), []
+    for r in rows:  # the first of each (policy, cache, requests): one run per point
+        key = (r["policy"], r["cache_fraction"], r["requests"])
+        if r.get("fits", True) and r["routing"] == "own" and key not in seen:
+            seen.add(key)
+            kept.append(r)
+    rows = kept
+    if not rows:
+        raise SystemExit("no rows with the model's own routing to plot")
+    one = [r for r in rows if r["requests"] == 1]
+    fractions = sorted({r["cache_fraction"] for r in one}, reverse=True)
+    names = [n for n in POLICIES if any(r["policy"] == n for r in one)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.8 / max(len(fractions), 1)
+    for i, fraction in enumerate(fractions):
+        speed = {r["policy"]: r["vs_exact"] for r in one if r["cache_fraction"] == fraction}
+        xs = [j + i * width for j, n in enumerate(names) if n in speed]
+        left.bar(xs, [speed[n] for n in names if n in speed], width, label=f"{fraction:.1%} cache")
+    left.axhline(1.0, color="grey", lw=0.8)
+    left.set_xticks([j + width * (len(fractions) - 1) / 2 for j in range(len(names))], names,
+                    rotation=30, ha="right")
+    left.set_ylabel("decode tok/s over exact streaming")
+    left.set_title("one request")
+    left.legend()
+    for name in sorted({r["policy"] for r in rows if r["requests"] > 1}):
+        mine = sorted((r["requests"], r["per_request_tps"]) for r in rows if r["policy"] == name
+                      and r["cache_fraction"] == 0.25)
+        if len(mine) > 1:
+            right.plot(*zip(*mine), marker="o", label=name)
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("concurrent requests")
+    right.set_ylabel("tok/s per request")
+    right.set_title("25% cache")
+    right.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
 
 
 if __name__ == "__main__":
