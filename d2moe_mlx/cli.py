@@ -119,13 +119,13 @@ def _streaming_options(f):
         click.option("--quality", type=click.Choice(list(QUALITIES)), default="exact",
                      show_default=True,
                      help="exact: every expert at --level. high / balanced / fast: important "
-                          "and hot experts at --level, the rest lower, unimportant cache misses "
-                          "substituted by resident experts (faster, slightly lower quality; "
-                          "docs/BENCHMARKS.md measures both). learned: levels from the bit-width "
+                          "and hot experts at --level, the rest lower (fast also substitutes "
+                          "unimportant cache misses by resident experts): faster, slightly lower "
+                          "quality; docs/BENCHMARKS.md and docs/QUALITY.md measure both. learned: levels from the bit-width "
                           "router `d2moe calibrate --bit-router` trained (docs/BIT_ROUTER.md)."),
         click.option("--alpha", type=click.FloatRange(0, 1, max_open=True), default=None,
                      help="With --quality: the SMoE substitution band (0 = no substitution; "
-                          "default: the preset's, 0.25 for balanced)."),
+                          "default: the preset's, 0 for high and balanced, 0.35 for fast)."),
         click.option("--min-level", type=click.IntRange(0), default=None,
                      help="With --quality: the lowest level a pair may run at (the bit floor; "
                           "--level is the ceiling). Default: the preset's."),

@@ -279,7 +279,10 @@ def substitute(call: Call, decision: Decision, lo: int, hi: int, a: float) -> No
 QUALITIES = {
     "exact": None,
     "high": dict(drop=1, tau=0.3, alpha=0.0, stall=None),
-    "balanced": dict(drop=1, tau=0.5, alpha=0.1, stall=4.0),  # alpha 0.25 cost +10-12% ppl (docs/QUALITY.md)
+    # balanced substitutes nothing: at a 25% cache SMoE's band cost the trained model
+    # +1-3% perplexity even at alpha 0.1 (+10-12% at 0.25) while adding no decode speed on
+    # the H200 (docs/QUALITY.md, docs/BENCHMARKS.md); fast keeps it.
+    "balanced": dict(drop=1, tau=0.5, alpha=0.0, stall=4.0),
     "fast": dict(drop=2, tau=0.7, alpha=0.35, stall=1.0),
     # The store's trained bit-width router (d2moe_mlx.bitrouter; ``d2moe calibrate
     # STORE --bit-router``), with SMoE substitution off unless ``alpha`` is given.
