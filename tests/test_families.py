@@ -12,6 +12,7 @@ from make_test_checkpoints import FAMILIES
 from d2moe_mlx.convert.hf_config import load_mlx_reference
 from d2moe_mlx.families import family_of, get_family, router_logits, supported, text_args
 from d2moe_mlx.hooks import hooked
+from d2moe_mlx.moe import projection_names
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,11 @@ def _block_weights(block, family, x, inds):
     return np.array(diff)[..., :k]
 
 
+def _width(switch) -> int:
+    """The experts' input width: the router's too (whatever the family's ModelArgs call it)."""
+    return getattr(switch, projection_names(switch)[0]).weight.shape[-1]
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_adapter_routes_like_mlx_lm(name, models):
     model = models(name)
@@ -59,7 +65,7 @@ def test_adapter_routes_like_mlx_lm(name, models):
     gating = family.gating(text_args(model))
     rng = np.random.default_rng(0)
     for layer, block in blocks:
-        x = mx.array(rng.normal(size=(2, 5, text_args(model).hidden_size)).astype(np.float32))
+        x = mx.array(rng.normal(size=(2, 5, _width(block[family.experts]))).astype(np.float32))
         seen = {}
 
         def make_fn(_l, _b, original):

@@ -268,3 +268,46 @@ def mimo_v2_flash_config(cfg: dict) -> None:
     cfg.setdefault("topk_method", "noaux_tc")
     cfg.setdefault("scoring_func", "sigmoid")
     cfg["rope_scaling"] = None
+
+
+# <bailing> ----------------------------------------------------------------------
+
+
+def bailing_norm_head_config(cfg: dict) -> None:
+    """bailing_moe / bailing_moe_linear: mlx-lm's sanitize normalises ``lm_head`` when
+    ``norm_head`` is set, and fails on any part of the checkpoint without it (a layer, in a
+    layer-by-layer conversion); the converter's weights fix normalises it instead
+    (:func:`bailing_norm_head_weights`), once, so the normalised config says ``norm_head``
+    false and the converted ``lm_head`` is the normalised one."""
+    if cfg.get("norm_head"):
+        cfg["norm_head"] = False
+        cfg["_d2moe_norm_head"] = True
+
+
+def bailing_norm_head_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """Columns of ``lm_head`` divided by their norm (what mlx-lm's sanitize does under
+    ``norm_head``), for a raw config that sets it; see :func:`bailing_norm_head_config`."""
+    if (config.get("norm_head") or config.get("_d2moe_norm_head")) and "lm_head.weight" in w:
+        v = w["lm_head.weight"]
+        norm = mx.linalg.norm(v.astype(mx.float32), axis=0, keepdims=True) + 1e-7
+        w["lm_head.weight"] = (v / norm).astype(v.dtype)
+
+
+_PHIXTRAL_NAMES = (  # mlx-lm's ModelArgs name, the hub's (phi-msft), the common name d2moe reads
+    ("model_dim", "n_embd", "hidden_size"), ("num_layers", "n_layer", "num_hidden_layers"),
+    ("num_heads", "n_head", "num_attention_heads"), ("num_vocab", "vocab_size", "vocab_size"))
+
+
+def phixtral_config(cfg: dict) -> None:
+    """phixtral: mlx-lm's ModelArgs reads ``model_dim`` / ``num_layers`` / ``num_heads`` /
+    ``num_vocab`` (else phi-2's sizes), hub configs write ``n_embd`` / ``n_layer`` /
+    ``n_head`` / ``vocab_size``: mlx-lm's names from the hub's where missing, then the
+    common names d2moe reads (budgets, calibration) from mlx-lm's."""
+    for mlx_name, hub_name, common in _PHIXTRAL_NAMES:
+        if cfg.get(mlx_name) is None and cfg.get(hub_name) is not None:
+            cfg[mlx_name] = cfg[hub_name]
+        if cfg.get(mlx_name) is None:
+            raise ValueError(f"phixtral: the config has neither {mlx_name!r} nor {hub_name!r}")
+        cfg[common] = cfg[mlx_name]
+    cfg["num_key_value_heads"] = cfg["num_heads"]  # phi-2 attention: one kv head per head
+    cfg["intermediate_size"] = 4 * cfg["model_dim"]  # mlx-lm's phixtral experts: 4 x model_dim

@@ -213,4 +213,27 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            stack_here=True, weights_fix=fixes.drop_correction_bias,
            notes="mlx-lm ignores the router's score-correction bias (moe_statics), which "
                  "transformers adds before the top-k: expert choice can differ"),
+    # <bailing>
+    Family("bailing_moe", shared=("shared_experts",), rule="bailing_moe",
+           correction_bias="expert_bias", expert_count_key="num_experts",
+           gating_keys={"score_function": "score_function"}, sanitize_layer0=False,
+           config_fix=fixes.bailing_norm_head_config, weights_fix=fixes.bailing_norm_head_weights,
+           hub_remote_code=True, verified="mlx-lm",
+           notes="Ling v1/v2 (mlx-lm's bailing_moe); dense first layers; norm_head applied "
+                 "by the converter"),
+    Family("bailing_moe_linear", shared=("shared_experts",), rule="bailing_moe_linear",
+           correction_bias="expert_bias", expert_count_key="num_experts",
+           gating_keys={"score_function": "score_function"}, sanitize_layer0=False,
+           config_fix=fixes.bailing_norm_head_config, weights_fix=fixes.bailing_norm_head_weights,
+           hub_remote_code=True, verified="mlx-lm",
+           notes="hybrid stack: lightning linear-attention and full-attention layers"),
+    Family("bailing_moe_v3", shared=("shared_experts",), rule="bailing_v3",
+           correction_bias="expert_bias", expert_count_key="num_experts", sanitize_layer0=False,
+           hub_remote_code=True, verified="mlx-lm",
+           notes="hybrid stack: KDA linear-attention and gated MLA layers; MTP layers dropped "
+                 "by mlx-lm's sanitize"),
+    Family("phixtral", block="moe", experts="switch_mlp", rule="topk_softmax", hidden_acts=None,
+           config_fix=fixes.phixtral_config, hub_remote_code=True, verified="mlx-lm",
+           notes="phi-2 parallel blocks (attention and experts on one LayerNorm), GELU experts "
+                 "with biases"),
 )}
