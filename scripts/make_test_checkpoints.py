@@ -593,9 +593,39 @@ FAMILY_CONFIGS.update({
                          "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}},
     ),
 })
+# <bailing>: Ling 3 (transformers' BailingHybrid, mlx-lm's bailing_moe_v3 module): KDA linear
+# attention (layers 0, 1) and gated MLA (layer 2), dense layer 0, sigmoid group-limited routing.
+# head_dim = qk_rope_head_dim: transformers' config writes the rope width as head_dim and reads
+# it back as the KDA head width.
+FAMILY_CONFIGS["bailing_hybrid"] = dict(
+    num_hidden_layers=3,
+    intermediate_size=192,
+    moe_intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=3,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=1.7,
+    norm_topk_prob=True,
+    layer_group_size=3,
+    num_key_value_heads=4,
+    head_dim=16,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    short_conv_kernel_size=3,
+    kda_lower_bound=-4.0,
+    num_mtp_layers=0,
+    rope_parameters=_ROPE,
+)
 # mlx-lm's nemotron_h zeroes the scores of dropped groups, transformers sets them to -inf: the
 # same experts while every kept score + bias > 0, which a non-negative bias guarantees
 POSITIVE_BIAS = ("nemotron_h",)
+POSITIVE_BIAS += ("bailing_hybrid",)  # <bailing>: the same difference (mlx-lm -inf, transformers 0)
 # multimodal configs: the text part in text_config (vision tower kept tiny)
 TEXT_CONFIGS: dict[str, dict] = {
     "qwen3_5_moe": dict(

@@ -311,3 +311,58 @@ def phixtral_config(cfg: dict) -> None:
         cfg[common] = cfg[mlx_name]
     cfg["num_key_value_heads"] = cfg["num_heads"]  # phi-2 attention: one kv head per head
     cfg["intermediate_size"] = 4 * cfg["model_dim"]  # mlx-lm's phixtral experts: 4 x model_dim
+
+
+_BAILING_V3_ARCH = "BailingMoeV3ForCausalLM"  # mlx-lm runs it with its bailing_moe_v3 module
+
+
+def bailing_hybrid_config(cfg: dict) -> None:
+    """bailing_hybrid (Ling 3: KDA + MLA, transformers' BailingHybrid): mlx-lm runs it with
+    its ``bailing_moe_v3`` module, chosen by the architecture ``BailingMoeV3ForCausalLM``
+    (mlx-lm's ``bailing_hybrid`` module is Ling 2.5's lightning attention, refused here);
+    transformers 5 writes its own names for what that module reads."""
+    arch = cfg.get("architectures") or []
+    if "group_norm_size" in cfg or not set(arch) & {_BAILING_V3_ARCH, "BailingHybridForCausalLM"}:
+        raise ValueError(f"bailing_hybrid: architectures {arch} (lightning-attention Ling 2.5, "
+                         "mlx-lm's bailing_hybrid module) is not supported yet; d2moe-mlx runs the "
+                         "KDA + MLA bailing_hybrid models (Ling 3, BailingHybridForCausalLM / "
+                         f"{_BAILING_V3_ARCH})")
+    cfg["architectures"] = [_BAILING_V3_ARCH]
+    for ours, theirs in (("num_experts_per_tok", "num_experts_per_token"),
+                         ("n_group", "num_expert_group"), ("norm_topk_prob", "moe_renormalize"),
+                         ("max_position_embeddings", "model_max_length"),
+                         ("head_dim", "linear_head_dim")):
+        if cfg.get(theirs) is not None:
+            cfg[ours] = cfg[theirs]
+    cfg.setdefault("moe_shared_expert_intermediate_size", cfg.get("moe_intermediate_size"))
+    dense_prefix_config(cfg)
+    n, group = cfg["num_hidden_layers"], cfg.get("layer_group_size", 4)
+    want = ["full_attention" if (i + 1) % group == 0 or i >= n // group * group else "linear_attention"
+            for i in range(n)]
+    if cfg.get("layer_types") and cfg["layer_types"] != want:
+        raise ValueError(f"bailing_hybrid: layer_types {cfg['layer_types']} is not the pattern "
+                         f"mlx-lm builds from layer_group_size={group} ({want})")
+
+
+def _bailing_kda_layer(config: dict, layer: int) -> bool:
+    """Whether mlx-lm's bailing_moe_v3 builds layer ``layer`` as KDA (else MLA)."""
+    n, group = config["num_hidden_layers"], config.get("layer_group_size", 6)
+    return not ((layer + 1) % group == 0 or layer >= n // group * group)
+
+
+_BAILING_OUT = re.compile(r"layers\.(\d+)\.attention\.(dense|o_proj)\.")
+
+
+def bailing_hybrid_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """bailing_hybrid: transformers names every attention output ``o_proj`` (its hub
+    format: ``dense``), mlx-lm's KDA layers ``o_proj`` and its MLA layers ``dense``; and
+    transformers 5's module layout has one ``conv1d`` over q, k and v concatenated ->
+    the hub's ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d``."""
+    for k in list(w):
+        m = _BAILING_OUT.search(k)
+        if m:
+            want = "o_proj" if _bailing_kda_layer(config, int(m.group(1))) else "dense"
+            w[k[:m.start(2)] + want + k[m.end(2):]] = w.pop(k)
+    for k in [k for k in w if k.endswith(".attention.conv1d.weight")]:
+        for name, part in zip("qkv", mx.split(w.pop(k), 3, axis=0)):
+            w[k.replace(".conv1d.", f".{name}_conv1d.")] = part
