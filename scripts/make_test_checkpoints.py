@@ -625,7 +625,6 @@ FAMILY_CONFIGS["bailing_hybrid"] = dict(
 # mlx-lm's nemotron_h zeroes the scores of dropped groups, transformers sets them to -inf: the
 # same experts while every kept score + bias > 0, which a non-negative bias guarantees
 POSITIVE_BIAS = ("nemotron_h",)
-POSITIVE_BIAS += ("bailing_hybrid",)  # <bailing>: the same difference (mlx-lm -inf, transformers 0)
 # multimodal configs: the text part in text_config (vision tower kept tiny)
 TEXT_CONFIGS: dict[str, dict] = {
     "qwen3_5_moe": dict(

@@ -206,3 +206,19 @@ def test_checkpoint_tokenizer(hf_checkpoint):
     ids = tok.encode("Hi, wörld")
     assert ids == list("Hi, wörld".encode()) and tok.decode(ids) == "Hi, wörld"
     assert tok.eos_token_ids == {load_config(hf_checkpoint("qwen3_moe"))["eos_token_id"]}
+
+
+# <bailing>
+@pytest.mark.parametrize("family", ["bailing_moe", "phixtral"])
+def test_mlx_lm_saved_read_as_mlx_lm_loads_it(hf_checkpoint, family):
+    """An mlx-lm-saved checkpoint, read through our normalisation, gives the logits of
+    mlx-lm's own loader (bailing_moe: norm_head applied by the converter, not sanitize;
+    phixtral: its config names)."""
+    from mlx_lm.utils import load_model
+
+    ckpt = hf_checkpoint(family)
+    ours, _ = load_mlx_reference(ckpt, dtype="float32")
+    theirs, _ = load_model(ckpt)
+    theirs.set_dtype(mx.float32)
+    diff = np.abs(mlx_logits(ours) - mlx_logits(theirs)).max()
+    assert diff <= ATOL, f"{family}: max abs logit diff {diff:.3g}"
