@@ -435,20 +435,21 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         partial_rotary_factor=0.5,
         rope_theta=25000.0,
     ),
-    # hybrid: KDA (layers 0, 1) and gated MLA (layer 2); sigmoid group-limited routing
+    # hybrid: KDA (layer 0) and gated MLA (layer 1), both MoE (bailing_hybrid, the same
+    # mlx-lm module, has a dense layer); sigmoid group-limited routing
     "bailing_moe_v3": dict(
-        num_hidden_layers=3,
+        num_hidden_layers=2,
         intermediate_size=192,
         moe_intermediate_size=128,
         moe_shared_expert_intermediate_size=64,
         num_experts=8,
         num_shared_experts=1,
         num_experts_per_tok=3,
-        first_k_dense_replace=1,
+        first_k_dense_replace=0,
         n_group=4,
         topk_group=2,
         routed_scaling_factor=1.7,
-        layer_group_size=3,
+        layer_group_size=2,
         head_dim=16,
         q_lora_rank=32,
         kv_lora_rank=32,
