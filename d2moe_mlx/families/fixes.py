@@ -316,16 +316,23 @@ def phixtral_config(cfg: dict) -> None:
 _BAILING_V3_ARCH = "BailingMoeV3ForCausalLM"  # mlx-lm runs it with its bailing_moe_v3 module
 
 
+def _bailing_kda_layer(config: dict, layer: int) -> bool:
+    """Whether mlx-lm's bailing_moe_v3 builds layer ``layer`` as KDA (else MLA)."""
+    n, group = config["num_hidden_layers"], config.get("layer_group_size", 6)  # transformers' default
+    return not ((layer + 1) % group == 0 or layer >= n // group * group)
+
+
 def bailing_hybrid_config(cfg: dict) -> None:
-    """bailing_hybrid (Ling 3: KDA + MLA, transformers' BailingHybrid): mlx-lm runs it with
-    its ``bailing_moe_v3`` module, chosen by the architecture ``BailingMoeV3ForCausalLM``
-    (mlx-lm's ``bailing_hybrid`` module is Ling 2.5's lightning attention, refused here);
-    transformers 5 writes its own names for what that module reads."""
+    """bailing_hybrid with KDA + MLA layers (Ling 3, transformers' BailingHybrid): mlx-lm
+    runs it with its ``bailing_moe_v3`` module, chosen by the architecture
+    ``BailingMoeV3ForCausalLM``; transformers 5 writes its own names for what that module
+    reads. Other architectures (mlx-lm's ``bailing_hybrid`` module: lightning linear
+    attention + MLA) are refused: d2moe's gating rule for the family is the KDA model's."""
     arch = cfg.get("architectures") or []
-    if "group_norm_size" in cfg or not set(arch) & {_BAILING_V3_ARCH, "BailingHybridForCausalLM"}:
-        raise ValueError(f"bailing_hybrid: architectures {arch} (lightning-attention Ling 2.5, "
-                         "mlx-lm's bailing_hybrid module) is not supported yet; d2moe-mlx runs the "
-                         "KDA + MLA bailing_hybrid models (Ling 3, BailingHybridForCausalLM / "
+    if not set(arch) & {_BAILING_V3_ARCH, "BailingHybridForCausalLM"}:
+        raise ValueError(f"bailing_hybrid: architectures {arch} (mlx-lm's bailing_hybrid module: "
+                         "lightning linear attention) is not supported yet; d2moe-mlx runs the "
+                         "KDA + MLA bailing_hybrid models (BailingHybridForCausalLM, "
                          f"{_BAILING_V3_ARCH})")
     cfg["architectures"] = [_BAILING_V3_ARCH]
     for ours, theirs in (("num_experts_per_tok", "num_experts_per_token"),
@@ -336,18 +343,12 @@ def bailing_hybrid_config(cfg: dict) -> None:
             cfg[ours] = cfg[theirs]
     cfg.setdefault("moe_shared_expert_intermediate_size", cfg.get("moe_intermediate_size"))
     dense_prefix_config(cfg)
-    n, group = cfg["num_hidden_layers"], cfg.get("layer_group_size", 4)
-    want = ["full_attention" if (i + 1) % group == 0 or i >= n // group * group else "linear_attention"
-            for i in range(n)]
+    want = ["linear_attention" if _bailing_kda_layer(cfg, i) else "full_attention"
+            for i in range(cfg["num_hidden_layers"])]
     if cfg.get("layer_types") and cfg["layer_types"] != want:
         raise ValueError(f"bailing_hybrid: layer_types {cfg['layer_types']} is not the pattern "
-                         f"mlx-lm builds from layer_group_size={group} ({want})")
-
-
-def _bailing_kda_layer(config: dict, layer: int) -> bool:
-    """Whether mlx-lm's bailing_moe_v3 builds layer ``layer`` as KDA (else MLA)."""
-    n, group = config["num_hidden_layers"], config.get("layer_group_size", 6)
-    return not ((layer + 1) % group == 0 or layer >= n // group * group)
+                         f"mlx-lm builds from layer_group_size={cfg.get('layer_group_size', 6)} "
+                         f"({want})")
 
 
 _BAILING_OUT = re.compile(r"layers\.(\d+)\.attention\.(dense|o_proj)\.")
