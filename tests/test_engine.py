@@ -431,3 +431,27 @@ def test_a_higher_level_of_an_expert_ready_lower_is_evicted_first(stores):
     spare[2] = True  # expert 2 is also ready at a lower level
     _, loads = cache.acquire(0, np.array([5]), spare)
     assert pool.slot_of[2] == -1 and pool.slot_of[0] >= 0  # 2 went first, not LRU's 0
+
+
+# <bailing>
+def test_store_expert_modules_checked_whatever_the_layer_list_is_called():
+    """The engine checks the store's expert modules by what follows the layer index,
+    so GPT-2-style ``transformer.h.N`` layers (phixtral) pass and another block does not."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from d2moe_mlx.engine import _check_blocks
+    from d2moe_mlx.families import get_family
+    from d2moe_mlx.store.format import StoreError
+
+    def store(modules):
+        return SimpleNamespace(path=Path("s"), manifest={"switch_modules": modules,
+                                                         "model_type": "phixtral"})
+
+    phixtral, blocks = get_family("phixtral"), [(0, None), (1, None)]
+    _check_blocks(store({"0": "transformer.h.0.moe.switch_mlp", "1": "transformer.h.1.moe.switch_mlp"}),
+                  phixtral, blocks)
+    for wrong in ({"0": "transformer.h.0.moe.switch_mlp"},
+                  {"0": "transformer.h.0.moe.switch_mlp", "1": "transformer.h.1.mlp.switch_mlp"}):
+        with pytest.raises(StoreError, match="re-run d2moe convert"):
+            _check_blocks(store(wrong), phixtral, blocks)
