@@ -332,19 +332,20 @@ def _load_subset(model: nn.Module, config: dict, subset: dict[str, mx.array], pr
     ``prefix`` is layer ``layer``'s path in the model's parameter names. mlx-lm's
     ``sanitize`` functions look for layer 0's keys to decide whether to restack
     experts, so a layer's tensors are renamed to layer 0 for the call
-    (``...layers.{layer}.`` -> ``...layers.0.``, whatever comes before) and back afterwards.
+    (``...layers.{layer}.`` -> ``...layers.0.``, whatever comes before; GPT-2-style
+    ``...h.{layer}.`` likewise) and back afterwards.
     """
     model_type = config["model_type"]
     # A family whose sanitize looks at each layer's own index keeps it (sanitize_layer0 False)
     rename = prefix is not None and get_family(model_type).sanitize_layer0
     if rename:
-        subset = {re.sub(rf"(^|\.)layers\.{layer}\.", r"\1layers.0.", k, count=1): v
+        subset = {re.sub(rf"(^|\.)(layers|h)\.{layer}\.", r"\1\2.0.", k, count=1): v
                   for k, v in subset.items()}
     subset = normalize_weights(model_type, config, subset)
     if hasattr(model, "sanitize"):
         subset = model.sanitize(dict(subset))
     if rename:
-        subset = {re.sub(r"(^|\.)layers\.0\.", rf"\1layers.{layer}.", k, count=1): v
+        subset = {re.sub(r"(^|\.)(layers|h)\.0\.", rf"\1\2.{layer}.", k, count=1): v
                   for k, v in subset.items()}
     params = dict(tree_flatten(model.parameters()))
     if prefix is None:

@@ -143,7 +143,7 @@ def train_router(model: nn.Module, train: np.ndarray, levels: list[int], *, alph
     if caps.shape != (len(levels),):
         raise ValueError(f"capacities need one share per level ({len(levels)}), got {capacities}")
     mx.random.seed(seed)
-    size = model.args.hidden_size if hidden else 0
+    size = engine.store.config["hidden_size"] if hidden else 0  # any family's name for it
     router = BitRouter(len(engine.layers), engine.store.num_experts, len(levels), top_bias, size)
     mixer = _Mixer(model, router, levels)
     model.freeze()

@@ -232,9 +232,9 @@ def fill(engine: Engine) -> None:
 def _check_blocks(store: Store, family: Family, blocks: list) -> None:
     """The MoE layers found in the model must be the ones the store's manifest recorded."""
     expected = store.manifest["switch_modules"]
-    found = {str(layer): f"model.layers.{layer}.{family.switch_path}" for layer, _ in blocks}
+    found = {str(layer) for layer, _ in blocks}
     if sorted(found, key=int) != sorted(expected, key=int) or any(
-            found[k].split("layers.", 1)[1] != expected[k].split("layers.", 1)[1] for k in expected):
+            not expected[k].endswith(f".{k}.{family.switch_path}") for k in expected):
         raise StoreError(
             f"{store.path / MANIFEST_NAME}: expert modules {sorted(expected.values())[:3]}... do not "
             f"match the {store.manifest['model_type']} model built from config.json; re-run d2moe convert")

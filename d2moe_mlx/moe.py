@@ -14,7 +14,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 # Names of the projections of each switch module class, in mlx-lm's spelling.
 PROJECTIONS = {SwitchGLU: ("gate_proj", "up_proj", "down_proj"), SwitchMLP: ("fc1", "fc2")}
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")  # h: GPT-2-style transformer.h.N
 
 
 def is_switch(module) -> bool:
@@ -47,7 +47,8 @@ def projection_names(module: nn.Module) -> tuple[str, ...]:
 
 
 def layer_of(name: str) -> int | None:
-    """The decoder layer index in a tensor name or module path (``model.layers.3.mlp...``), else None."""
+    """The decoder layer index in a tensor name or module path (``model.layers.3.mlp...``,
+    ``transformer.h.3.moe...``), else None."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
 

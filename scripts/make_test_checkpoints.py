@@ -391,6 +391,85 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         partial_rotary_factors=[0.5, 1.0, 0.5],
         rope_theta=25000.0,
     ),
+    # <bailing>: every routing switch off mlx-lm's default (sigmoid vs softmax, expert bias on,
+    # groups, scaling); dense layer 0; norm_head on (the converter normalises lm_head)
+    "bailing_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        routed_scaling_factor=1.7,
+        n_group=4,
+        topk_group=2,
+        use_qk_norm=True,
+        partial_rotary_factor=0.5,
+        norm_head=True,
+        rope_theta=25000.0,
+    ),
+    # hybrid: lightning linear attention (layers 0, 1) and full attention (layer 2)
+    "bailing_moe_linear": dict(
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        layer_group_size=3,
+        group_norm_size=2,
+        head_dim=16,
+        norm_topk_prob=False,
+        score_function="softmax",
+        moe_router_enable_expert_bias=True,
+        routed_scaling_factor=1.5,
+        n_group=2,
+        topk_group=1,
+        use_qk_norm=True,
+        partial_rotary_factor=0.5,
+        rope_theta=25000.0,
+    ),
+    # hybrid: KDA (layer 0) and gated MLA (layer 1), both MoE (bailing_hybrid, the same
+    # mlx-lm module, has a dense layer); sigmoid group-limited routing
+    "bailing_moe_v3": dict(
+        num_hidden_layers=2,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=3,
+        first_k_dense_replace=0,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.7,
+        layer_group_size=2,
+        head_dim=16,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        short_conv_kernel_size=3,
+        kda_lower_bound=-4.0,
+        rope_theta=25000.0,
+    ),
+    # phi-2 parallel blocks; mlx-lm's phixtral has its own config names
+    "phixtral": dict(
+        num_vocab=256,
+        model_dim=64,
+        num_heads=4,
+        num_layers=2,
+        rotary_dim=8,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+    ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 
@@ -515,6 +594,35 @@ FAMILY_CONFIGS.update({
                          "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}},
     ),
 })
+# <bailing>: Ling 3 (transformers' BailingHybrid, mlx-lm's bailing_moe_v3 module): KDA linear
+# attention (layers 0, 1) and gated MLA (layer 2), dense layer 0, sigmoid group-limited routing.
+# head_dim = qk_rope_head_dim: transformers' config writes the rope width as head_dim and reads
+# it back as the KDA head width.
+FAMILY_CONFIGS["bailing_hybrid"] = dict(
+    num_hidden_layers=3,
+    intermediate_size=192,
+    moe_intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=3,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=1.7,
+    norm_topk_prob=True,
+    layer_group_size=3,
+    num_key_value_heads=4,
+    head_dim=16,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    short_conv_kernel_size=3,
+    kda_lower_bound=-4.0,
+    num_mtp_layers=0,
+    rope_parameters=_ROPE,
+)
 # mlx-lm's nemotron_h zeroes the scores of dropped groups, transformers sets them to -inf: the
 # same experts while every kept score + bias > 0, which a non-negative bias guarantees
 POSITIVE_BIAS = ("nemotron_h",)

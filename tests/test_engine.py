@@ -477,3 +477,27 @@ def test_presets_fit_a_budget_with_fewer_than_top_k_slots_above_the_floor(stores
     next(steps)
     groups = engine.stats.groups
     assert len([t for t, _ in steps]) == 9 and engine.stats.groups == groups
+
+
+# <bailing>
+def test_store_expert_modules_checked_whatever_the_layer_list_is_called():
+    """The engine checks the store's expert modules by what follows the layer index,
+    so GPT-2-style ``transformer.h.N`` layers (phixtral) pass and another block does not."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from d2moe_mlx.engine import _check_blocks
+    from d2moe_mlx.families import get_family
+    from d2moe_mlx.store.format import StoreError
+
+    def store(modules):
+        return SimpleNamespace(path=Path("s"), manifest={"switch_modules": modules,
+                                                         "model_type": "phixtral"})
+
+    phixtral, blocks = get_family("phixtral"), [(0, None), (1, None)]
+    _check_blocks(store({"0": "transformer.h.0.moe.switch_mlp", "1": "transformer.h.1.moe.switch_mlp"}),
+                  phixtral, blocks)
+    for wrong in ({"0": "transformer.h.0.moe.switch_mlp"},
+                  {"0": "transformer.h.0.moe.switch_mlp", "1": "transformer.h.1.mlp.switch_mlp"}):
+        with pytest.raises(StoreError, match="re-run d2moe convert"):
+            _check_blocks(store(wrong), phixtral, blocks)

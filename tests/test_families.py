@@ -12,6 +12,7 @@ from make_test_checkpoints import FAMILIES
 from d2moe_mlx.convert.hf_config import load_mlx_reference
 from d2moe_mlx.families import family_of, get_family, router_logits, supported, text_args
 from d2moe_mlx.hooks import hooked
+from d2moe_mlx.moe import projection_names
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,11 @@ def _block_weights(block, family, x, inds):
     return np.array(diff)[..., :k]
 
 
+def _width(switch) -> int:
+    """The experts' input width: the router's too (whatever the family's ModelArgs call it)."""
+    return getattr(switch, projection_names(switch)[0]).weight.shape[-1]
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_adapter_routes_like_mlx_lm(name, models):
     model = models(name)
@@ -59,7 +65,7 @@ def test_adapter_routes_like_mlx_lm(name, models):
     gating = family.gating(text_args(model))
     rng = np.random.default_rng(0)
     for layer, block in blocks:
-        x = mx.array(rng.normal(size=(2, 5, text_args(model).hidden_size)).astype(np.float32))
+        x = mx.array(rng.normal(size=(2, 5, _width(block[family.experts]))).astype(np.float32))
         seen = {}
 
         def make_fn(_l, _b, original):
@@ -113,3 +119,32 @@ def test_hook_is_removed_after_an_error(models):
         with hooked([(layer, block)], family, make_fn):
             block(mx.zeros((1, 2, text_args(model).hidden_size)))
     assert block[family.experts] is original
+
+
+# <bailing>
+def test_router_bias_switched_off_reads_as_none():
+    """bailing_moe without ``moe_router_enable_expert_bias``: mlx-lm's gate holds
+    ``expert_bias = None``; the adapter routes without a bias, like the block."""
+    from make_test_checkpoints import _COMMON, MLX_LM_CONFIGS, randomize_mlx_
+    from mlx_lm.models import bailing_moe
+
+    cfg = {**_COMMON, **MLX_LM_CONFIGS["bailing_moe"], "model_type": "bailing_moe",
+           "moe_router_enable_expert_bias": False, "num_hidden_layers": 2}
+    model = bailing_moe.Model(bailing_moe.ModelArgs.from_dict(cfg))
+    randomize_mlx_(model)
+    family = family_of(model)
+    (layer, block), = family.blocks(model)
+    assert family.correction(block) is None
+    x = mx.array(np.random.default_rng(1).normal(size=(2, 5, 64)).astype(np.float32))
+    seen = {}
+
+    def make_fn(_l, _b, original):
+        def fn(xx, idx):
+            seen["idx"] = idx
+            return original(xx, idx)
+        return fn
+
+    with hooked([(layer, block)], family, make_fn):
+        block(x)
+    inds, _ = family.gating(model.args).route(router_logits(block[family.router], x), None)
+    assert np.array_equal(np.sort(np.array(inds), -1), np.sort(np.array(seen["idx"]), -1))

@@ -107,3 +107,50 @@ def test_minimax_m3_vl_towers_dropped_and_fused_mlps_split():
                         "language_model.model.layers.0.mlp.up_proj.weight"}
     assert mx.array_equal(out["language_model.model.layers.0.mlp.up_proj.weight"], w[names[-1]][4:])
 # </mm>
+
+
+# <bailing>
+def test_bailing_norm_head_applied_once_by_the_converter():
+    cfg = normalize_config({"model_type": "bailing_moe", "norm_head": True})
+    assert cfg["norm_head"] is False  # mlx-lm's sanitize would need lm_head in every part
+    layer = {"model.layers.1.mlp.gate.gate_proj.weight": mx.ones((8, 4))}
+    assert normalize_weights("bailing_moe", cfg, layer).keys() == layer.keys()
+    head = normalize_weights("bailing_moe", cfg, {"lm_head.weight": mx.full((3, 4), 2.0)})
+    assert mx.allclose(mx.linalg.norm(head["lm_head.weight"], axis=0), mx.ones(4))
+
+
+def test_bailing_hybrid_config_read_for_mlx_lm_bailing_moe_v3():
+    raw = {"model_type": "bailing_hybrid", "architectures": ["BailingHybridForCausalLM"],
+           "num_hidden_layers": 4, "layer_group_size": 2, "num_experts_per_token": 3,
+           "num_expert_group": 2, "moe_renormalize": True, "model_max_length": 64,
+           "head_dim": 8, "linear_head_dim": 16, "moe_intermediate_size": 32,
+           "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]}
+    cfg = normalize_config(raw)
+    assert cfg["architectures"] == ["BailingMoeV3ForCausalLM"]  # mlx-lm's bailing_moe_v3 module
+    assert (cfg["num_experts_per_tok"], cfg["n_group"], cfg["max_position_embeddings"],
+            cfg["head_dim"], cfg["first_k_dense_replace"]) == (3, 2, 64, 16, 1)
+    assert cfg["moe_shared_expert_intermediate_size"] == 32
+    with pytest.raises(ValueError, match="layer_group_size=2"):
+        normalize_config({**raw, "layer_types": ["linear_attention"] * 4})
+    with pytest.raises(ValueError, match="lightning"):  # mlx-lm's bailing_hybrid module
+        normalize_config({**raw, "architectures": ["BailingMoeV2_5ForCausalLM"]})
+    with pytest.raises(ValueError, match="moe_renormalize"):
+        check_supported({**raw, "moe_renormalize": False})
+
+
+def test_bailing_hybrid_output_projection_named_per_layer_kind():
+    cfg = {"model_type": "bailing_hybrid", "num_hidden_layers": 3, "layer_group_size": 3}
+    w = {f"model.layers.{i}.self_attn.o_proj.weight": mx.zeros((2, 2)) for i in range(3)}
+    out = normalize_weights("bailing_hybrid", cfg, w)
+    assert sorted(out) == ["model.layers.0.attention.o_proj.weight",  # KDA
+                           "model.layers.1.attention.o_proj.weight",
+                           "model.layers.2.attention.dense.weight"]  # MLA
+
+
+def test_phixtral_hub_config_names():
+    cfg = normalize_config({"model_type": "phixtral", "n_embd": 64, "n_layer": 2, "n_head": 4,
+                            "vocab_size": 256, "num_local_experts": 4})
+    assert (cfg["model_dim"], cfg["num_layers"], cfg["num_heads"], cfg["num_vocab"]) == (64, 2, 4, 256)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (64, 2, 4)
+    with pytest.raises(ValueError, match="n_embd"):
+        normalize_config({"model_type": "phixtral", "n_layer": 2})

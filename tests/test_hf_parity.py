@@ -206,3 +206,42 @@ def test_checkpoint_tokenizer(hf_checkpoint):
     ids = tok.encode("Hi, wörld")
     assert ids == list("Hi, wörld".encode()) and tok.decode(ids) == "Hi, wörld"
     assert tok.eos_token_ids == {load_config(hf_checkpoint("qwen3_moe"))["eos_token_id"]}
+
+
+# <bailing>
+@pytest.mark.parametrize("family", ["bailing_moe", "phixtral"])
+def test_mlx_lm_saved_read_as_mlx_lm_loads_it(hf_checkpoint, family):
+    """An mlx-lm-saved checkpoint, read through our normalisation, gives the logits of
+    mlx-lm's own loader (bailing_moe: norm_head applied by the converter, not sanitize;
+    phixtral: its config names)."""
+    from mlx_lm.utils import load_model
+
+    ckpt = hf_checkpoint(family)
+    ours, _ = load_mlx_reference(ckpt, dtype="float32")
+    theirs, _ = load_model(ckpt)
+    theirs.set_dtype(mx.float32)
+    diff = np.abs(mlx_logits(ours) - mlx_logits(theirs)).max()
+    assert diff <= ATOL, f"{family}: max abs logit diff {diff:.3g}"
+
+
+def test_bailing_moe_hub_layout_layer_by_layer(hf_checkpoint):
+    """bailing_moe in the hub's layout (one tensor per expert, router ``gate.weight``),
+    normalised and sanitized one layer at a time under its own index as the converter
+    does: mlx-lm's model of the whole mlx-lm-saved checkpoint."""
+    ckpt = hf_checkpoint("bailing_moe")
+    ref, _ = load_mlx_reference(ckpt, dtype="float32")
+    raw = load_config(ckpt)
+    hub = {}
+    for k, v in load_hf_weights(ckpt).items():
+        if ".switch_mlp." in k:
+            hub.update({k.replace(".switch_mlp.", f".experts.{e}."): v[e] for e in range(v.shape[0])})
+        else:
+            hub[k.replace(".gate.gate_proj.", ".gate.")] = v
+    model, _ = build_model(raw)
+    parts = {}
+    for layer in {_layer_of(k) for k in hub}:
+        subset = {k: v for k, v in hub.items() if _layer_of(k) == layer}
+        parts.update(model.sanitize(normalize_weights("bailing_moe", raw, subset)))
+    model.load_weights(list(parts.items()), strict=True)
+    diff = np.abs(mlx_logits(model) - mlx_logits(ref)).max()
+    assert diff <= ATOL, f"max abs logit diff {diff:.3g}"

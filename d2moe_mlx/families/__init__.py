@@ -89,6 +89,8 @@ class Family:
         router = block[self.router]
         if isinstance(router, nn.Module) and self.correction_bias in router:
             return router[self.correction_bias]
+        if isinstance(router, nn.Module) and getattr(router, self.correction_bias, 0) is None:
+            return None  # the router's bias is switched off in this config (bailing_moe)
         return block[self.correction_bias]
 
     def blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -107,13 +109,13 @@ class Family:
 def router_logits(router: nn.Module, x: mx.array) -> mx.array:
     """The router's logits over all experts for ``x``, whatever the router returns:
     a Linear router is called; one holding its Linear in ``layer`` (granitemoe),
-    ``gate`` (afmoe) or ``proj`` (laguna) calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
-    maybe a ``bias``)."""
+    ``gate`` (afmoe), ``proj`` (laguna) or ``gate_proj`` (bailing_moe) calls that; others
+    (DeepSeek's MoEGate) hold a ``weight`` (and maybe a ``bias``)."""
     if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
         return router(x)
     inner = None
     if isinstance(router, nn.Module):
-        inner = next((router[k] for k in ("layer", "gate", "proj") if k in router), None)
+        inner = next((router[k] for k in ("layer", "gate", "proj", "gate_proj") if k in router), None)
     if isinstance(inner, (nn.Linear, nn.QuantizedLinear)):
         return inner(x)
     if "weight" not in router:

@@ -313,3 +313,102 @@ def minimax_m3_vl_weights(config: dict, w: dict[str, mx.array]) -> None:
         w[k.replace(".gate_up_proj.", ".gate_proj.")] = gate
         w[k.replace(".gate_up_proj.", ".up_proj.")] = up
 # </mm>
+
+
+# <bailing> ----------------------------------------------------------------------
+
+
+def bailing_norm_head_config(cfg: dict) -> None:
+    """bailing_moe / bailing_moe_linear: mlx-lm's sanitize normalises ``lm_head`` when
+    ``norm_head`` is set, and fails on any part of the checkpoint without it (a layer, in a
+    layer-by-layer conversion); the converter's weights fix normalises it instead
+    (:func:`bailing_norm_head_weights`), once, so the normalised config says ``norm_head``
+    false and the converted ``lm_head`` is the normalised one."""
+    if cfg.get("norm_head"):
+        cfg["norm_head"] = False
+        cfg["_d2moe_norm_head"] = True
+
+
+def bailing_norm_head_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """Columns of ``lm_head`` divided by their norm (what mlx-lm's sanitize does under
+    ``norm_head``), for a raw config that sets it; see :func:`bailing_norm_head_config`."""
+    if (config.get("norm_head") or config.get("_d2moe_norm_head")) and "lm_head.weight" in w:
+        v = w["lm_head.weight"]
+        norm = mx.linalg.norm(v.astype(mx.float32), axis=0, keepdims=True) + 1e-7
+        w["lm_head.weight"] = (v / norm).astype(v.dtype)
+
+
+_PHIXTRAL_NAMES = (  # mlx-lm's ModelArgs name, the hub's (phi-msft), the common name d2moe reads
+    ("model_dim", "n_embd", "hidden_size"), ("num_layers", "n_layer", "num_hidden_layers"),
+    ("num_heads", "n_head", "num_attention_heads"), ("num_vocab", "vocab_size", "vocab_size"))
+
+
+def phixtral_config(cfg: dict) -> None:
+    """phixtral: mlx-lm's ModelArgs reads ``model_dim`` / ``num_layers`` / ``num_heads`` /
+    ``num_vocab`` (else phi-2's sizes), hub configs write ``n_embd`` / ``n_layer`` /
+    ``n_head`` / ``vocab_size``: mlx-lm's names from the hub's where missing, then the
+    common names d2moe reads (budgets, calibration) from mlx-lm's."""
+    for mlx_name, hub_name, common in _PHIXTRAL_NAMES:
+        if cfg.get(mlx_name) is None and cfg.get(hub_name) is not None:
+            cfg[mlx_name] = cfg[hub_name]
+        if cfg.get(mlx_name) is None:
+            raise ValueError(f"phixtral: the config has neither {mlx_name!r} nor {hub_name!r}")
+        cfg[common] = cfg[mlx_name]
+    cfg["num_key_value_heads"] = cfg["num_heads"]  # phi-2 attention: one kv head per head
+    cfg["intermediate_size"] = 4 * cfg["model_dim"]  # mlx-lm's phixtral experts: 4 x model_dim
+
+
+_BAILING_V3_ARCH = "BailingMoeV3ForCausalLM"  # mlx-lm runs it with its bailing_moe_v3 module
+
+
+def _bailing_kda_layer(config: dict, layer: int) -> bool:
+    """Whether mlx-lm's bailing_moe_v3 builds layer ``layer`` as KDA (else MLA)."""
+    n, group = config["num_hidden_layers"], config.get("layer_group_size", 6)  # transformers' default
+    return not ((layer + 1) % group == 0 or layer >= n // group * group)
+
+
+def bailing_hybrid_config(cfg: dict) -> None:
+    """bailing_hybrid with KDA + MLA layers (Ling 3, transformers' BailingHybrid): mlx-lm
+    runs it with its ``bailing_moe_v3`` module, chosen by the architecture
+    ``BailingMoeV3ForCausalLM``; transformers 5 writes its own names for what that module
+    reads. Other architectures (mlx-lm's ``bailing_hybrid`` module: lightning linear
+    attention + MLA) are refused: d2moe's gating rule for the family is the KDA model's."""
+    arch = cfg.get("architectures") or []
+    if not set(arch) & {_BAILING_V3_ARCH, "BailingHybridForCausalLM"}:
+        raise ValueError(f"bailing_hybrid: architectures {arch} (mlx-lm's bailing_hybrid module: "
+                         "lightning linear attention) is not supported yet; d2moe-mlx runs the "
+                         "KDA + MLA bailing_hybrid models (BailingHybridForCausalLM, "
+                         f"{_BAILING_V3_ARCH})")
+    cfg["architectures"] = [_BAILING_V3_ARCH]
+    for ours, theirs in (("num_experts_per_tok", "num_experts_per_token"),
+                         ("n_group", "num_expert_group"), ("norm_topk_prob", "moe_renormalize"),
+                         ("max_position_embeddings", "model_max_length"),
+                         ("head_dim", "linear_head_dim")):
+        if cfg.get(theirs) is not None:
+            cfg[ours] = cfg[theirs]
+    cfg.setdefault("moe_shared_expert_intermediate_size", cfg.get("moe_intermediate_size"))
+    dense_prefix_config(cfg)
+    want = ["linear_attention" if _bailing_kda_layer(cfg, i) else "full_attention"
+            for i in range(cfg["num_hidden_layers"])]
+    if cfg.get("layer_types") and cfg["layer_types"] != want:
+        raise ValueError(f"bailing_hybrid: layer_types {cfg['layer_types']} is not the pattern "
+                         f"mlx-lm builds from layer_group_size={cfg.get('layer_group_size', 6)} "
+                         f"({want})")
+
+
+_BAILING_OUT = re.compile(r"layers\.(\d+)\.attention\.(dense|o_proj)\.")
+
+
+def bailing_hybrid_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """bailing_hybrid: transformers names every attention output ``o_proj`` (its hub
+    format: ``dense``), mlx-lm's KDA layers ``o_proj`` and its MLA layers ``dense``; and
+    transformers 5's module layout has one ``conv1d`` over q, k and v concatenated ->
+    the hub's ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d``."""
+    for k in list(w):
+        m = _BAILING_OUT.search(k)
+        if m:
+            want = "o_proj" if _bailing_kda_layer(config, int(m.group(1))) else "dense"
+            w[k[:m.start(2)] + want + k[m.end(2):]] = w.pop(k)
+    for k in [k for k in w if k.endswith(".attention.conv1d.weight")]:
+        for name, part in zip("qkv", mx.split(w.pop(k), 3, axis=0)):
+            w[k.replace(".conv1d.", f".{name}_conv1d.")] = part

@@ -230,4 +230,39 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  "are dropped with a message; sparse-attention (lightning indexer) layers; "
                  "rotary_dim read as transformers does (head_dim x partial_rotary_factor)"),
     # </mm>
+    # <bailing>
+    Family("bailing_moe", shared=("shared_experts",), rule="bailing_moe",
+           correction_bias="expert_bias", expert_count_key="num_experts",
+           gating_keys={"score_function": "score_function"}, sanitize_layer0=False,
+           config_fix=fixes.bailing_norm_head_config, weights_fix=fixes.bailing_norm_head_weights,
+           hub_remote_code=True, verified="mlx-lm",
+           notes="dense first layers; norm_head (lm_head normalised) applied by the converter"),
+    Family("bailing_moe_linear", shared=("shared_experts",), rule="bailing_moe_linear",
+           correction_bias="expert_bias", expert_count_key="num_experts",
+           gating_keys={"score_function": "score_function"}, sanitize_layer0=False,
+           config_fix=fixes.bailing_norm_head_config, weights_fix=fixes.bailing_norm_head_weights,
+           hub_remote_code=True, verified="mlx-lm",
+           notes="hybrid stack: lightning linear-attention and full-attention layers"),
+    Family("bailing_moe_v3", shared=("shared_experts",), rule="bailing_v3",
+           correction_bias="expert_bias", expert_count_key="num_experts", sanitize_layer0=False,
+           hub_remote_code=True, verified="mlx-lm",
+           notes="hybrid stack: KDA linear-attention and gated MLA layers; MTP layers dropped "
+                 "by mlx-lm's sanitize"),
+    Family("bailing_hybrid", shared=("shared_experts",), rule="bailing_v3",
+           correction_bias="expert_bias", expert_count_key="num_experts", sanitize_layer0=False,
+           hf_defaults={"q_lora_rank": None, "layer_group_size": 6},
+           mlx_lm_limits={"moe_renormalize": (True, None), "norm_topk_prob": (True, None),
+                          "kda_safe_gate": (True, None), "score_function": ("sigmoid", None)},
+           renames=((r"^model\.embed_tokens\.", "model.word_embeddings."),
+                    (r"\.self_attn\.forget_gate\.", ".self_attn."),
+                    (r"\.self_attn\.", ".attention."),
+                    (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.gate.expert_bias")),
+           config_fix=fixes.bailing_hybrid_config, weights_fix=fixes.bailing_hybrid_weights,
+           notes="Ling 3 (KDA + gated MLA), run by mlx-lm's bailing_moe_v3 module; mlx-lm sets "
+                 "dropped groups' scores to -inf, transformers to 0: same experts while kept "
+                 "scores + bias > 0; lightning-attention bailing_hybrid models refused"),
+    Family("phixtral", block="moe", experts="switch_mlp", rule="topk_softmax", hidden_acts=None,
+           config_fix=fixes.phixtral_config, hub_remote_code=True, verified="mlx-lm",
+           notes="phi-2 parallel blocks (attention and experts on one LayerNorm), GELU experts "
+                 "with biases"),
 )}

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer",
-         "sigmoid_bias_norm", "sigmoid_bias", "mistral4")
+         "sigmoid_bias_norm", "sigmoid_bias", "mistral4",
+         # <bailing>
+         "bailing_moe", "bailing_moe_linear", "bailing_v3")
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,12 @@ class Gating:
     topk_method: str = "greedy"
     jitter_eps: float = 0.0
     softcap: float = 0.0  # fam1: logits -> tanh(logits / c) * c first (laguna), 0 = off
+    score_function: str = "softmax"  # <bailing>: "sigmoid" or "softmax" scores (bailing_moe*)
 
     @property
     def sigmoid(self) -> bool:
-        return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias")
+        return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias", "bailing_v3") \
+            or (self.rule in ("bailing_moe", "bailing_moe_linear") and self.score_function == "sigmoid")
 
     def scores(self, logits: mx.array) -> mx.array:
         """Importance of every expert [..., E] in float32: router probabilities."""
@@ -103,6 +107,20 @@ class Gating:
 
             return mistral4_expert_select(logits, k, self.n_group, self.topk_group, self.scaling,
                                           self.norm_topk)
+        # <bailing>: softmax or sigmoid scores, correction bias, group-limited (dropped groups
+        # zeroed), weights normalised if norm_topk (and k > 1), then scaled: mlx-lm's own functions
+        if self.rule in ("bailing_moe", "bailing_moe_linear"):
+            import importlib
+
+            select = importlib.import_module(f"mlx_lm.models.{self.rule}").group_expert_select
+            return select(logits, correction_bias, k, self.n_group, self.topk_group, self.scaling,
+                          self.norm_topk, self.score_function)
+        if self.rule == "bailing_v3":  # sigmoid, dropped groups -inf, always normalised, scaled
+            from mlx_lm.models.bailing_moe_v3 import _group_expert_select
+
+            bias = correction_bias if correction_bias is not None else mx.zeros(logits.shape[-1])
+            return _group_expert_select(logits.astype(mx.float32), bias, k, self.n_group,
+                                        self.topk_group, self.scaling)
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
