@@ -391,6 +391,37 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         partial_rotary_factors=[0.5, 1.0, 0.5],
         rope_theta=25000.0,
     ),
+    # <dsv41>
+    # DeepSeek-V4.1: hyper-connections (2 streams), window-only layer 0, layer 1 compresses its
+    # KV (ratio 2), layer 2 indexes it (top-3); sqrt-softplus routing at temperature 0.7.
+    "deepseek_v41": dict(
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        head_dim=32,
+        q_lora_rank=32,
+        qk_rope_head_dim=16,
+        o_groups=2,
+        o_lora_rank=16,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        scoring_func="sqrtsoftplus",
+        gate_temp=0.7,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        swiglu_limit=0.6,
+        sliding_window=4,
+        compress_ratios=[0, 2, 2],
+        kv_source_layer_ids=[1],
+        index_source_layer_ids=[2],
+        compress_rope_theta=40000.0,
+        index_n_heads=2,
+        index_head_dim=32,
+        index_topk=3,
+        hc_mult=2,
+        hc_sinkhorn_iters=3,
+        rope_theta=25000.0,
+    ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 

@@ -268,3 +268,15 @@ def mimo_v2_flash_config(cfg: dict) -> None:
     cfg.setdefault("topk_method", "noaux_tc")
     cfg.setdefault("scoring_func", "sigmoid")
     cfg["rope_scaling"] = None
+
+
+# <dsv41>
+def deepseek_v41_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """deepseek_v41: DeepSeek's own tensor names (``layers.N.ffn.experts.E.w1``, fp8/fp4 weights
+    with ue8m0 scales) are renamed and repacked by mlx-lm's sanitize only when it sees the whole
+    checkpoint at once, into a quantized layout d2moe does not read: refuse them."""
+    hub = [k for k in w if not k.startswith(("model.", "lm_head."))]
+    if hub:
+        raise ValueError(f"deepseek_v41: DeepSeek-layout tensors ({hub[0]}, ...) are not supported "
+                         "yet: convert the checkpoint with mlx_lm.convert (unquantized) first, "
+                         "then with d2moe")

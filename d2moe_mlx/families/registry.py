@@ -213,4 +213,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            stack_here=True, weights_fix=fixes.drop_correction_bias,
            notes="mlx-lm ignores the router's score-correction bias (moe_statics), which "
                  "transformers adds before the top-k: expert choice can differ"),
+    # <dsv41>
+    Family("deepseek_v41", experts="experts.switch_mlp", rule="score_bias",
+           correction_bias="e_score_correction_bias", shared=("shared_experts",),
+           expert_count_key="n_routed_experts",
+           gating_keys={"temperature": "gate_temp", "score_func": "scoring_func"}, carry=(0,),
+           weights_fix=fixes.deepseek_v41_weights, hub_remote_code=True, verified="mlx-lm",
+           notes="hyper-connection residual streams, compressed sparse attention; experts in "
+                 "mlp.experts.switch_mlp; DeepSeek-layout (fp8/fp4) checkpoints refused: "
+                 "mlx_lm.convert them first"),
 )}
