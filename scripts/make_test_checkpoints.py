@@ -422,6 +422,34 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         hc_sinkhorn_iters=3,
         rope_theta=25000.0,
     ),
+    # Kimi-K3: KDA linear attention (layers 1, 3 in its 1-based lists) and NoPE MLA (layer 2),
+    # block attention residuals every 2 layers, dense layer 0, SiTU experts, grouped sigmoid
+    # routing with a correction bias.
+    "kimi_k3": dict(
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        hidden_act="situ",
+        activation_situ_beta=1.5,
+        activation_situ_linear_beta=4.0,
+        linear_attn_config={"kda_layers": [1, 3], "full_attn_layers": [2], "num_heads": 2,
+                            "head_dim": 16, "short_conv_kernel_size": 3},
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        mla_use_output_gate=True,
+        num_experts=8,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        moe_intermediate_size=128,
+        routed_scaling_factor=1.7,
+        first_k_dense_replace=1,
+        num_expert_group=2,
+        topk_group=1,
+        attn_res_block_size=2,
+    ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 

@@ -280,3 +280,13 @@ def deepseek_v41_weights(config: dict, w: dict[str, mx.array]) -> None:
         raise ValueError(f"deepseek_v41: DeepSeek-layout tensors ({hub[0]}, ...) are not supported "
                          "yet: convert the checkpoint with mlx_lm.convert (unquantized) first, "
                          "then with d2moe")
+
+
+def kimi_k3_config(cfg: dict) -> None:
+    """kimi_k3: a latent MoE (experts on a projection of the router's input,
+    ``routed_expert_hidden_size``) is refused: d2moe's score policies read the router from
+    the experts' input. The text fields may sit at the top or in ``text_config``."""
+    for part in (cfg, cfg.get("text_config") or {}):
+        if part.get("routed_expert_hidden_size") is not None:
+            raise ValueError("kimi_k3: routed_expert_hidden_size is set (a latent MoE); d2moe-mlx "
+                             "supports Kimi-K3 MoE layers whose experts see the router's input")

@@ -222,4 +222,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            notes="hyper-connection residual streams, compressed sparse attention; experts in "
                  "mlp.experts.switch_mlp; DeepSeek-layout (fp8/fp4) checkpoints refused: "
                  "mlx_lm.convert them first"),
+    Family("kimi_k3", shared=("shared_experts",), rule="deepseek_v3",
+           correction_bias="e_score_correction_bias", correction_on_block=True,
+           expert_count_key="num_experts",
+           gating_keys={"top_k": "num_experts_per_token", "norm_topk": "moe_renormalize",
+                        "n_group": "num_expert_group"},
+           hidden_acts=("situ",), carry=("blocks",), sanitize_layer0=False,
+           config_fix=fixes.kimi_k3_config, hub_remote_code=True, verified="mlx-lm",
+           drop=((r"^(model\.)?mtp\.", "MTP (next-token prediction) layers"),
+                 (r"^(vision_tower|vision_model|multi_modal_projector|mm_projector)\.",
+                  "vision tower")),
+           notes="hybrid stack: KDA linear-attention and NoPE MLA layers, block attention "
+                 "residuals (carried between layers); latent MoE refused"),
 )}
