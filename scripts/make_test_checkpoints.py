@@ -591,7 +591,28 @@ TEXT_CONFIGS: dict[str, dict] = {
         **_LINEAR_ATTN,
     ),
 }
+# <dsv41> kimi_k25: a DeepSeek-V3 text model (MLA, yarn rope, grouped sigmoid routing) in a
+# multimodal wrapper with a one-block vision tower
+TEXT_CONFIGS["kimi_k25"] = dict(
+    num_hidden_layers=3,
+    intermediate_size=192,
+    moe_intermediate_size=128,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    q_lora_rank=32,
+    n_group=4,
+    topk_group=2,
+    norm_topk_prob=True,
+    routed_scaling_factor=1.7,
+    rope_parameters=_YARN,
+    **_MLA,
+)
 VISION_CONFIGS: dict[str, dict] = {
+    # <dsv41>
+    "kimi_k25": dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                     patch_size=4, pos_emb_height=4, pos_emb_width=4, pos_emb_time=2),
     "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                         patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16),
 }
@@ -730,6 +751,31 @@ def write_byte_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
+# <dsv41> Tensor names transformers' original-format save gets wrong, put back to the hub's:
+# kimi_k25's vision rename blocks -> layers, reversed on save, hits the text layers too.
+HUB_NAMES = {"kimi_k25": ((r"^language_model\.model\.blocks\.", "language_model.model.layers."),)}
+
+
+def rename_saved(out_dir: Path, renames) -> None:
+    """Rename tensors of the safetensors files in ``out_dir`` (regex, replacement), index included."""
+    import re
+
+    from safetensors.numpy import load_file, save_file
+
+    def new(name: str) -> str:
+        for pattern, repl in renames:
+            name = re.sub(pattern, repl, name)
+        return name
+
+    for f in sorted(Path(out_dir).glob("*.safetensors")):
+        save_file({new(k): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    index = Path(out_dir) / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {new(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
 def make_checkpoint(
     family: str,
     out_dir: Path,
@@ -774,6 +820,8 @@ def make_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
+    if not fused_experts and family in HUB_NAMES:
+        rename_saved(out_dir, HUB_NAMES[family])
     if tokenizer and config.get_text_config().vocab_size >= 256:
         write_byte_tokenizer(out_dir)
     return out_dir

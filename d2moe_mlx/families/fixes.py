@@ -290,3 +290,27 @@ def kimi_k3_config(cfg: dict) -> None:
         if part.get("routed_expert_hidden_size") is not None:
             raise ValueError("kimi_k3: routed_expert_hidden_size is set (a latent MoE); d2moe-mlx "
                              "supports Kimi-K3 MoE layers whose experts see the router's input")
+
+
+def text_model_config(family: str):
+    """A config fix for a multimodal wrapper whose text model is ``family``'s (kimi_k25:
+    DeepSeek-V3 in ``text_config``): the text config is checked and normalised by that
+    family's adapter (its defaults, limits and rope spelling), as a text-only checkpoint of
+    it would be; its own ``model_type`` is kept."""
+
+    def fix(cfg: dict) -> None:
+        from d2moe_mlx.convert.hf_config import check_supported, normalize_config
+
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ValueError(f"{cfg.get('model_type')}: config.json has no text_config (the "
+                             f"{family} text model)")
+        inner = {k: v for k, v in text.items() if k not in ("auto_map", "model_file")}
+        inner["model_type"] = family
+        check_supported(inner)
+        normalized = normalize_config(inner)
+        normalized["model_type"] = text.get("model_type", family)
+        cfg["text_config"] = normalized
+
+    fix.__doc__ = f"The text model of the wrapper: {family}'s config, normalised by its adapter."
+    return fix

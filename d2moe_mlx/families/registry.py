@@ -234,4 +234,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                   "vision tower")),
            notes="hybrid stack: KDA linear-attention and NoPE MLA layers, block attention "
                  "residuals (carried between layers); latent MoE refused"),
+    Family("kimi_k25", rule="deepseek_v3", correction_bias="e_score_correction_bias", **_DEEPSEEK,
+           config_fix=fixes.text_model_config("deepseek_v3"), hub_remote_code=True,
+           renames=((r"^model\.language_model\.", "language_model.model."),
+                    (r"^lm_head\.", "language_model.lm_head.")),
+           drop=((r"^(model\.)?(vision_tower|vision_model|mm_projector|multi_modal_projector)\.",
+                  "vision tower and projector"),),
+           notes="multimodal wrapper of a DeepSeek-V3 text model: the text model converts, the "
+                 "vision tower and projector are dropped with a message"),
 )}
