@@ -450,6 +450,14 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         topk_group=1,
         attn_res_block_size=2,
     ),
+    # Kimi-VL: a DeepSeek-V3 text model (no q_lora, MLA) in text_config, as mlx-lm saves it
+    "kimi_vl": dict(
+        text_config={**_COMMON, **_MLA, "model_type": "deepseek_v3", "num_hidden_layers": 3,
+                     "intermediate_size": 192, "moe_intermediate_size": 128, "n_routed_experts": 8,
+                     "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+                     "q_lora_rank": None, "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
+                     "routed_scaling_factor": 2.2, "rope_theta": 25000.0},
+    ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 

@@ -67,3 +67,21 @@ def test_sliding_layers_refused_where_mlx_lm_has_none():
     with pytest.raises(ValueError, match="sliding-window"):
         normalize_config({"model_type": "dots1", "sliding_window": 4, "use_sliding_window": True,
                           "layer_types": ["full_attention", "sliding_attention"]})
+
+
+# <dsv41>
+def test_dsv41_families_refuse_what_mlx_lm_cannot_read():
+    with pytest.raises(ValueError, match="DeepSeek-layout.*mlx_lm.convert"):
+        normalize_weights("deepseek_v41", {"model_type": "deepseek_v41"},
+                          {"layers.1.ffn.experts.0.w1.weight": mx.zeros((4, 4))})
+    assert normalize_weights("deepseek_v41", {"model_type": "deepseek_v41"},
+                             {"model.layers.1.mlp.gate.weight": mx.zeros((8, 4))})
+    with pytest.raises(ValueError, match="latent MoE"):
+        normalize_config({"model_type": "kimi_k3", "text_config": {"routed_expert_hidden_size": 32}})
+    with pytest.raises(ValueError, match="kv_b_proj"):
+        normalize_weights("kimi_vl", {"model_type": "kimi_vl"},
+                          {"language_model.model.layers.1.self_attn.kv_b_proj.weight": mx.zeros((4, 4))})
+    # a wrapper's text model is held to its own family's limits
+    for wrapper in ("kimi_k25", "kimi_vl"):
+        with pytest.raises(ValueError, match="scoring_func='softmax'"):
+            normalize_config({"model_type": wrapper, "text_config": {"scoring_func": "softmax"}})

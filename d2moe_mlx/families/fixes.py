@@ -292,11 +292,12 @@ def kimi_k3_config(cfg: dict) -> None:
                              "supports Kimi-K3 MoE layers whose experts see the router's input")
 
 
-def text_model_config(family: str):
+def text_model_config(family: str, normalize: bool = True):
     """A config fix for a multimodal wrapper whose text model is ``family``'s (kimi_k25:
     DeepSeek-V3 in ``text_config``): the text config is checked and normalised by that
     family's adapter (its defaults, limits and rope spelling), as a text-only checkpoint of
-    it would be; its own ``model_type`` is kept."""
+    it would be; its own ``model_type`` is kept. ``normalize=False``: checked only (mlx-lm
+    reads it as written, kimi_vl)."""
 
     def fix(cfg: dict) -> None:
         from d2moe_mlx.convert.hf_config import check_supported, normalize_config
@@ -308,9 +309,21 @@ def text_model_config(family: str):
         inner = {k: v for k, v in text.items() if k not in ("auto_map", "model_file")}
         inner["model_type"] = family
         check_supported(inner)
+        if not normalize:
+            return
         normalized = normalize_config(inner)
         normalized["model_type"] = text.get("model_type", family)
         cfg["text_config"] = normalized
 
     fix.__doc__ = f"The text model of the wrapper: {family}'s config, normalised by its adapter."
     return fix
+
+
+def kimi_vl_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """kimi_vl: mlx-lm's model has DeepSeek-V3's absorbed MLA (``embed_q``/``unembed_out``)
+    and its sanitize does not split the hub's ``kv_b_proj``: refuse such checkpoints."""
+    hub = [k for k in w if k.endswith("kv_b_proj.weight")]
+    if hub:
+        raise ValueError(f"kimi_vl: {hub[0]}: mlx-lm's kimi_vl model does not read kv_b_proj "
+                         "tensors (its sanitize leaves them unsplit); only checkpoints saved by "
+                         "mlx-lm >= 0.32 convert")

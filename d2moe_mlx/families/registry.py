@@ -242,4 +242,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                   "vision tower and projector"),),
            notes="multimodal wrapper of a DeepSeek-V3 text model: the text model converts, the "
                  "vision tower and projector are dropped with a message"),
+    Family("kimi_vl", rule="deepseek_v3", correction_bias="e_score_correction_bias", **_DEEPSEEK,
+           config_fix=fixes.text_model_config("deepseek_v3", normalize=False),
+           weights_fix=fixes.kimi_vl_weights, hub_remote_code=True, verified="mlx-lm",
+           drop=((r"^(vision_tower|multi_modal_projector)\.", "vision tower and projector"),),
+           notes="multimodal wrapper of a DeepSeek-V3 text model (text_config read as written): "
+                 "the vision tower is dropped; hub checkpoints with kv_b_proj refused (mlx-lm "
+                 "reads only its own saved layout)"),
 )}
