@@ -40,17 +40,6 @@ def test_aliases_resolve_to_their_family_under_their_own_name():
     assert check_supported({"model_type": "kimi_k2", "auto_map": KIMI_K2_AUTO_MAP}) == "kimi_k2"
 
 
-def test_list_families_names_the_aliases():
-    from click.testing import CliRunner
-
-    from d2moe_mlx.cli import main
-
-    result = CliRunner().invoke(main, ["convert", "--list-families"])
-    assert result.exit_code == 0, result.output
-    line = next(l for l in result.output.splitlines() if l.startswith("aliases"))
-    assert "kimi_k2 -> deepseek_v3" in line and "deepseek_v41_text -> deepseek_v41" in line
-
-
 def _logits(model) -> np.ndarray:
     out = model(TOKENS).astype(mx.float32)
     mx.eval(out)
@@ -78,3 +67,15 @@ def test_alias_checkpoint_converts_and_runs(alias, family, hf_checkpoint, tmp_pa
     want = _logits(ref)
     err = np.linalg.norm(_logits(ours) - want) / np.linalg.norm(want)
     assert err <= TOP_LEVEL_REL_ERR, f"{alias}: relative logit error {err}"
+
+
+# last: the CLI makes torch unimportable for the rest of the session (d2moe_mlx/cli.py)
+def test_list_families_names_the_aliases():
+    from click.testing import CliRunner
+
+    from d2moe_mlx.cli import main
+
+    result = CliRunner().invoke(main, ["convert", "--list-families"])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if l.startswith("aliases"))
+    assert "kimi_k2 -> deepseek_v3" in line and "deepseek_v41_text -> deepseek_v41" in line
