@@ -244,5 +244,5 @@ def family_table() -> list[tuple[str, str, str]]:
     return [(f.name, VERIFIED.get(f.verified, f.verified), describe(f)) for f in FAMILIES.values()]
 
 
-__all__ = ["Family", "alias_table", "aliases", "describe", "is_known", "family_table", "Gating", "family_of", "get_family", "model_type",
-           "router_logits", "supported", "text_args"]
+__all__ = ["Family", "alias_table", "aliases", "describe", "family_table", "Gating", "family_of",
+           "get_family", "is_known", "model_type", "router_logits", "supported", "text_args"]

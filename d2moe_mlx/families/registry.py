@@ -227,7 +227,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            expert_count_key="num_experts",
            gating_keys={"top_k": "num_experts_per_token", "norm_topk": "moe_renormalize",
                         "n_group": "num_expert_group"},
-           hidden_acts=("situ",), carry=("blocks",), sanitize_layer0=False,
+           hidden_acts=None, carry=("blocks",), sanitize_layer0=False,  # mlx-lm refuses non-SiTU
            config_fix=fixes.kimi_k3_config, hub_remote_code=True, verified="mlx-lm",
            drop=((r"^(model\.)?mtp\.", "MTP (next-token prediction) layers"),
                  (r"^(vision_tower|vision_model|multi_modal_projector|mm_projector)\.",
