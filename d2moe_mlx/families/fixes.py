@@ -273,13 +273,13 @@ def mimo_v2_flash_config(cfg: dict) -> None:
 # <dsv41>
 def deepseek_v41_weights(config: dict, w: dict[str, mx.array]) -> None:
     """deepseek_v41: DeepSeek's own tensor names (``layers.N.ffn.experts.E.w1``, fp8/fp4 weights
-    with ue8m0 scales) are renamed and repacked by mlx-lm's sanitize only when it sees the whole
-    checkpoint at once, into a quantized layout d2moe does not read: refuse them."""
+    with ue8m0 scales) are renamed, stacked and repacked into MLX's quantized layout by
+    mlx-lm's sanitize; d2moe's layer-by-layer conversion of that is untested (no test
+    checkpoint in that layout): refuse it rather than guess."""
     hub = [k for k in w if not k.startswith(("model.", "lm_head."))]
     if hub:
         raise ValueError(f"deepseek_v41: DeepSeek-layout tensors ({hub[0]}, ...) are not supported "
-                         "yet: convert the checkpoint with mlx_lm.convert (unquantized) first, "
-                         "then with d2moe")
+                         "yet: convert the checkpoint with mlx_lm.convert first, then with d2moe")
 
 
 def kimi_k3_config(cfg: dict) -> None:
