@@ -828,7 +828,7 @@ def make_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
-    if not fused_experts and family in HUB_NAMES:
+    if not fused_experts and family in HUB_NAMES:  # <dsv41>
         rename_saved(out_dir, HUB_NAMES[family])
     if tokenizer and config.get_text_config().vocab_size >= 256:
         write_byte_tokenizer(out_dir)
