@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -73,9 +73,10 @@ class _LayerProbe(nn.Module):
     """Stands in for a decoder layer: records its call arguments, returns the input.
     Other attributes are the layer's own (hybrid models ask a layer its kind)."""
 
-    def __init__(self, record: list, layer: nn.Module | None = None):
+    def __init__(self, record: list, layer: nn.Module | None = None, carry: tuple = ()):
         super().__init__()
         self._record = record
+        self._carry = carry
         object.__setattr__(self, "_layer", layer)
 
     def __getattr__(self, name):
@@ -93,29 +94,52 @@ class _LayerProbe(nn.Module):
 
     def __call__(self, x, *args, **kwargs):
         self._record.append((x, args, kwargs))
-        return x
+        return (x, *carried(self._carry, args, kwargs)) if self._carry else x
 
 
-def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tuple[tuple, dict]]]:
+def carried(carry: tuple, args: tuple, kwargs: dict) -> tuple:
+    """The values of a layer call's carried arguments (``Family.carry``), in order."""
+    return tuple(args[c] if isinstance(c, int) else kwargs[c] for c in carry)
+
+
+def with_carried(carry: tuple, args: tuple, kwargs: dict, values) -> tuple[tuple, dict]:
+    """The call's arguments with the carried ones replaced by ``values``."""
+    args, kwargs = list(args), dict(kwargs)
+    for c, v in zip(carry, values, strict=True):
+        if isinstance(c, int):
+            args[c] = v
+        else:
+            kwargs[c] = v
+    return tuple(args), kwargs
+
+
+def _eval_arrays(state) -> None:
+    mx.eval([v for v in (state if isinstance(state, tuple) else (state,)) if isinstance(v, mx.array)])
+
+
+def layer_calls(model: nn.Module, tokens: mx.array, carry: tuple = ()) -> tuple[Any, list[tuple[tuple, dict]]]:
     """Run the model with probes in place of its layers.
 
     Returns the first layer's input hidden state and, per layer, the extra
     arguments (mask, cache, ...) that the model's own forward passes it.
-    Only the embedding weights need to be loaded.
+    Only the embedding weights need to be loaded. With ``carry`` (the family's
+    :attr:`~d2moe_mlx.families.Family.carry`) the state is the tuple of the hidden
+    state and the carried arguments, as the layers return it.
     """
     layers = decoder_layers(model)
     saved = list(layers)
     record: list = []
     try:
         for i in range(len(layers)):
-            layers[i] = _LayerProbe(record, saved[i])
+            layers[i] = _LayerProbe(record, saved[i], carry)
         model(tokens)  # lazy: only the recorded inputs are evaluated below
     finally:
         layers[:] = saved
     if len(record) != len(layers):
         raise RuntimeError(f"expected {len(layers)} layer calls, saw {len(record)}")
-    h0 = record[0][0]
-    mx.eval(h0)
+    x0, args0, kwargs0 = record[0]
+    h0 = (x0, *carried(carry, args0, kwargs0)) if carry else x0
+    _eval_arrays(h0)
     return h0, [(args, kwargs) for _, args, kwargs in record]
 
 
@@ -213,10 +237,12 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def run_layer(model: nn.Module, family: Family, layer_idx: int, h: mx.array,
-              call: tuple[tuple, dict], experts: Experts | None) -> mx.array:
+def run_layer(model: nn.Module, family: Family, layer_idx: int, h: Any,
+              call: tuple[tuple, dict], experts: Experts | None) -> Any:
     """Apply decoder layer ``layer_idx`` to ``h``; its routed experts (if any) are
-    computed from ``experts`` by :func:`experts_forward`, which records their inputs."""
+    computed from ``experts`` by :func:`experts_forward`, which records their inputs.
+    A family that carries layer state (:attr:`~d2moe_mlx.families.Family.carry`) takes
+    and returns the tuple of the hidden state and the carried values."""
     layer = decoder_layers(model)[layer_idx]
     blocks = [(layer_idx, layer[family.block])] if experts is not None else []
 
@@ -228,9 +254,12 @@ def run_layer(model: nn.Module, family: Family, layer_idx: int, h: mx.array,
         return probe
 
     args, kwargs = call
+    if family.carry:
+        h, *values = h
+        args, kwargs = with_carried(family.carry, args, kwargs, values)
     with hooked(blocks, family, make_fn):
         out = layer(h, *args, **kwargs)
-        mx.eval(out)
+        _eval_arrays(out)
     if experts is not None and experts.x is None:
         raise RuntimeError(f"layer {layer_idx}: its experts were not called in the layer's forward pass")
     return out

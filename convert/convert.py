@@ -196,7 +196,7 @@ def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> Conv
         tokens, calib_note = calibrate.calibration_tokens(
             job.path, calib_text, calib_tokens, seq_len, config["vocab_size"]
         )
-        h, calls = calibrate.layer_calls(model, tokens)
+        h, calls = calibrate.layer_calls(model, tokens, get_family(config["model_type"]).carry)
         _quantize_dense(model, job.quantization, lambda p: layer_of(p) is None)
         writer.write_dense_shard(_dense_params(model, job.store_dtype))
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from d2moe_mlx.families import Family, get_family, supported
+from d2moe_mlx.families import Family, get_family, is_known, supported
 
 SUPPORTED_FAMILIES = supported()  # kept for callers of the old name
 
@@ -41,7 +41,7 @@ def _family(config: dict) -> Family:
 
 def check_supported(config: dict) -> str:
     """Return the config's model_type, or raise ValueError saying why not."""
-    remote_ok = config.get("model_type") in supported() and _family(config).hub_remote_code
+    remote_ok = is_known(config.get("model_type")) and _family(config).hub_remote_code
     if (config.get("auto_map") or config.get("model_file")) and not remote_ok:
         raise ValueError(
             "this checkpoint needs remote code (config has 'auto_map'/'model_file'); "

@@ -169,7 +169,7 @@ def _list_families(ctx, _param, value) -> None:
     """--list-families: every supported family, how it was verified, and its notes."""
     if not value or ctx.resilient_parsing:
         return
-    from .families import family_table
+    from .families import alias_table, family_table
 
     rows = family_table()
     width = max(len(name) for name, _, _ in rows)
@@ -179,6 +179,8 @@ def _list_families(ctx, _param, value) -> None:
     counts = {v: sum(r[1] == v for r in rows) for v in dict.fromkeys(r[1] for r in rows)}
     click.echo(f"{len(rows)} families: " + ", ".join(f"{n} verified against {v}" if v != "not verified"
                                                      else f"{n} not verified" for v, n in counts.items()))
+    click.echo("aliases (mlx-lm's model_type remapping): "
+               + ", ".join(f"{a} -> {t}" for a, t in alias_table().items()))
     click.echo("transformers: transformers-5 logits match mlx-lm's after normalisation; mlx-lm: "
                "transformers lacks the family, a model saved by mlx-lm converts and runs "
                "(docs/FAMILIES.md)")

@@ -38,9 +38,9 @@ def replace_experts(blocks: list[tuple[int, nn.Module]], family: Family,
     originals = []
     try:
         for layer, block in blocks:
-            original = block[family.experts]
+            original = family.experts_of(block)
             originals.append((block, original))
-            setattr(block, family.experts, make(layer, block, original))
+            family.set_experts(block, make(layer, block, original))
     except BaseException:
         _restore(originals, family)
         raise
@@ -49,7 +49,7 @@ def replace_experts(blocks: list[tuple[int, nn.Module]], family: Family,
 
 def _restore(originals, family: Family) -> None:
     for block, original in originals:
-        setattr(block, family.experts, original)
+        family.set_experts(block, original)
 
 
 @contextmanager

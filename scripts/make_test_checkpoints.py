@@ -470,6 +470,73 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         num_local_experts=8,
         num_experts_per_tok=3,
     ),
+    # <dsv41>
+    # DeepSeek-V4.1: hyper-connections (2 streams), window-only layer 0, layer 1 compresses its
+    # KV (ratio 2), layer 2 indexes it (top-3); sqrt-softplus routing at temperature 0.7.
+    "deepseek_v41": dict(
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        head_dim=32,
+        q_lora_rank=32,
+        qk_rope_head_dim=16,
+        o_groups=2,
+        o_lora_rank=16,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        scoring_func="sqrtsoftplus",
+        gate_temp=0.7,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        swiglu_limit=0.6,
+        sliding_window=4,
+        compress_ratios=[0, 2, 2],
+        kv_source_layer_ids=[1],
+        index_source_layer_ids=[2],
+        compress_rope_theta=40000.0,
+        index_n_heads=2,
+        index_head_dim=32,
+        index_topk=3,
+        hc_mult=2,
+        hc_sinkhorn_iters=3,
+        rope_theta=25000.0,
+    ),
+    # Kimi-K3: KDA linear attention (layers 1, 3 in its 1-based lists) and NoPE MLA (layer 2),
+    # block attention residuals every 2 layers, dense layer 0, SiTU experts, grouped sigmoid
+    # routing with a correction bias.
+    "kimi_k3": dict(
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        hidden_act="situ",
+        activation_situ_beta=1.5,
+        activation_situ_linear_beta=4.0,
+        linear_attn_config={"kda_layers": [1, 3], "full_attn_layers": [2], "num_heads": 2,
+                            "head_dim": 16, "short_conv_kernel_size": 3},
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        mla_use_output_gate=True,
+        num_experts=8,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        moe_intermediate_size=128,
+        routed_scaling_factor=1.7,
+        first_k_dense_replace=1,
+        num_expert_group=2,
+        topk_group=1,
+        attn_res_block_size=2,
+    ),
+    # Kimi-VL: a DeepSeek-V3 text model (no q_lora, MLA) in text_config, as mlx-lm saves it
+    "kimi_vl": dict(
+        text_config={**_COMMON, **_MLA, "model_type": "deepseek_v3", "num_hidden_layers": 3,
+                     "intermediate_size": 192, "moe_intermediate_size": 128, "n_routed_experts": 8,
+                     "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+                     "q_lora_rank": None, "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
+                     "routed_scaling_factor": 2.2, "rope_theta": 25000.0},
+    ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 
@@ -640,7 +707,28 @@ TEXT_CONFIGS: dict[str, dict] = {
         **_LINEAR_ATTN,
     ),
 }
+# <dsv41> kimi_k25: a DeepSeek-V3 text model (MLA, yarn rope, grouped sigmoid routing) in a
+# multimodal wrapper with a one-block vision tower
+TEXT_CONFIGS["kimi_k25"] = dict(
+    num_hidden_layers=3,
+    intermediate_size=192,
+    moe_intermediate_size=128,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    q_lora_rank=32,
+    n_group=4,
+    topk_group=2,
+    norm_topk_prob=True,
+    routed_scaling_factor=1.7,
+    rope_parameters=_YARN,
+    **_MLA,
+)
 VISION_CONFIGS: dict[str, dict] = {
+    # <dsv41>
+    "kimi_k25": dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                     patch_size=4, pos_emb_height=4, pos_emb_width=4, pos_emb_time=2),
     "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                         patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16),
 }
@@ -809,6 +897,31 @@ def write_byte_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
+# <dsv41> Tensor names transformers' original-format save gets wrong, put back to the hub's:
+# kimi_k25's vision rename blocks -> layers, reversed on save, hits the text layers too.
+HUB_NAMES = {"kimi_k25": ((r"^language_model\.model\.blocks\.", "language_model.model.layers."),)}
+
+
+def rename_saved(out_dir: Path, renames) -> None:
+    """Rename tensors of the safetensors files in ``out_dir`` (regex, replacement), index included."""
+    import re
+
+    from safetensors.numpy import load_file, save_file
+
+    def new(name: str) -> str:
+        for pattern, repl in renames:
+            name = re.sub(pattern, repl, name)
+        return name
+
+    for f in sorted(Path(out_dir).glob("*.safetensors")):
+        save_file({new(k): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    index = Path(out_dir) / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {new(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
 def make_checkpoint(
     family: str,
     out_dir: Path,
@@ -853,6 +966,8 @@ def make_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
+    if not fused_experts and family in HUB_NAMES:  # <dsv41>
+        rename_saved(out_dir, HUB_NAMES[family])
     if tokenizer and config.get_text_config().vocab_size >= 256:
         write_byte_tokenizer(out_dir)
     return out_dir

@@ -32,3 +32,9 @@ def test_prepare_drops_mtp_and_vision_tensors(family, hf_checkpoint, tmp_path):
     assert not any(k.startswith(("mtp.", "model.visual.")) for k in job.weights)
     assert "2 tensors of the MTP" in job.dropped
     assert ("vision tower" in job.dropped) == (family == "qwen3_5_moe")
+
+
+def test_prepare_drops_the_kimi_k25_vision_tower(hf_checkpoint, tmp_path):  # <dsv41>
+    job = prepare(hf_checkpoint("kimi_k25"), tmp_path / "store")
+    assert job.weights and all(k.startswith("language_model.") for k in job.weights)
+    assert "tensors of the vision tower and projector" in job.dropped

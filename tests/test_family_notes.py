@@ -154,3 +154,19 @@ def test_phixtral_hub_config_names():
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (64, 2, 4)
     with pytest.raises(ValueError, match="n_embd"):
         normalize_config({"model_type": "phixtral", "n_layer": 2})
+# <dsv41>
+def test_dsv41_families_refuse_what_mlx_lm_cannot_read():
+    with pytest.raises(ValueError, match="DeepSeek-layout.*mlx_lm.convert"):
+        normalize_weights("deepseek_v41", {"model_type": "deepseek_v41"},
+                          {"layers.1.ffn.experts.0.w1.weight": mx.zeros((4, 4))})
+    assert normalize_weights("deepseek_v41", {"model_type": "deepseek_v41"},
+                             {"model.layers.1.mlp.gate.weight": mx.zeros((8, 4))})
+    with pytest.raises(ValueError, match="latent MoE"):
+        normalize_config({"model_type": "kimi_k3", "text_config": {"routed_expert_hidden_size": 32}})
+    with pytest.raises(ValueError, match="kv_b_proj"):
+        normalize_weights("kimi_vl", {"model_type": "kimi_vl"},
+                          {"language_model.model.layers.1.self_attn.kv_b_proj.weight": mx.zeros((4, 4))})
+    # a wrapper's text model is held to its own family's limits
+    for wrapper in ("kimi_k25", "kimi_vl"):
+        with pytest.raises(ValueError, match="scoring_func='softmax'"):
+            normalize_config({"model_type": wrapper, "text_config": {"scoring_func": "softmax"}})

@@ -15,7 +15,8 @@ when a policy asks for scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -36,7 +37,7 @@ class Family:
     name: str
     block: str = "mlp"  # attribute of a decoder layer holding the MoE block
     router: str = "gate"  # attribute of the block: the router
-    experts: str = "switch_mlp"  # attribute of the block: the routed experts
+    experts: str = "switch_mlp"  # attribute (dotted path) of the block: the routed experts
     shared: tuple[str, ...] = ()  # attributes of the block: shared experts (always run)
     rule: str = "softmax_topk"  # gating rule (routing.RULES)
     correction_bias: str | None = None  # router (else block) attribute: a score-correction bias
@@ -69,12 +70,33 @@ class Family:
     # Hub checkpoints carry auto_map because transformers lacks the family: accepted,
     # since mlx-lm's own model code runs (never the checkpoint's).
     hub_remote_code: bool = False
+    # dsv41: decoder-layer state besides the hidden state, for the converter's layer-by-layer
+    # calibration: the layer's call arguments (index into the positional ones after the hidden
+    # state, or a keyword) that it also returns, in order after the hidden state
+    # (deepseek_v41: layer(streams, pre_mix, ...) -> (streams, pre_mix)).
+    carry: tuple[int | str, ...] = ()
     notes: str = ""  # known differences from transformers, shown by --list-families
 
     @property
     def switch_path(self) -> str:
         """Path of the routed experts inside a decoder layer (e.g. ``mlp.switch_mlp``)."""
         return f"{self.block}.{self.experts}"
+
+    def experts_of(self, block: nn.Module):
+        """The routed experts of ``block`` (``experts`` may be a dotted path, e.g. a
+        wrapper module's ``experts.switch_mlp``); None where the block has none."""
+        module = block
+        for part in self.experts.split("."):
+            module = module.get(part) if isinstance(module, nn.Module) else None
+        return module
+
+    def set_experts(self, block: nn.Module, module: nn.Module) -> None:
+        """Put ``module`` in the place of ``block``'s routed experts."""
+        *parents, leaf = self.experts.split(".")
+        owner = block
+        for part in parents:
+            owner = owner[part]
+        setattr(owner, leaf, module)
 
     def gating(self, args) -> Gating:
         """The gating rule with ``args``' (mlx-lm ModelArgs) constants bound."""
@@ -101,7 +123,7 @@ class Family:
         for i, layer in enumerate(decoder_layers(model)):
             block = layer.get(self.block) if isinstance(layer, nn.Module) else None
             if isinstance(block, nn.Module) and isinstance(block.get(self.router), nn.Module) \
-                    and is_experts(block.get(self.experts)):
+                    and is_experts(self.experts_of(block)):
                 found.append((i, block))
         return found
 
@@ -143,15 +165,48 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def get_family(name: str | None) -> Family:
-    """The adapter of ``model_type`` ``name``; ValueError naming the supported ones."""
+    """The adapter of ``model_type`` ``name``, or of the family mlx-lm maps an alias
+    to (:func:`aliases`); ValueError naming the supported ones."""
     from .registry import FAMILIES
 
-    if name not in FAMILIES:
+    if name in FAMILIES:
+        return FAMILIES[name]
+    alias = aliases().get(name)
+    if alias is None:
         raise ValueError(
             f"model_type {name!r} is not supported: d2moe-mlx runs MoE models whose routed "
             "experts are an mlx-lm SwitchGLU/SwitchMLP, through a family adapter "
-            f"(d2moe_mlx/families/registry.py); supported: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+            f"(d2moe_mlx/families/registry.py); supported: {', '.join(FAMILIES)} "
+            f"(and the aliases {', '.join(aliases())})")
+    return alias
+
+
+def alias_table() -> dict[str, str]:
+    """model_type aliases mlx-lm resolves to a supported family (``MODEL_REMAPPING`` of
+    ``mlx_lm.utils``, e.g. ``kimi_k2`` -> ``deepseek_v3``): alias -> family."""
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    from .registry import FAMILIES
+
+    return {alias: target for alias, target in MODEL_REMAPPING.items()
+            if target in FAMILIES and alias not in FAMILIES}
+
+
+@lru_cache(maxsize=None)
+def aliases() -> dict[str, Family]:
+    """The adapter of each alias (:func:`alias_table`): mlx-lm runs its family's model, so it
+    is that family's adapter under the alias's name. Hub checkpoints of an alias carry remote
+    code (transformers lacks the model_type); mlx-lm's own code runs instead, never theirs."""
+    from .registry import FAMILIES
+
+    return {alias: replace(FAMILIES[target], name=alias, hub_remote_code=True,
+                           notes=f"alias of {target} (mlx-lm runs its {target} model)")
+            for alias, target in alias_table().items()}
+
+
+def is_known(name: str | None) -> bool:
+    """True for a supported ``model_type`` or an alias of one."""
+    return name in supported() or name in aliases()
 
 
 def family_of(model: nn.Module) -> Family:
@@ -191,5 +246,5 @@ def family_table() -> list[tuple[str, str, str]]:
     return [(f.name, VERIFIED.get(f.verified, f.verified), describe(f)) for f in FAMILIES.values()]
 
 
-__all__ = ["Family", "describe", "family_table", "Gating", "family_of", "get_family", "model_type",
-           "router_logits", "supported", "text_args"]
+__all__ = ["Family", "alias_table", "aliases", "describe", "family_table", "Gating", "family_of",
+           "get_family", "is_known", "model_type", "router_logits", "supported", "text_args"]

@@ -412,3 +412,60 @@ def bailing_hybrid_weights(config: dict, w: dict[str, mx.array]) -> None:
     for k in [k for k in w if k.endswith(".attention.conv1d.weight")]:
         for name, part in zip("qkv", mx.split(w.pop(k), 3, axis=0)):
             w[k.replace(".conv1d.", f".{name}_conv1d.")] = part
+# <dsv41>
+def deepseek_v41_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """deepseek_v41: DeepSeek's own tensor names (``layers.N.ffn.experts.E.w1``, fp8/fp4 weights
+    with ue8m0 scales) are renamed, stacked and repacked into MLX's quantized layout by
+    mlx-lm's sanitize; d2moe's layer-by-layer conversion of that is untested (no test
+    checkpoint in that layout): refuse it rather than guess."""
+    hub = [k for k in w if not k.startswith(("model.", "lm_head."))]
+    if hub:
+        raise ValueError(f"deepseek_v41: DeepSeek-layout tensors ({hub[0]}, ...) are not supported "
+                         "yet: convert the checkpoint with mlx_lm.convert first, then with d2moe")
+
+
+def kimi_k3_config(cfg: dict) -> None:
+    """kimi_k3: a latent MoE (experts on a projection of the router's input,
+    ``routed_expert_hidden_size``) is refused: d2moe's score policies read the router from
+    the experts' input. The text fields may sit at the top or in ``text_config``."""
+    for part in (cfg, cfg.get("text_config") or {}):
+        if part.get("routed_expert_hidden_size") is not None:
+            raise ValueError("kimi_k3: routed_expert_hidden_size is set (a latent MoE); d2moe-mlx "
+                             "supports Kimi-K3 MoE layers whose experts see the router's input")
+
+
+def text_model_config(family: str, normalize: bool = True):
+    """A config fix for a multimodal wrapper whose text model is ``family``'s (kimi_k25:
+    DeepSeek-V3 in ``text_config``): the text config is checked and normalised by that
+    family's adapter (its defaults, limits and rope spelling), as a text-only checkpoint of
+    it would be; its own ``model_type`` is kept. ``normalize=False``: checked only (mlx-lm
+    reads it as written, kimi_vl)."""
+
+    def fix(cfg: dict) -> None:
+        from d2moe_mlx.convert.hf_config import check_supported, normalize_config
+
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ValueError(f"{cfg.get('model_type')}: config.json has no text_config (the "
+                             f"{family} text model)")
+        inner = {k: v for k, v in text.items() if k not in ("auto_map", "model_file")}
+        inner["model_type"] = family
+        check_supported(inner)
+        if not normalize:
+            return
+        normalized = normalize_config(inner)
+        normalized["model_type"] = text.get("model_type", family)
+        cfg["text_config"] = normalized
+
+    fix.__doc__ = f"The text model of the wrapper: {family}'s config, normalised by its adapter."
+    return fix
+
+
+def kimi_vl_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """kimi_vl: mlx-lm's model has DeepSeek-V3's absorbed MLA (``embed_q``/``unembed_out``)
+    and its sanitize does not split the hub's ``kv_b_proj``: refuse such checkpoints."""
+    hub = [k for k in w if k.endswith("kv_b_proj.weight")]
+    if hub:
+        raise ValueError(f"kimi_vl: {hub[0]}: mlx-lm's kimi_vl model does not read kv_b_proj "
+                         "tensors (its sanitize leaves them unsplit); only checkpoints saved by "
+                         "mlx-lm >= 0.32 convert")

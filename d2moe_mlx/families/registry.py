@@ -265,4 +265,40 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            config_fix=fixes.phixtral_config, hub_remote_code=True, verified="mlx-lm",
            notes="phi-2 parallel blocks (attention and experts on one LayerNorm), GELU experts "
                  "with biases"),
+    # <dsv41>
+    Family("deepseek_v41", experts="experts.switch_mlp", rule="score_bias",
+           correction_bias="e_score_correction_bias", shared=("shared_experts",),
+           expert_count_key="n_routed_experts",
+           gating_keys={"temperature": "gate_temp", "score_func": "scoring_func"}, carry=(0,),
+           weights_fix=fixes.deepseek_v41_weights, hub_remote_code=True, verified="mlx-lm",
+           notes="hyper-connection residual streams, compressed sparse attention; experts in "
+                 "mlp.experts.switch_mlp; DeepSeek-layout (fp8/fp4) checkpoints refused: "
+                 "mlx_lm.convert them first"),
+    Family("kimi_k3", shared=("shared_experts",), rule="deepseek_v3",
+           correction_bias="e_score_correction_bias", correction_on_block=True,
+           expert_count_key="num_experts",
+           gating_keys={"top_k": "num_experts_per_token", "norm_topk": "moe_renormalize",
+                        "n_group": "num_expert_group"},
+           hidden_acts=None, carry=("blocks",), sanitize_layer0=False,  # mlx-lm refuses non-SiTU
+           config_fix=fixes.kimi_k3_config, hub_remote_code=True, verified="mlx-lm",
+           drop=((r"^(model\.)?mtp\.", "MTP (next-token prediction) layers"),
+                 (r"^(vision_tower|vision_model|multi_modal_projector|mm_projector)\.",
+                  "vision tower")),
+           notes="hybrid stack: KDA linear-attention and NoPE MLA layers, block attention "
+                 "residuals (carried between layers); latent MoE refused"),
+    Family("kimi_k25", rule="deepseek_v3", correction_bias="e_score_correction_bias", **_DEEPSEEK,
+           config_fix=fixes.text_model_config("deepseek_v3"), hub_remote_code=True,
+           renames=((r"^model\.language_model\.", "language_model.model."),
+                    (r"^lm_head\.", "language_model.lm_head.")),
+           drop=((r"^(model\.)?(vision_tower|vision_model|mm_projector|multi_modal_projector)\.",
+                  "vision tower and projector"),),
+           notes="multimodal wrapper of a DeepSeek-V3 text model: the text model converts, the "
+                 "vision tower and projector are dropped with a message"),
+    Family("kimi_vl", rule="deepseek_v3", correction_bias="e_score_correction_bias", **_DEEPSEEK,
+           config_fix=fixes.text_model_config("deepseek_v3", normalize=False),
+           weights_fix=fixes.kimi_vl_weights, hub_remote_code=True, verified="mlx-lm",
+           drop=((r"^(vision_tower|multi_modal_projector)\.", "vision tower and projector"),),
+           notes="multimodal wrapper of a DeepSeek-V3 text model (text_config read as written): "
+                 "the vision tower is dropped; hub checkpoints with kv_b_proj refused (mlx-lm "
+                 "reads only its own saved layout)"),
 )}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer",
-         "sigmoid_bias_norm", "sigmoid_bias", "mistral4",
+         "sigmoid_bias_norm", "sigmoid_bias", "mistral4", "score_bias",
          # <bailing>
          "bailing_moe", "bailing_moe_linear", "bailing_v3")
 
@@ -34,16 +34,37 @@ class Gating:
     jitter_eps: float = 0.0
     softcap: float = 0.0  # fam1: logits -> tanh(logits / c) * c first (laguna), 0 = off
     score_function: str = "softmax"  # <bailing>: "sigmoid" or "softmax" scores (bailing_moe*)
+    # dsv41: rule "score_bias" (DeepSeek-V4.1): logits / temperature, then score_func
+    # ("sqrtsoftplus", "sigmoid" or "softmax") gives the scores
+    temperature: float = 1.0
+    score_func: str = "sigmoid"
 
     @property
     def sigmoid(self) -> bool:
+        """True where each expert's score is its own (not a softmax over all experts)."""
+        if self.rule == "score_bias":
+            return self.score_func != "softmax"
         return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias", "bailing_v3") \
             or (self.rule in ("bailing_moe", "bailing_moe_linear") and self.score_function == "sigmoid")
 
     def scores(self, logits: mx.array) -> mx.array:
         """Importance of every expert [..., E] in float32: router probabilities."""
         logits = self.capped(logits.astype(mx.float32))
+        if self.rule == "score_bias":
+            return self.scored(logits)
         return mx.sigmoid(logits) if self.sigmoid else mx.softmax(logits, axis=-1, precise=True)
+
+    def scored(self, logits: mx.array) -> mx.array:
+        """Rule "score_bias": ``score_func`` of the logits over the temperature, float32."""
+        logits = logits.astype(mx.float32) / self.temperature
+        if self.score_func == "sigmoid":
+            return mx.sigmoid(logits)
+        if self.score_func == "softmax":
+            return mx.softmax(logits, axis=-1)
+        if self.score_func == "sqrtsoftplus":
+            return mx.sqrt(mx.logaddexp(logits, 0.0))
+        raise ValueError(f"score function {self.score_func!r}: known are sqrtsoftplus, "
+                         "sigmoid and softmax")
 
     def capped(self, logits: mx.array) -> mx.array:
         """The logits with the router's soft cap applied (unchanged without one)."""
@@ -121,6 +142,14 @@ class Gating:
             bias = correction_bias if correction_bias is not None else mx.zeros(logits.shape[-1])
             return _group_expert_select(logits.astype(mx.float32), bias, k, self.n_group,
                                         self.topk_group, self.scaling)
+        if self.rule == "score_bias":  # deepseek_v41: top-k of scores + bias, weights from scores
+            probs = self.scored(logits)
+            chosen = probs if correction_bias is None else probs + correction_bias
+            inds = mx.argpartition(-chosen, kth=k - 1, axis=-1)[..., :k]
+            w = mx.take_along_axis(probs, inds, axis=-1)
+            if self.norm_topk and k > 1:
+                w = w / (mx.sum(w, axis=-1, keepdims=True) + 1e-20)
+            return inds, w * self.scaling
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
