@@ -536,6 +536,59 @@ VISION_CONFIGS: dict[str, dict] = {
     "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                         patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16),
 }
+# <gemma>: the router reads the residual, the experts a normed copy (router logits tapped);
+# every layer MoE; sliding + full attention with their own ropes, final logit soft cap
+_GEMMA4_TEXT = dict(
+    num_hidden_layers=2,
+    head_dim=16,
+    intermediate_size=96,
+    moe_intermediate_size=128,
+    num_experts=8,
+    top_k_experts=2,
+    enable_moe_block=True,
+    hidden_size_per_layer_input=0,
+    sliding_window=6,
+    layer_types=["sliding_attention", "full_attention"],
+    final_logit_softcapping=15.0,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 7000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                        "rope_theta": 25000.0}},
+)
+FAMILY_CONFIGS["gemma4_text"] = dict(**_GEMMA4_TEXT, global_head_dim=32)
+TEXT_CONFIGS.update({
+    # the 26B-A4B's attention: full-attention layers with K = V and one kv head (mlx-lm's
+    # multimodal gemma4 has no untied lm_head: tied, as every gemma4 checkpoint)
+    "gemma4": dict(**_GEMMA4_TEXT, global_head_dim=32, attention_k_eq_v=True,
+                   num_global_key_value_heads=1, tie_word_embeddings=True),
+    # mlx-lm's llama4 needs 4 layers (rope and chunked attention in all but every 4th) and
+    # routes to 1 expert; MoE every 2nd layer; chunks of 8 tokens and attention temperature
+    # tuning from position 8, so both show in 16 tokens
+    "llama4": dict(
+        num_hidden_layers=4,
+        head_dim=16,
+        intermediate_size=128,
+        intermediate_size_mlp=96,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=8,
+        floor_scale=8,
+        attn_scale=0.2,
+        rope_parameters=_ROPE,
+    ),
+})
+VISION_CONFIGS.update({
+    "gemma4": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16),
+    "llama4": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+                   image_size=32, patch_size=16),
+})
+# transformers 5.24's Llama4ForConditionalGeneration.forward fails on text-only input (it
+# reads outputs.image_outputs, which its language model's output lacks): the text logits
+# come from its language model (family -> attribute of the loaded model).
+HF_TEXT_MODEL = {"llama4": "language_model"}
+# </gemma>
 for _name in TEXT_CONFIGS:
     FAMILY_CONFIGS.setdefault(_name, {})
 

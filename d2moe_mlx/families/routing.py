@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer",
-         "sigmoid_bias_norm", "sigmoid_bias", "mistral4")
+         "sigmoid_bias_norm", "sigmoid_bias", "mistral4",
+         "topk_sigmoid")  # <gemma>: llama4
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Gating:
 
     @property
     def sigmoid(self) -> bool:
-        return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias")
+        return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias", "topk_sigmoid")
 
     def scores(self, logits: mx.array) -> mx.array:
         """Importance of every expert [..., E] in float32: router probabilities."""
@@ -47,8 +48,14 @@ class Gating:
             return logits
         return mx.tanh(logits.astype(mx.float32) / self.softcap) * self.softcap
 
-    def route(self, logits: mx.array, correction_bias: mx.array | None = None):
-        """(indices [..., k], weights [..., k]) exactly as the family's block routes."""
+    def route(self, logits: mx.array, correction_bias: mx.array | None = None,
+              expert_factor: mx.array | None = None):
+        """(indices [..., k], weights [..., k]) exactly as the family's block routes;
+        ``expert_factor`` [E] (gemma4's per_expert_scale) multiplies each chosen weight."""
+        inds, w = self._route(logits, correction_bias)
+        return inds, (w if expert_factor is None else w * expert_factor[inds])
+
+    def _route(self, logits: mx.array, correction_bias: mx.array | None = None):
         k = self.top_k
         logits = self.capped(logits)
         if self.rule == "softmax_topk":  # qwen2/3_moe, olmoe: top-k of the softmax
@@ -101,6 +108,9 @@ class Gating:
 
             return mistral4_expert_select(logits, k, self.n_group, self.topk_group, self.scaling,
                                           self.norm_topk)
+        if self.rule == "topk_sigmoid":  # <gemma> llama4: sigmoid of the top-k logits
+            inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+            return inds, mx.sigmoid(mx.take_along_axis(logits, inds, axis=-1).astype(mx.float32))
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
