@@ -22,7 +22,7 @@ import numpy as np
 
 from d2moe_mlx import mwq
 from d2moe_mlx.moe import decoder_layers, projection_names
-from d2moe_mlx.families import Family, router_logits, text_args
+from d2moe_mlx.families import Family, family_of, text_args
 from d2moe_mlx.hooks import hooked
 
 
@@ -70,13 +70,15 @@ def describe_calibration(tokens: int, note: str) -> str:
 
 
 class _LayerProbe(nn.Module):
-    """Stands in for a decoder layer: records its call arguments, returns the input.
+    """Stands in for a decoder layer: records its call arguments, returns the input (as
+    the first of ``outputs`` values where the layer returns a tuple, the rest None).
     Other attributes are the layer's own (hybrid models ask a layer its kind)."""
 
-    def __init__(self, record: list, layer: nn.Module | None = None):
+    def __init__(self, record: list, layer: nn.Module | None = None, outputs: int = 1):
         super().__init__()
         self._record = record
         object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_outputs", outputs)
 
     def __getattr__(self, name):
         try:
@@ -93,7 +95,7 @@ class _LayerProbe(nn.Module):
 
     def __call__(self, x, *args, **kwargs):
         self._record.append((x, args, kwargs))
-        return x
+        return x if self._outputs == 1 else (x, *[None] * (self._outputs - 1))
 
 
 def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tuple[tuple, dict]]]:
@@ -106,9 +108,10 @@ def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tupl
     layers = decoder_layers(model)
     saved = list(layers)
     record: list = []
+    outputs = family_of(model).layer_outputs
     try:
         for i in range(len(layers)):
-            layers[i] = _LayerProbe(record, saved[i])
+            layers[i] = _LayerProbe(record, saved[i], outputs)
         model(tokens)  # lazy: only the recorded inputs are evaluated below
     finally:
         layers[:] = saved
@@ -135,6 +138,7 @@ class Experts:
     activation: Callable
     x: np.ndarray | None = None  # [N, hidden] the switch's input rows
     indices: np.ndarray | None = None  # [N, k]
+    logits: mx.array | None = None  # [..., E] the router's logits in the layer's forward pass
     inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -215,33 +219,35 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 
 def run_layer(model: nn.Module, family: Family, layer_idx: int, h: mx.array,
               call: tuple[tuple, dict], experts: Experts | None) -> mx.array:
-    """Apply decoder layer ``layer_idx`` to ``h``; its routed experts (if any) are
-    computed from ``experts`` by :func:`experts_forward`, which records their inputs."""
+    """Apply decoder layer ``layer_idx`` to ``h`` and return its hidden state (the first
+    value where the layer returns a tuple); its routed experts (if any) are computed from
+    ``experts`` by :func:`experts_forward`, which records their inputs and router logits."""
     layer = decoder_layers(model)[layer_idx]
-    blocks = [(layer_idx, layer[family.block])] if experts is not None else []
+    blocks = [(layer_idx, family.block_of(layer))] if experts is not None else []
 
-    def make_fn(_layer, _block, _original):
+    def make_fn(_layer, block, _original):
         def probe(x, indices):
             if experts.x is not None:
                 raise RuntimeError("a switch module was called twice in one layer forward")
+            experts.logits = family.router_logits(block, x.astype(mx.float32))
             return experts_forward(experts, x, indices)
         return probe
 
     args, kwargs = call
     with hooked(blocks, family, make_fn):
         out = layer(h, *args, **kwargs)
-        mx.eval(out)
+        out = out[0] if isinstance(out, tuple) else out
+        mx.eval(out, experts.logits if experts is not None else [])
     if experts is not None and experts.x is None:
         raise RuntimeError(f"layer {layer_idx}: its experts were not called in the layer's forward pass")
     return out
 
 
-def router_scores(model: nn.Module, family: Family, layer_idx: int, x: mx.array) -> np.ndarray:
-    """Router probabilities [N, E] of decoder layer ``layer_idx``'s MoE block for inputs
-    ``x`` (softmax, or sigmoid where the family scores with it), via the family adapter."""
-    block = decoder_layers(model)[layer_idx][family.block]
-    logits = router_logits(block[family.router], x.astype(mx.float32))
-    return np.array(family.gating(text_args(model)).scores(logits))
+def router_scores(model: nn.Module, family: Family, experts: Experts) -> np.ndarray:
+    """Router probabilities [N, E] of the MoE block whose ``experts`` :func:`run_layer` ran
+    (softmax, or sigmoid where the family scores with it), via the family adapter."""
+    scores = family.gating(text_args(model)).scores(experts.logits.astype(mx.float32))
+    return np.array(scores).reshape(-1, scores.shape[-1])
 
 
 def layer_statistics(indices: np.ndarray, scores: np.ndarray | None, num_experts: int) -> dict[str, np.ndarray]:

@@ -588,6 +588,10 @@ VISION_CONFIGS.update({
 # reads outputs.image_outputs, which its language model's output lacks): the text logits
 # come from its language model (family -> attribute of the loaded model).
 HF_TEXT_MODEL = {"llama4": "language_model"}
+# gemma4's router RMS-normalises its input and scales it by scale / sqrt(hidden): with norm-like
+# scales (~1) its tiny logits are near-ties (a top-level quantization flips an expert); scaled
+# up, routing is as decisive as the other families' (family -> (tensor suffix, factor)).
+SCALED = {"gemma4_text": ("router.scale", 4.0), "gemma4": ("router.scale", 4.0)}
 # </gemma>
 for _name in TEXT_CONFIGS:
     FAMILY_CONFIGS.setdefault(_name, {})
@@ -761,6 +765,8 @@ def make_checkpoint(
         for name, p in model.state_dict().items():
             if name.endswith(ZEROED.get(family, ())):
                 p.zero_()
+            if family in SCALED and name.endswith(SCALED[family][0]):  # <gemma>
+                p.mul_(SCALED[family][1])
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -86,11 +86,19 @@ class Family:
     expert_scale: str | None = None
     # The block multiplies its experts' input by the routing weight (llama4), not their output.
     weights_on_input: bool = False
+    # A decoder layer returns its hidden state (1), or a tuple of this many values with the
+    # hidden state first (gemma4: hidden state, shared K/V, offset); the converter's layer
+    # probes return as many.
+    layer_outputs: int = 1
 
     @property
     def switch_path(self) -> str:
         """Path of the routed experts inside a decoder layer (e.g. ``mlp.switch_mlp``)."""
         return ".".join(p for p in (self.block, self.experts) if p)
+
+    def block_of(self, layer: nn.Module) -> nn.Module | None:
+        """The MoE block of decoder layer ``layer`` (the layer itself when ``block`` is "")."""
+        return _get(layer, self.block)
 
     def experts_of(self, block: nn.Module) -> nn.Module:
         """The routed experts of ``block`` (a switch module or what stands in for one)."""
@@ -155,7 +163,7 @@ class Family:
 
         found = []
         for i, layer in enumerate(decoder_layers(model)):
-            block = _get(layer, self.block) if isinstance(layer, nn.Module) else None
+            block = self.block_of(layer) if isinstance(layer, nn.Module) else None
             if isinstance(block, nn.Module) and isinstance(_get(block, self.router), nn.Module) \
                     and is_experts(_get(block, self.experts)):
                 found.append((i, block))

@@ -27,7 +27,7 @@ _GEMMA4_NOTES = ("the router reads the decoder layer's residual, the experts a n
 _GEMMA4 = dict(block="", router="router", experts="experts.switch_glu", rule="topk_softmax",
                router_tap="router.proj", expert_scale="router.per_expert_scale",
                expert_count_key="num_experts", gating_keys={"top_k": "top_k_experts"},
-               hidden_acts=None, config_fix=fixes.gemma4_config)
+               hidden_acts=None, layer_outputs=3, config_fix=fixes.gemma4_config)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mixtral", block="block_sparse_moe", rule="topk_softmax",
