@@ -32,3 +32,12 @@ def test_prepare_drops_mtp_and_vision_tensors(family, hf_checkpoint, tmp_path):
     assert not any(k.startswith(("mtp.", "model.visual.")) for k in job.weights)
     assert "2 tensors of the MTP" in job.dropped
     assert ("vision tower" in job.dropped) == (family == "qwen3_5_moe")
+
+
+# <gemma>
+@pytest.mark.parametrize("family,tower", [("gemma4", "model.vision_tower."), ("llama4", "vision_model.")])
+def test_prepare_drops_gemma4_and_llama4_towers(family, tower, hf_checkpoint, tmp_path):
+    job = prepare(hf_checkpoint(family), tmp_path / "store")
+    assert not any(k.startswith(tower) or "embed_vision" in k or "multi_modal_projector" in k
+                   for k in job.weights)
+    assert "vision" in job.dropped and family in job.dropped
