@@ -86,3 +86,33 @@ def test_trace_scores_are_the_router_probabilities_of_the_call(family, models):
         ids = trace["ids"][row].astype(np.int64)
         assert np.array_equal(np.sort(ids, -1), np.sort(records[layer].ids, -1))
         assert np.allclose(trace["scores"][row], np.take_along_axis(probs, ids, -1), atol=1e-5)
+
+
+def test_tap_survives_quantization(models):
+    """mlx-lm quantizes a model after it is built (d2moe hooks it while building): the
+    router's quantized Linear is tapped too."""
+    import mlx.nn as nn
+
+    from d2moe_mlx.families.taps import tap
+
+    linear = nn.Linear(64, 8)
+    tap(linear)
+    holder = nn.Module()
+    holder.proj = linear
+    nn.quantize(holder, group_size=64, bits=8)
+    assert isinstance(holder.proj, nn.QuantizedLinear) and is_tapped(holder.proj)
+    y = holder.proj(mx.ones((1, 64)))
+    assert holder.proj.__dict__["_d2moe_out"] is y
+
+
+def test_quantized_dense_store_runs_a_score_policy(hf_checkpoint, tmp_path):
+    """The converter's default store (8-bit dense weights, router included) with a policy
+    that reads router scores in every call."""
+    from d2moe_mlx import load_model
+    from d2moe_mlx.convert.convert import convert
+
+    store = convert(hf_checkpoint("gemma4_text"), tmp_path / "store", dtype="float32",
+                    calib_tokens=64, seq_len=32)
+    model, _ = load_model(store.path, quality="balanced", dtype="float32")
+    out = model(mx.array([IDS.tolist()]))
+    assert np.isfinite(np.array(out)).all()

@@ -135,8 +135,9 @@ class Family:
         """Tap ``block``'s router logits (no-op without ``router_tap``); returns the undo."""
         if self.router_tap is None:
             return lambda: None
-        module = _get(block, self.router_tap)
-        return (lambda: untap(module)) if tap(module) else (lambda: None)
+        if not tap(_get(block, self.router_tap)):
+            return lambda: None
+        return lambda: untap(_get(block, self.router_tap))  # the module there then (quantized?)
 
     def expert_factor(self, block: nn.Module) -> mx.array | None:
         """The per-expert factor [E] of the routing weights (``expert_scale``), if any."""

@@ -7,7 +7,9 @@ experts' input. For those, the module that produces the logits (a Linear) is
 *tapped*: its class is swapped for a subclass that keeps its last output. The
 module stays the same object with the same parameters (weights load into it as
 before), the block calls it as always, and the experts' stand-in reads the logits
-of the same call afterwards: no extra matmul, no extra host sync.
+of the same call afterwards: no extra matmul, no extra host sync. The tap survives
+``nn.quantize`` (mlx-lm quantizes a model after it is built, and d2moe hooks it while
+building): the quantized module it becomes is tapped too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ def _tapped_class(cls: type) -> type:
             object.__setattr__(self, "_d2moe_out", out)  # a plain attribute, not a parameter
             return out
 
-        tapped = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__, "_d2moe_tap": True})
+        def to_quantized(self, *args, **kwargs):  # a model quantized after hooking keeps its tap
+            quantized = super(tapped, self).to_quantized(*args, **kwargs)
+            tap(quantized)
+            return quantized
+
+        members = {"__call__": __call__, "_d2moe_tap": True}
+        if hasattr(cls, "to_quantized"):
+            members["to_quantized"] = to_quantized
+        tapped = type(f"Tapped{cls.__name__}", (cls,), members)
         _TAPPED[cls] = tapped
     return _TAPPED[cls]
 
