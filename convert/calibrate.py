@@ -22,7 +22,7 @@ import numpy as np
 
 from d2moe_mlx import mwq
 from d2moe_mlx.moe import decoder_layers, projection_names
-from d2moe_mlx.families import Family, router_logits, text_args
+from d2moe_mlx.families import Family, family_of, text_args
 from d2moe_mlx.hooks import hooked
 
 
@@ -70,14 +70,17 @@ def describe_calibration(tokens: int, note: str) -> str:
 
 
 class _LayerProbe(nn.Module):
-    """Stands in for a decoder layer: records its call arguments, returns the input.
+    """Stands in for a decoder layer: records its call arguments, returns the input (as
+    the first of ``outputs`` values where the layer returns a tuple, the rest None).
     Other attributes are the layer's own (hybrid models ask a layer its kind)."""
 
-    def __init__(self, record: list, layer: nn.Module | None = None, carry: tuple = ()):
+    def __init__(self, record: list, layer: nn.Module | None = None, carry: tuple = (),
+                 outputs: int = 1):
         super().__init__()
         self._record = record
         self._carry = carry
         object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_outputs", outputs)
 
     def __getattr__(self, name):
         try:
@@ -94,7 +97,9 @@ class _LayerProbe(nn.Module):
 
     def __call__(self, x, *args, **kwargs):
         self._record.append((x, args, kwargs))
-        return (x, *carried(self._carry, args, kwargs)) if self._carry else x
+        if self._carry:
+            return (x, *carried(self._carry, args, kwargs))
+        return x if self._outputs == 1 else (x, *[None] * (self._outputs - 1))
 
 
 def carried(carry: tuple, args: tuple, kwargs: dict) -> tuple:
@@ -129,9 +134,10 @@ def layer_calls(model: nn.Module, tokens: mx.array, carry: tuple = ()) -> tuple[
     layers = decoder_layers(model)
     saved = list(layers)
     record: list = []
+    outputs = family_of(model).layer_outputs
     try:
         for i in range(len(layers)):
-            layers[i] = _LayerProbe(record, saved[i], carry)
+            layers[i] = _LayerProbe(record, saved[i], carry, outputs)
         model(tokens)  # lazy: only the recorded inputs are evaluated below
     finally:
         layers[:] = saved
@@ -159,6 +165,7 @@ class Experts:
     activation: Callable
     x: np.ndarray | None = None  # [N, hidden] the switch's input rows
     indices: np.ndarray | None = None  # [N, k]
+    logits: mx.array | None = None  # [..., E] the router's logits in the layer's forward pass
     inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -239,17 +246,19 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 
 def run_layer(model: nn.Module, family: Family, layer_idx: int, h: Any,
               call: tuple[tuple, dict], experts: Experts | None) -> Any:
-    """Apply decoder layer ``layer_idx`` to ``h``; its routed experts (if any) are
-    computed from ``experts`` by :func:`experts_forward`, which records their inputs.
+    """Apply decoder layer ``layer_idx`` to ``h`` and return its hidden state (the first
+    value where the layer returns a tuple); its routed experts (if any) are computed from
+    ``experts`` by :func:`experts_forward`, which records their inputs and router logits.
     A family that carries layer state (:attr:`~d2moe_mlx.families.Family.carry`) takes
     and returns the tuple of the hidden state and the carried values."""
     layer = decoder_layers(model)[layer_idx]
-    blocks = [(layer_idx, layer[family.block])] if experts is not None else []
+    blocks = [(layer_idx, family.block_of(layer))] if experts is not None else []
 
-    def make_fn(_layer, _block, _original):
+    def make_fn(_layer, block, _original):
         def probe(x, indices):
             if experts.x is not None:
                 raise RuntimeError("a switch module was called twice in one layer forward")
+            experts.logits = family.router_logits(block, x.astype(mx.float32))
             return experts_forward(experts, x, indices)
         return probe
 
@@ -259,18 +268,20 @@ def run_layer(model: nn.Module, family: Family, layer_idx: int, h: Any,
         args, kwargs = with_carried(family.carry, args, kwargs, values)
     with hooked(blocks, family, make_fn):
         out = layer(h, *args, **kwargs)
-        _eval_arrays(out)
+        if isinstance(out, tuple) and not family.carry:
+            out = out[0]
+        state = out if isinstance(out, tuple) else (out,)
+        _eval_arrays((*state, *([experts.logits] if experts is not None else [])))
     if experts is not None and experts.x is None:
         raise RuntimeError(f"layer {layer_idx}: its experts were not called in the layer's forward pass")
     return out
 
 
-def router_scores(model: nn.Module, family: Family, layer_idx: int, x: mx.array) -> np.ndarray:
-    """Router probabilities [N, E] of decoder layer ``layer_idx``'s MoE block for inputs
-    ``x`` (softmax, or sigmoid where the family scores with it), via the family adapter."""
-    block = decoder_layers(model)[layer_idx][family.block]
-    logits = router_logits(block[family.router], x.astype(mx.float32))
-    return np.array(family.gating(text_args(model)).scores(logits))
+def router_scores(model: nn.Module, family: Family, experts: Experts) -> np.ndarray:
+    """Router probabilities [N, E] of the MoE block whose ``experts`` :func:`run_layer` ran
+    (softmax, or sigmoid where the family scores with it), via the family adapter."""
+    scores = family.gating(text_args(model)).scores(experts.logits.astype(mx.float32))
+    return np.array(scores).reshape(-1, scores.shape[-1])
 
 
 def layer_statistics(indices: np.ndarray, scores: np.ndarray | None, num_experts: int) -> dict[str, np.ndarray]:

@@ -273,7 +273,7 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
     h_next = calibrate.run_layer(model, family, l, h, call, ex)
     stats, shapes = {}, {}
     if ex is not None:
-        scores = calibrate.router_scores(model, family, l, mx.array(ex.x))
+        scores = calibrate.router_scores(model, family, ex)
         for k, v in calibrate.layer_statistics(ex.indices, scores, ex.num_experts).items():
             stats[f"layer{l}.{k}"] = v
         shapes = _write_experts(writer, l, ex, spec, method, workers, codes)

@@ -100,12 +100,14 @@ def normalize_config(config: dict) -> dict:
         cfg[family.expert_count_key] = count
     if family.config_fix is not None:
         family.config_fix(cfg)
+    cfg = _lift_text_config(cfg)
     # Experts per token also under the common name where the family spells it
-    # otherwise (ernie's moe_k): budgets and profiles read num_experts_per_tok.
+    # otherwise (ernie's moe_k, gemma4's top_k_experts, also in text_config):
+    # budgets and profiles read num_experts_per_tok.
     top_k = family.gating_keys.get("top_k")
     if top_k and cfg.get("num_experts_per_tok") is None and cfg.get(top_k) is not None:
         cfg["num_experts_per_tok"] = cfg[top_k]
-    return _lift_text_config(cfg)
+    return cfg
 
 
 def _lift_text_config(cfg: dict) -> dict:

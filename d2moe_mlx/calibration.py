@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import predictor as P
-from .families import family_of, router_logits
+from .families import family_of
 from .hooks import hooked
 from .moe import decoder_layers
 from .store.extras import write_extra
@@ -42,9 +42,15 @@ class _Input(nn.Module):
         object.__setattr__(self, "_layer", layer)
         object.__setattr__(self, "_seen", seen)
 
+    def __getattr__(self, name):  # the model may read its layers' attributes (layer_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._layer, name)
+
     def __call__(self, x, *args, **kwargs):
         self._seen.append(x)
-        return self._layer(x, *args, **kwargs)
+        return self._layer(x, *args, **kwargs)  # whatever the layer returns (a tuple: gemma4)
 
 
 def record_layers(model: nn.Module, ids: np.ndarray) -> dict[int, P.LayerRecord]:
@@ -59,7 +65,7 @@ def record_layers(model: nn.Module, ids: np.ndarray) -> dict[int, P.LayerRecord]
 
     def make_fn(layer, block, original):
         def fn(x, indices):
-            seen[layer] = (x, indices)
+            seen[layer] = (x, indices, family.router_logits(block, x))
             return original(x, indices)
         return fn
 
@@ -76,8 +82,8 @@ def record_layers(model: nn.Module, ids: np.ndarray) -> dict[int, P.LayerRecord]
     lazy = {}
     for n, i in enumerate(order):
         x = seen[i][0].astype(mx.float32)
-        logits = router_logits(by_layer[i][family.router], x)
-        prev = router_logits(by_layer[i][family.router], seen[order[n - 1]][0].astype(mx.float32)) \
+        logits = seen[i][2].astype(mx.float32)
+        prev = family.router_logits_for(by_layer[i], seen[order[n - 1]][0].astype(mx.float32)) \
             if n else None
         lazy[i] = (inputs[i][0].astype(mx.float32), x, logits, seen[i][1], prev)
     mx.eval(lazy)

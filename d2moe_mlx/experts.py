@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU, _scatter_unsort
 
 from .cache import ExpertCache, PartPool
-from .families import Family, router_logits
+from .families import Family
 from .moe import projection_names
 
 SORT_THRESHOLD = 64  # mlx-lm's SwitchGLU sorts pairs by expert from this many on
@@ -48,10 +48,14 @@ class ExpertLayer(nn.Module):
         return self._scheduler.forward(self, x, indices)
 
     def scores(self, x: mx.array) -> mx.array:
-        """Router probabilities of every expert for ``x`` [..., E] (lazy)."""
-        block = self._block
-        gating = self._scheduler.gating
-        return gating.scores(router_logits(block[self._family.router], x))
+        """Router probabilities of every expert [..., E] in this call, whose experts see
+        ``x`` (lazy; the family reads or recomputes the logits)."""
+        return self._scheduler.gating.scores(self._family.router_logits(self._block, x))
+
+    def scores_for(self, x: mx.array) -> mx.array:
+        """This layer's router probabilities for another input ``x`` (a guess of its
+        routing from an earlier layer's experts' input, for prefetch)."""
+        return self._scheduler.gating.scores(self._family.router_logits_for(self._block, x))
 
     def compute(self, x: mx.array, parts: PartIndices) -> mx.array:
         """Expert outputs [..., k, H] for ``x`` [..., H]: each pair computed from the

@@ -1,6 +1,6 @@
 """The one way d2moe wraps mlx-lm MoE blocks: replace a block's routed experts.
 
-Every supported block calls ``experts(x, indices)`` after routing ``x``;
+Every supported block calls ``experts(x, indices)`` after routing;
 :func:`replace_experts` puts another module in that place for each MoE block the
 family adapter finds. The trace recorder and the converter's calibration put an
 :class:`ExpertHook` there for the duration of a run (and restore the original);
@@ -33,13 +33,14 @@ class ExpertHook(nn.Module):
 
 def replace_experts(blocks: list[tuple[int, nn.Module]], family: Family,
                     make: Callable[[int, nn.Module, nn.Module], nn.Module]) -> Callable[[], None]:
-    """Put ``make(layer, block, original_experts)`` in place of each block's experts;
-    returns a function that puts the originals back."""
+    """Put ``make(layer, block, original_experts)`` in place of each block's experts (and
+    tap the router logits of a family that reads them where the block computes them,
+    :meth:`~d2moe_mlx.families.Family.tap_router`); returns a function that undoes both."""
     originals = []
     try:
         for layer, block in blocks:
             original = family.experts_of(block)
-            originals.append((block, original))
+            originals.append((block, original, family.tap_router(block)))
             family.set_experts(block, make(layer, block, original))
     except BaseException:
         _restore(originals, family)
@@ -48,8 +49,9 @@ def replace_experts(blocks: list[tuple[int, nn.Module]], family: Family,
 
 
 def _restore(originals, family: Family) -> None:
-    for block, original in originals:
+    for block, original, untap in originals:
         family.set_experts(block, original)
+        untap()
 
 
 @contextmanager

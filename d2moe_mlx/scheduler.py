@@ -108,7 +108,7 @@ class Scheduler:
         nxt = None
         if self.prefetch and self.mode == "stream" and nl is not None and x.size == x.shape[-1]:
             nxt = (self.predict(nl, x) if self.predict is not None
-                   else self._layers_by_index[nl].scores(x)).reshape(-1)
+                   else self._layers_by_index[nl].scores_for(x)).reshape(-1)
         outs = [o for o, _ in self._pending]
         t0 = time.perf_counter()
         mx.eval(inds, *[a for a in (scores, nxt) if a is not None], *outs)  # the sync

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .families import family_of, router_logits, text_args
+from .families import family_of, text_args
 from .hooks import hooked
 
 FORMAT = "d2moe-trace/1"
@@ -79,7 +79,7 @@ def record_trace(model: nn.Module, tokenizer: Any, text: str,
 
     def make_fn(layer, block, original):
         def fn(x, indices):
-            scores = gating.scores(router_logits(block[family.router], x))
+            scores = gating.scores(family.router_logits(block, x))
             sinks[layer].append((indices, mx.take_along_axis(scores, indices.astype(mx.int32), -1)))
             return original(x, indices)
         return fn

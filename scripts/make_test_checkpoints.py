@@ -661,6 +661,8 @@ FAMILY_CONFIGS.update({
                          "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}},
     ),
 })
+
+
 # <bailing>: Ling 3 (transformers' BailingHybrid, mlx-lm's bailing_moe_v3 module): KDA linear
 # attention (layers 0, 1) and gated MLA (layer 2), dense layer 0, sigmoid group-limited routing.
 # head_dim = qk_rope_head_dim: transformers' config writes the rope width as head_dim and reads
@@ -707,6 +709,8 @@ TEXT_CONFIGS: dict[str, dict] = {
         **_LINEAR_ATTN,
     ),
 }
+
+
 # <dsv41> kimi_k25: a DeepSeek-V3 text model (MLA, yarn rope, grouped sigmoid routing) in a
 # multimodal wrapper with a one-block vision tower
 TEXT_CONFIGS["kimi_k25"] = dict(
@@ -732,6 +736,8 @@ VISION_CONFIGS: dict[str, dict] = {
     "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                         patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16),
 }
+
+
 # <mm>
 # hybrid: dense layer 0; lightning-indexer sparse attention in layers 0-1 (blocks of 4 keys,
 # top-2 blocks of the 16-token prompt kept), full attention in layer 2; SwiGLU-OAI experts
@@ -761,6 +767,65 @@ VISION_CONFIGS["minimax_m3_vl"] = dict(hidden_size=32, intermediate_size=64, num
                                        spatial_merge_size=1, image_size=16)
 TOP_CONFIGS: dict[str, dict] = {"minimax_m3_vl": dict(projector_hidden_size=64)}  # multimodal wrapper
 # </mm>
+
+
+# <gemma>: the router reads the residual, the experts a normed copy (router logits tapped);
+# every layer MoE; sliding + full attention with their own ropes, final logit soft cap
+_GEMMA4_TEXT = dict(
+    num_hidden_layers=2,
+    head_dim=16,
+    intermediate_size=96,
+    moe_intermediate_size=128,
+    num_experts=8,
+    top_k_experts=2,
+    enable_moe_block=True,
+    hidden_size_per_layer_input=0,
+    sliding_window=6,
+    layer_types=["sliding_attention", "full_attention"],
+    final_logit_softcapping=15.0,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 7000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                        "rope_theta": 25000.0}},
+)
+FAMILY_CONFIGS["gemma4_text"] = dict(**_GEMMA4_TEXT, global_head_dim=32)
+TEXT_CONFIGS.update({
+    # the 26B-A4B's attention: full-attention layers with K = V and one kv head (mlx-lm's
+    # multimodal gemma4 has no untied lm_head: tied, as every gemma4 checkpoint)
+    "gemma4": dict(**_GEMMA4_TEXT, global_head_dim=32, attention_k_eq_v=True,
+                   num_global_key_value_heads=1, tie_word_embeddings=True),
+    # mlx-lm's llama4 needs 4 layers (rope and chunked attention in all but every 4th) and
+    # routes to 1 expert; MoE every 2nd layer; chunks of 8 tokens and attention temperature
+    # tuning from position 8, so both show in 16 tokens
+    "llama4": dict(
+        num_hidden_layers=4,
+        head_dim=16,
+        intermediate_size=128,
+        intermediate_size_mlp=96,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=8,
+        floor_scale=8,
+        attn_scale=0.2,
+        rope_parameters=_ROPE,
+    ),
+})
+VISION_CONFIGS.update({
+    "gemma4": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16),
+    "llama4": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+                   image_size=32, patch_size=16),
+})
+# transformers 5.24's Llama4ForConditionalGeneration.forward fails on text-only input (it
+# reads outputs.image_outputs, which its language model's output lacks): the text logits
+# come from its language model (family -> attribute of the loaded model).
+HF_TEXT_MODEL = {"llama4": "language_model"}
+# gemma4's router RMS-normalises its input and scales it by scale / sqrt(hidden): with norm-like
+# scales (~1) its tiny logits are near-ties (a top-level quantization flips an expert); scaled
+# up, routing is as decisive as the other families' (family -> (tensor suffix, factor)).
+SCALED = {"gemma4_text": ("router.scale", 4.0), "gemma4": ("router.scale", 4.0)}
+# </gemma>
 for _name in TEXT_CONFIGS:
     FAMILY_CONFIGS.setdefault(_name, {})
 
@@ -959,6 +1024,8 @@ def make_checkpoint(
         for name, p in model.state_dict().items():
             if name.endswith(ZEROED.get(family, ())):
                 p.zero_()
+            if family in SCALED and name.endswith(SCALED[family][0]):  # <gemma>
+                p.mul_(SCALED[family][1])
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,3 +38,12 @@ def test_prepare_drops_the_kimi_k25_vision_tower(hf_checkpoint, tmp_path):  # <d
     job = prepare(hf_checkpoint("kimi_k25"), tmp_path / "store")
     assert job.weights and all(k.startswith("language_model.") for k in job.weights)
     assert "tensors of the vision tower and projector" in job.dropped
+
+
+# <gemma>
+@pytest.mark.parametrize("family,tower", [("gemma4", "model.vision_tower."), ("llama4", "vision_model.")])
+def test_prepare_drops_gemma4_and_llama4_towers(family, tower, hf_checkpoint, tmp_path):
+    job = prepare(hf_checkpoint(family), tmp_path / "store")
+    assert not any(k.startswith(tower) or "embed_vision" in k or "multi_modal_projector" in k
+                   for k in job.weights)
+    assert "vision" in job.dropped and family in job.dropped

@@ -10,7 +10,8 @@ import pytest
 from make_test_checkpoints import FAMILIES
 
 from d2moe_mlx.convert.hf_config import load_mlx_reference
-from d2moe_mlx.families import family_of, get_family, router_logits, supported, text_args
+from d2moe_mlx.families import family_of, get_family, supported, text_args
+from d2moe_mlx.families.taps import recorded, tap, untap
 from d2moe_mlx.hooks import hooked
 from d2moe_mlx.moe import projection_names
 
@@ -27,11 +28,16 @@ def models(hf_checkpoint):
     return get
 
 
-def _block_weights(block, family, x, inds):
-    """The per-(token, slot) weights mlx-lm's block applies to its experts' outputs:
-    the block's output with experts returning one-hot rows minus its output with
-    experts returning zeros (shared experts cancel)."""
+def _block_weights(block, family, x, inds, seen_x):
+    """The per-(token, slot) weights mlx-lm's block applies to its experts: the output of
+    the module that calls the experts (the block, or its ``experts`` container) with experts
+    returning one-hot rows minus with experts returning zeros (shared experts cancel). A
+    block weighting its experts' input (llama4, one expert per token): that input over x."""
     k = inds.shape[-1]
+    if family.weights_on_input:
+        assert k == 1
+        return np.array((seen_x / x).astype(mx.float32))[..., :1]
+    owner = family.experts_owner(block)
 
     def run(one_hot: bool):
         def make_fn(_l, _b, _o):
@@ -43,7 +49,14 @@ def _block_weights(block, family, x, inds):
                 return mx.broadcast_to(eye, shape)
             return fn
         with hooked([(0, block)], family, make_fn):
-            return block(x)
+            if owner is block:
+                return block(x)
+            tap(owner)
+            try:
+                block(x)
+                return recorded(owner, "experts owner")
+            finally:
+                untap(owner)
     diff = (run(True) - run(False)).astype(mx.float32)
     return np.array(diff)[..., :k]
 
@@ -68,21 +81,22 @@ def test_adapter_routes_like_mlx_lm(name, models):
         x = mx.array(rng.normal(size=(2, 5, _width(block[family.experts]))).astype(np.float32))
         seen = {}
 
-        def make_fn(_l, _b, original):
+        def make_fn(_l, b, original):
             def fn(xx, idx):
                 seen["x"], seen["idx"] = xx, idx
+                seen["logits"] = family.router_logits(b, xx)  # as the engine reads them
                 return original(xx, idx)
             return fn
 
         with hooked([(layer, block)], family, make_fn):
             block(x)
-        logits = router_logits(block[family.router], seen["x"])
-        inds, weights = gating.route(logits, family.correction(block))
+        logits = seen["logits"]
+        inds, weights = gating.route(logits, family.correction(block), family.expert_factor(block))
         want_idx = np.sort(np.array(seen["idx"]), -1)
         assert np.array_equal(np.sort(np.array(inds), -1), want_idx), f"{name} layer {layer}"
         # weights keyed by expert id, both sides
         got_w = np.array(weights.astype(mx.float32))
-        want_w = _block_weights(block, family, x, seen["idx"])
+        want_w = _block_weights(block, family, x, seen["idx"], seen["x"])
         # by expert id, then weight (a block may repeat an expert id)
         got_w, want_w = got_w.reshape(inds.shape), want_w.reshape(inds.shape)
         order_got = np.lexsort((got_w, np.array(inds)), axis=-1)
@@ -108,7 +122,7 @@ def test_hook_is_removed_after_an_error(models):
     model = models("qwen3_moe")
     family = family_of(model)
     (layer, block), *_ = family.blocks(model)
-    original = block[family.experts]
+    original = family.experts_of(block)
 
     def make_fn(*_):
         def fn(x, idx):
@@ -118,7 +132,7 @@ def test_hook_is_removed_after_an_error(models):
     with pytest.raises(RuntimeError, match="boom"):
         with hooked([(layer, block)], family, make_fn):
             block(mx.zeros((1, 2, text_args(model).hidden_size)))
-    assert block[family.experts] is original
+    assert family.experts_of(block) is original
 
 
 # <bailing>

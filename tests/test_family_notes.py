@@ -154,6 +154,8 @@ def test_phixtral_hub_config_names():
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (64, 2, 4)
     with pytest.raises(ValueError, match="n_embd"):
         normalize_config({"model_type": "phixtral", "n_layer": 2})
+
+
 # <dsv41>
 def test_dsv41_families_refuse_what_mlx_lm_cannot_read():
     with pytest.raises(ValueError, match="DeepSeek-layout.*mlx_lm.convert"):
@@ -170,3 +172,36 @@ def test_dsv41_families_refuse_what_mlx_lm_cannot_read():
     for wrapper in ("kimi_k25", "kimi_vl"):
         with pytest.raises(ValueError, match="scoring_func='softmax'"):
             normalize_config({"model_type": wrapper, "text_config": {"scoring_func": "softmax"}})
+
+
+# <gemma>
+def test_gemma4_per_layer_config_and_refusals():
+    text = {"num_hidden_layers": 2, "head_dim": 16, "layer_types": ["sliding_attention", "full_attention"],
+            "attention_k_eq_v": True, "per_layer_config": {"1": {"head_dim": 32, "num_key_value_heads": 1}}}
+    cfg = normalize_config({"model_type": "gemma4", "text_config": dict(text), "top_k_experts": None})
+    got = cfg["text_config"]
+    assert (got["global_head_dim"], got["num_global_key_value_heads"]) == (32, 1)
+    assert "per_layer_config" not in got and got["num_kv_shared_layers"] == 0
+    assert got["final_logit_softcapping"] is None and got["use_double_wide_mlp"] is False
+    cfg = normalize_config({"model_type": "gemma4_text", "num_hidden_layers": 7, "top_k_experts": 4})
+    assert cfg["layer_types"][4:] == ["sliding_attention", "full_attention", "full_attention"]
+    assert cfg["num_experts_per_tok"] == 4
+    for bad in ({"per_layer_config": {"0": {"head_dim": 32}}},  # a sliding layer
+                {"per_layer_config": {"1": {"num_key_value_heads": 1}}, "attention_k_eq_v": False},
+                {"use_bidirectional_attention": "all"}, {"hidden_activation": "gelu"}):
+        with pytest.raises(ValueError, match="gemma4"):
+            normalize_config({"model_type": "gemma4_text", **{**text, **bad}})
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        check_supported({"model_type": "gemma4", "tie_word_embeddings": False})
+
+
+def test_llama4_layer_pattern_and_top_k_are_checked():
+    text = {"num_hidden_layers": 4, "interleave_moe_layer_step": 2, "moe_layers": [1, 3],
+            "no_rope_layers": [1, 1, 1, 0], "rope_parameters": {"rope_type": "default", "rope_theta": 25000.0}}
+    cfg = normalize_config({"model_type": "llama4", "text_config": dict(text)})
+    assert cfg["text_config"]["rope_theta"] == 25000.0 and cfg["text_config"]["rope_scaling"] is None
+    for bad in ({"moe_layers": [0, 2]}, {"no_rope_layers": [1, 0, 1, 0]}, {"num_experts_per_tok": 2}):
+        with pytest.raises(ValueError, match="llama4"):
+            normalize_config({"model_type": "llama4", "text_config": {**text, **bad}})
+    with pytest.raises(ValueError, match="text_config"):
+        normalize_config({"model_type": "llama4", **text})

@@ -7,7 +7,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from make_test_checkpoints import FAMILIES, HF_FAMILIES, causal_lm_class
+from make_test_checkpoints import FAMILIES, HF_FAMILIES, HF_TEXT_MODEL, causal_lm_class
 
 from d2moe_mlx.convert.hf_config import (
     SUPPORTED_FAMILIES,
@@ -28,8 +28,10 @@ ATOL = 1e-4  # max abs logit difference, float32 both sides (observed <= 1.2e-6)
 def hf_logits(hf_dir) -> np.ndarray:
     import torch
 
-    cls = causal_lm_class(load_config(hf_dir)["model_type"])
-    model = cls.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    family = load_config(hf_dir)["model_type"]
+    model = causal_lm_class(family).from_pretrained(hf_dir, dtype=torch.float32,
+                                                    attn_implementation="eager")
+    model = getattr(model, HF_TEXT_MODEL.get(family, ""), model)
     with torch.no_grad():
         return model.eval()(torch.tensor([TOKENS])).logits[0].numpy()
 

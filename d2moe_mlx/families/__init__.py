@@ -8,9 +8,12 @@ Hugging Face checkpoint of the family is normalised for mlx-lm. The trace
 recorder, the converter's calibration, the expert engine and every policy go
 through it; no other module names a family. Adding a family = adding one entry.
 
-Every supported block calls its experts as ``experts(x, indices)`` on the same
-``x`` its router sees, so the engine recomputes router logits from ``x`` only
-when a policy asks for scores.
+Every supported block calls its experts as ``experts(x, indices)``. Most route the
+same ``x`` their experts see, so router logits are recomputed from ``x`` only when
+a policy asks for scores; a family whose router reads another input names a
+``router_tap`` and the logits of the call are read where the block computed them
+(:mod:`.taps`). Everything that needs a layer's router logits (the expert layer,
+calibration, trace, tests) asks :meth:`Family.router_logits`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .routing import Gating, bind
+from .taps import call_untapped, recorded, tap, untap
 
 GATING_KEYS = {"top_k": "num_experts_per_tok", "norm_topk": "norm_topk_prob",
                "scaling": "routed_scaling_factor", "n_group": "n_group",
@@ -76,27 +80,74 @@ class Family:
     # (deepseek_v41: layer(streams, pre_mix, ...) -> (streams, pre_mix)).
     carry: tuple[int | str, ...] = ()
     notes: str = ""  # known differences from transformers, shown by --list-families
+    # <gemma>: blocks whose router does not read the experts' input. ``block`` may be ""
+    # (the decoder layer itself is the block, gemma4) and ``experts`` a dotted path
+    # ("experts.switch_glu"). ``router_tap``: path (relative to the block) of the module
+    # whose output is the router's logits; it is tapped (families/taps.py) while the block
+    # is hooked, and the logits of a call are read there instead of recomputed from the
+    # experts' input (gemma4: "router.proj", llama4: "router").
+    router_tap: str | None = None
+    # Path of a per-expert factor [E] the block multiplies the chosen experts' weights by
+    # (gemma4's per_expert_scale): part of the routing weights, never of the experts'.
+    expert_scale: str | None = None
+    # The block multiplies its experts' input by the routing weight (llama4), not their output.
+    weights_on_input: bool = False
+    # A decoder layer returns its hidden state (1), or a tuple of this many values with the
+    # hidden state first (gemma4: hidden state, shared K/V, offset); the converter's layer
+    # probes return as many.
+    layer_outputs: int = 1
 
     @property
     def switch_path(self) -> str:
         """Path of the routed experts inside a decoder layer (e.g. ``mlp.switch_mlp``)."""
-        return f"{self.block}.{self.experts}"
+        return ".".join(p for p in (self.block, self.experts) if p)
 
-    def experts_of(self, block: nn.Module):
-        """The routed experts of ``block`` (``experts`` may be a dotted path, e.g. a
-        wrapper module's ``experts.switch_mlp``); None where the block has none."""
-        module = block
-        for part in self.experts.split("."):
-            module = module.get(part) if isinstance(module, nn.Module) else None
-        return module
+    def block_of(self, layer: nn.Module) -> nn.Module | None:
+        """The MoE block of decoder layer ``layer`` (the layer itself when ``block`` is "")."""
+        return _get(layer, self.block)
+
+    def experts_of(self, block: nn.Module) -> nn.Module:
+        """The routed experts of ``block`` (a switch module or what stands in for one)."""
+        return _get(block, self.experts)
 
     def set_experts(self, block: nn.Module, module: nn.Module) -> None:
         """Put ``module`` in the place of ``block``'s routed experts."""
-        *parents, leaf = self.experts.split(".")
-        owner = block
-        for part in parents:
-            owner = owner[part]
-        setattr(owner, leaf, module)
+        parent, _, name = self.experts.rpartition(".")
+        setattr(_get(block, parent), name, module)
+
+    def experts_owner(self, block: nn.Module) -> nn.Module:
+        """The module that calls the routed experts and weights their outputs: the block,
+        or the module holding them when ``experts`` is a dotted path (gemma4's ``experts``)."""
+        return _get(block, self.experts.rpartition(".")[0])
+
+    def router_logits(self, block: nn.Module, x: mx.array) -> mx.array:
+        """The router logits [..., E] of ``block``'s current call, whose experts see ``x``:
+        with a ``router_tap``, the logits the block computed in this call (the block must be
+        hooked, see :func:`d2moe_mlx.hooks.replace_experts`); else the router on ``x``."""
+        if self.router_tap is not None:
+            return recorded(_get(block, self.router_tap), f"{self.name}: {self.router_tap}")
+        return router_logits(block[self.router], x)
+
+    def router_logits_for(self, block: nn.Module, x: mx.array) -> mx.array:
+        """``block``'s router logits for any input ``x`` (e.g. another layer's experts'
+        input, to guess this layer's routing). With a ``router_tap`` this applies the tapped
+        module alone to ``x``: what the router does before it (gemma4: an RMSNorm) is skipped,
+        so it is a guess, never this layer's routing."""
+        if self.router_tap is not None:
+            return call_untapped(_get(block, self.router_tap), x)
+        return router_logits(block[self.router], x)
+
+    def tap_router(self, block: nn.Module) -> Callable[[], None]:
+        """Tap ``block``'s router logits (no-op without ``router_tap``); returns the undo."""
+        if self.router_tap is None:
+            return lambda: None
+        if not tap(_get(block, self.router_tap)):
+            return lambda: None
+        return lambda: untap(_get(block, self.router_tap))  # the module there then (quantized?)
+
+    def expert_factor(self, block: nn.Module) -> mx.array | None:
+        """The per-expert factor [E] of the routing weights (``expert_scale``), if any."""
+        return None if self.expert_scale is None else _get(block, self.expert_scale)
 
     def gating(self, args) -> Gating:
         """The gating rule with ``args``' (mlx-lm ModelArgs) constants bound."""
@@ -121,11 +172,20 @@ class Family:
 
         found = []
         for i, layer in enumerate(decoder_layers(model)):
-            block = layer.get(self.block) if isinstance(layer, nn.Module) else None
-            if isinstance(block, nn.Module) and isinstance(block.get(self.router), nn.Module) \
-                    and is_experts(self.experts_of(block)):
+            block = self.block_of(layer) if isinstance(layer, nn.Module) else None
+            if isinstance(block, nn.Module) and isinstance(_get(block, self.router), nn.Module) \
+                    and is_experts(_get(block, self.experts)):
                 found.append((i, block))
         return found
+
+
+def _get(module: nn.Module, path: str):
+    """The submodule (or array) at dotted ``path`` of ``module`` ("" = itself), else None."""
+    for part in filter(None, path.split(".")):
+        if not isinstance(module, nn.Module) or part not in module:
+            return None
+        module = module[part]
+    return module
 
 
 def router_logits(router: nn.Module, x: mx.array) -> mx.array:

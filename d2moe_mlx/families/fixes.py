@@ -412,6 +412,8 @@ def bailing_hybrid_weights(config: dict, w: dict[str, mx.array]) -> None:
     for k in [k for k in w if k.endswith(".attention.conv1d.weight")]:
         for name, part in zip("qkv", mx.split(w.pop(k), 3, axis=0)):
             w[k.replace(".conv1d.", f".{name}_conv1d.")] = part
+
+
 # <dsv41>
 def deepseek_v41_weights(config: dict, w: dict[str, mx.array]) -> None:
     """deepseek_v41: DeepSeek's own tensor names (``layers.N.ffn.experts.E.w1``, fp8/fp4 weights
@@ -469,3 +471,73 @@ def kimi_vl_weights(config: dict, w: dict[str, mx.array]) -> None:
         raise ValueError(f"kimi_vl: {hub[0]}: mlx-lm's kimi_vl model does not read kv_b_proj "
                          "tensors (its sanitize leaves them unsplit); only checkpoints saved by "
                          "mlx-lm >= 0.32 convert")
+
+
+# <gemma> -------------------------------------------------------------------------
+
+# transformers' Gemma4TextConfig defaults where mlx-lm's ModelArgs has others
+_GEMMA4_DEFAULTS = {"num_kv_shared_layers": 0, "use_double_wide_mlp": False,
+                    "final_logit_softcapping": None, "num_key_value_heads": 4,
+                    "num_attention_heads": 8, "hidden_size": 2304, "intermediate_size": 9216,
+                    "num_hidden_layers": 30}
+
+
+def gemma4_config(cfg: dict) -> None:
+    """gemma4 / gemma4_text: the text config (``text_config`` of a multimodal one) with
+    transformers' defaults where mlx-lm's differ; transformers 5's ``per_layer_config``
+    (head_dim / kv heads of the full-attention layers) as mlx-lm's ``global_head_dim`` /
+    ``num_global_key_value_heads``; settings mlx-lm's model does not run are refused."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        text = cfg
+    for k, v in _GEMMA4_DEFAULTS.items():
+        text.setdefault(k, v)
+    if text.get("layer_types") is None:  # transformers: 5 sliding layers, then a full one
+        n = text["num_hidden_layers"]
+        text["layer_types"] = ["sliding_attention" if (i + 1) % 6 and i < n - 1 else "full_attention"
+                               for i in range(n)]
+    for key, allowed in (("hidden_activation", ("gelu_pytorch_tanh", None)),
+                         ("use_bidirectional_attention", (None,)), ("attention_bias", (False, None))):
+        if text.get(key) not in allowed:
+            raise ValueError(f"{cfg.get('model_type')}: {key}={text.get(key)!r} is not supported "
+                             f"by mlx-lm's gemma4 model (allowed: {allowed})")
+    per_layer = text.pop("per_layer_config", None)
+    if per_layer is None:
+        return
+    full = {i for i, t in enumerate(text["layer_types"]) if t == "full_attention"}
+    values = {tuple(sorted(v.items())) for v in per_layer.values()}
+    keys = {k for v in per_layer.values() for k in v}
+    if {int(i) for i in per_layer} != full or len(values) != 1 or not keys <= {"head_dim", "num_key_value_heads"} \
+            or ("num_key_value_heads" in keys and not text.get("attention_k_eq_v")):
+        raise ValueError(f"{cfg.get('model_type')}: per_layer_config {per_layer} is not one "
+                         "head_dim (and, with attention_k_eq_v, kv heads) for every full-attention "
+                         "layer, the only per-layer setting mlx-lm's gemma4 model has")
+    override = dict(values.pop())
+    text["global_head_dim"] = override.get("head_dim", text.get("head_dim", 256))
+    if "num_key_value_heads" in override:
+        text["num_global_key_value_heads"] = override["num_key_value_heads"]
+
+
+def llama4_config(cfg: dict) -> None:
+    """llama4: mlx-lm reads ``rope_theta`` / ``rope_scaling`` from ``text_config`` (transformers
+    5 writes ``rope_parameters``) and hard-codes the layer pattern: rope (and chunked
+    attention) in every layer but each 4th, MoE every ``interleave_moe_layer_step``-th."""
+    from d2moe_mlx.convert.hf_config import _read_rope_parameters
+
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError("llama4: config.json has no text_config; mlx-lm's llama4 model reads "
+                         "the text model from it")
+    _read_rope_parameters(text)
+    text.setdefault("rope_scaling", None)
+    n, step = text["num_hidden_layers"], text.get("interleave_moe_layer_step", 1)
+    checks = {"no_rope_layers": [int((i + 1) % 4 != 0) for i in range(n)],
+              "layer_types": ["chunked_attention" if (i + 1) % 4 else "full_attention" for i in range(n)],
+              "moe_layers": list(range(step - 1, n, step))}
+    for key, want in checks.items():
+        if text.get(key) is not None and list(text[key]) != want:
+            raise ValueError(f"llama4: {key}={text[key]} differs from the only pattern mlx-lm's "
+                             f"llama4 model builds ({want})")
+    if text.get("num_experts_per_tok", 1) != 1:
+        raise ValueError(f"llama4: num_experts_per_tok={text['num_experts_per_tok']}; mlx-lm's "
+                         "llama4 model routes each token to 1 expert")

@@ -20,6 +20,15 @@ _GRANITE_RENAMES = ((r"block_sparse_moe\.router\.weight$", "block_sparse_moe.rou
                     (r"block_sparse_moe\.input_linear\.weight$", "block_sparse_moe.experts.gate_up_proj"),
                     (r"block_sparse_moe\.output_linear\.weight$", "block_sparse_moe.experts.down_proj"))
 
+# <gemma>: the decoder layer is the block: its router reads the residual stream, its experts
+# (experts.switch_glu) a normed copy, so the router's logits are tapped at router.proj.
+_GEMMA4_NOTES = ("the router reads the decoder layer's residual, the experts a normed copy: "
+                 "router logits are read where the layer computes them (router.proj)")
+_GEMMA4 = dict(block="", router="router", experts="experts.switch_glu", rule="topk_softmax",
+               router_tap="router.proj", expert_scale="router.per_expert_scale",
+               expert_count_key="num_experts", gating_keys={"top_k": "top_k_experts"},
+               hidden_acts=None, layer_outputs=3, config_fix=fixes.gemma4_config)
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mixtral", block="block_sparse_moe", rule="topk_softmax",
            hf_defaults={"rope_theta": 1e6}, mlx_lm_limits={"sliding_window": (None,)},
@@ -301,4 +310,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            notes="multimodal wrapper of a DeepSeek-V3 text model (text_config read as written): "
                  "the vision tower is dropped; hub checkpoints with kv_b_proj refused (mlx-lm "
                  "reads only its own saved layout)"),
+    # <gemma>
+    Family("gemma4_text", **_GEMMA4, notes=_GEMMA4_NOTES),
+    Family("gemma4", **_GEMMA4, mlx_lm_limits={"tie_word_embeddings": (True, None)},
+           drop=((r"^model\.(vision_tower|audio_tower|embed_vision|embed_audio|multi_modal_projector)\.",
+                  "vision/audio towers"),),
+           notes="multimodal checkpoints: the text model converts, the vision and audio towers "
+                 "are dropped with a message; " + _GEMMA4_NOTES),
+    Family("llama4", block="feed_forward", router="router", experts="experts", rule="topk_sigmoid",
+           shared=("shared_expert",), router_tap="router", weights_on_input=True,
+           config_fix=fixes.llama4_config,
+           drop=((r"^(vision_model|multi_modal_projector)\.", "vision tower"),),
+           notes="multimodal checkpoints: the text model converts, the vision tower is dropped "
+                 "with a message; the experts run on x * sigmoid(score), so router logits are "
+                 "read where the block computes them (its router); text-only llama4_text "
+                 "checkpoints are not supported (mlx-lm's llama4_text is a dense model)"),
 )}

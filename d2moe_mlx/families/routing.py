@@ -17,7 +17,8 @@ import mlx.core as mx
 RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer",
          "sigmoid_bias_norm", "sigmoid_bias", "mistral4", "score_bias",
          # <bailing>
-         "bailing_moe", "bailing_moe_linear", "bailing_v3")
+         "bailing_moe", "bailing_moe_linear", "bailing_v3",
+         "topk_sigmoid")  # <gemma>: llama4
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class Gating:
         """True where each expert's score is its own (not a softmax over all experts)."""
         if self.rule == "score_bias":
             return self.score_func != "softmax"
-        return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias", "bailing_v3") \
+        return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias", "bailing_v3",
+                             "topk_sigmoid") \
             or (self.rule in ("bailing_moe", "bailing_moe_linear") and self.score_function == "sigmoid")
 
     def scores(self, logits: mx.array) -> mx.array:
@@ -72,8 +74,14 @@ class Gating:
             return logits
         return mx.tanh(logits.astype(mx.float32) / self.softcap) * self.softcap
 
-    def route(self, logits: mx.array, correction_bias: mx.array | None = None):
-        """(indices [..., k], weights [..., k]) exactly as the family's block routes."""
+    def route(self, logits: mx.array, correction_bias: mx.array | None = None,
+              expert_factor: mx.array | None = None):
+        """(indices [..., k], weights [..., k]) exactly as the family's block routes;
+        ``expert_factor`` [E] (gemma4's per_expert_scale) multiplies each chosen weight."""
+        inds, w = self._route(logits, correction_bias)
+        return inds, (w if expert_factor is None else w * expert_factor[inds])
+
+    def _route(self, logits: mx.array, correction_bias: mx.array | None = None):
         k = self.top_k
         logits = self.capped(logits)
         if self.rule == "softmax_topk":  # qwen2/3_moe, olmoe: top-k of the softmax
@@ -150,6 +158,9 @@ class Gating:
             if self.norm_topk and k > 1:
                 w = w / (mx.sum(w, axis=-1, keepdims=True) + 1e-20)
             return inds, w * self.scaling
+        if self.rule == "topk_sigmoid":  # <gemma> llama4: sigmoid of the top-k logits
+            inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+            return inds, mx.sigmoid(mx.take_along_axis(logits, inds, axis=-1).astype(mx.float32))
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
