@@ -341,6 +341,21 @@ FAMILY_CONFIGS: dict[str, dict] = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0, "partial_rotary_factor": 0.5},
         },
     ),
+    # <longcat> two decoder layers of two attention sublayers each; 4 zero experts among 12,
+    # top-3: tokens pick zero experts (expert 0 named several times in a token)
+    "longcat_flash": dict(
+        num_hidden_layers=4,
+        ffn_hidden_size=96,
+        expert_ffn_hidden_size=128,
+        n_routed_experts=8,
+        zero_expert_num=4,
+        moe_topk=3,
+        routed_scaling_factor=1.7,
+        q_lora_rank=32,
+        head_dim=16,
+        rope_parameters=_ROPE,
+        **_MLA,
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format

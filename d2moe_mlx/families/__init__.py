@@ -107,13 +107,14 @@ class Family:
 def router_logits(router: nn.Module, x: mx.array) -> mx.array:
     """The router's logits over all experts for ``x``, whatever the router returns:
     a Linear router is called; one holding its Linear in ``layer`` (granitemoe),
-    ``gate`` (afmoe) or ``proj`` (laguna) calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
+    ``gate`` (afmoe), ``proj`` (laguna) or ``classifier`` (longcat_flash) calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
     maybe a ``bias``)."""
     if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
         return router(x)
     inner = None
     if isinstance(router, nn.Module):
-        inner = next((router[k] for k in ("layer", "gate", "proj") if k in router), None)
+        inner = next((router[k] for k in ("layer", "gate", "proj", "classifier") if k in router),
+                     None)
     if isinstance(inner, (nn.Linear, nn.QuantizedLinear)):
         return inner(x)
     if "weight" not in router:

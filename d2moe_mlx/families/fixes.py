@@ -268,3 +268,35 @@ def mimo_v2_flash_config(cfg: dict) -> None:
     cfg.setdefault("topk_method", "noaux_tc")
     cfg.setdefault("scoring_func", "sigmoid")
     cfg["rope_scaling"] = None
+
+
+# <longcat>
+def longcat_flash_config(cfg: dict) -> None:
+    """longcat_flash: mlx-lm's ModelArgs needs what transformers hard-codes (MLA's q/kv
+    LoRA scaling, always on; identity zero experts); ``num_layers`` counts decoder layers
+    of two attention sublayers each, which d2moe's KV-cache budget counts as
+    ``num_hidden_layers``."""
+    cfg.setdefault("attention_method", "MLA")  # (mlx-lm reads it, uses none other)
+    cfg.setdefault("zero_expert_type", "identity")
+    cfg.setdefault("mla_scale_q_lora", True)
+    cfg.setdefault("mla_scale_kv_lora", True)
+    if cfg.get("num_layers") is None:
+        cfg["num_layers"] = cfg["num_hidden_layers"] // 2
+    cfg.setdefault("num_hidden_layers", 2 * cfg["num_layers"])
+    cfg.setdefault("moe_intermediate_size", cfg["expert_ffn_hidden_size"])
+
+
+_EXPERT_PROJ = re.compile(r"\.experts\.(\d+)\.\w+\.\w+$")
+
+
+def longcat_flash_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """longcat_flash: transformers gives the zero (identity) experts gate/up tensors it
+    never uses (per expert in the hub layout, rows of the fused ``gate_up_proj``); mlx-lm's
+    model has the routed experts only, so the others are dropped."""
+    n = config.get("n_routed_experts", 512)
+    for k in list(w):
+        m = _EXPERT_PROJ.search(k)
+        if m and int(m.group(1)) >= n:
+            del w[k]
+        elif re.search(r"\.switch_mlp\.(gate|up)_proj\.weight$", k) and w[k].shape[0] > n:
+            w[k] = w[k][:n]

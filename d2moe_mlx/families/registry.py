@@ -213,4 +213,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            stack_here=True, weights_fix=fixes.drop_correction_bias,
            notes="mlx-lm ignores the router's score-correction bias (moe_statics), which "
                  "transformers adds before the top-k: expert choice can differ"),
+    # <longcat>
+    Family("longcat_flash", router="router", rule="softmax_bias",
+           correction_bias="e_score_correction_bias", expert_count_key="n_routed_experts",
+           gating_keys={"top_k": "moe_topk", "routed": "n_routed_experts"},
+           hf_defaults={"zero_expert_num": 256, "moe_topk": 12, "n_routed_experts": 512,
+                        "routed_scaling_factor": 6.0, "expert_ffn_hidden_size": 2048,
+                        "ffn_hidden_size": 12288, "q_lora_rank": 1536, "kv_lora_rank": 512,
+                        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                        "attention_bias": False, "rope_theta": 10000000.0},
+           mlx_lm_limits={"zero_expert_type": ("identity", None), "norm_topk_prob": (False, None)},
+           config_fix=fixes.longcat_flash_config, weights_fix=fixes.longcat_flash_weights,
+           notes="zero (identity) experts: a token's top-k may name expert 0 several times "
+                 "(zero picks, weight 0); policies see the routed experts' probabilities "
+                 "renormalised among themselves; MTP layers dropped by mlx-lm's sanitize"),
 )}

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer",
-         "sigmoid_bias_norm", "sigmoid_bias", "mistral4")
+         "sigmoid_bias_norm", "sigmoid_bias", "mistral4",
+         "softmax_bias")  # <longcat>
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,20 @@ class Gating:
     topk_method: str = "greedy"
     jitter_eps: float = 0.0
     softcap: float = 0.0  # fam1: logits -> tanh(logits / c) * c first (laguna), 0 = off
+    # <longcat> experts from this id on are zero (identity) experts the block computes
+    # itself: their picks go to expert 0 with weight 0 (longcat_flash); 0 = none
+    routed: int = 0
 
     @property
     def sigmoid(self) -> bool:
         return self.rule in ("deepseek_v3", "sigmoid_bias_norm", "sigmoid_bias")
 
     def scores(self, logits: mx.array) -> mx.array:
-        """Importance of every expert [..., E] in float32: router probabilities."""
+        """Importance of every expert [..., E] in float32: router probabilities (with
+        zero experts: the routed experts' probabilities renormalised among themselves)."""
         logits = self.capped(logits.astype(mx.float32))
+        if self.routed:  # <longcat>
+            logits = logits[..., :self.routed]
         return mx.sigmoid(logits) if self.sigmoid else mx.softmax(logits, axis=-1, precise=True)
 
     def capped(self, logits: mx.array) -> mx.array:
@@ -101,6 +108,18 @@ class Gating:
 
             return mistral4_expert_select(logits, k, self.n_group, self.topk_group, self.scaling,
                                           self.norm_topk)
+        if self.rule == "softmax_bias":  # <longcat> top-k of softmax + bias, zero experts to 0
+            probs = mx.softmax(logits, axis=-1)
+            chosen = probs if correction_bias is None else probs + correction_bias
+            inds = mx.argpartition(-chosen, kth=k - 1, axis=-1)[..., :k]
+            w = mx.take_along_axis(probs, inds, axis=-1)
+            if self.norm_topk:
+                w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+            w = w * self.scaling
+            if self.routed:
+                zero = inds >= self.routed
+                inds, w = mx.where(zero, 0, inds), mx.where(zero, 0.0, w)
+            return inds, w
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
