@@ -22,7 +22,7 @@ import numpy as np
 
 from d2moe_mlx import mwq
 from d2moe_mlx.moe import decoder_layers, projection_names
-from d2moe_mlx.families import Family, router_logits, text_args
+from d2moe_mlx.families import Family, family_of, router_logits, text_args
 from d2moe_mlx.hooks import hooked
 
 
@@ -73,9 +73,10 @@ class _LayerProbe(nn.Module):
     """Stands in for a decoder layer: records its call arguments, returns the input.
     Other attributes are the layer's own (hybrid models ask a layer its kind)."""
 
-    def __init__(self, record: list, layer: nn.Module | None = None):
+    def __init__(self, record: list, layer: nn.Module | None = None, outputs: int = 1):
         super().__init__()
         self._record = record
+        self._outputs = outputs  # a tuple-returning layer (Family.layer_outputs): x, None, ...
         object.__setattr__(self, "_layer", layer)
 
     def __getattr__(self, name):
@@ -93,7 +94,7 @@ class _LayerProbe(nn.Module):
 
     def __call__(self, x, *args, **kwargs):
         self._record.append((x, args, kwargs))
-        return x
+        return x if self._outputs == 1 else (x,) + (None,) * (self._outputs - 1)
 
 
 def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tuple[tuple, dict]]]:
@@ -106,9 +107,10 @@ def layer_calls(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[tupl
     layers = decoder_layers(model)
     saved = list(layers)
     record: list = []
+    outputs = family_of(model).layer_outputs
     try:
         for i in range(len(layers)):
-            layers[i] = _LayerProbe(record, saved[i])
+            layers[i] = _LayerProbe(record, saved[i], outputs)
         model(tokens)  # lazy: only the recorded inputs are evaluated below
     finally:
         layers[:] = saved
@@ -230,6 +232,8 @@ def run_layer(model: nn.Module, family: Family, layer_idx: int, h: mx.array,
     args, kwargs = call
     with hooked(blocks, family, make_fn):
         out = layer(h, *args, **kwargs)
+        if family.layer_outputs > 1:
+            out = out[0]
         mx.eval(out)
     if experts is not None and experts.x is None:
         raise RuntimeError(f"layer {layer_idx}: its experts were not called in the layer's forward pass")

@@ -406,6 +406,24 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         partial_rotary_factors=[0.5, 1.0, 0.5],
         rope_theta=25000.0,
     ),
+    # <longcat> shared MLP mixed in (use_mixed_mlp_moe), QK norm, NTK-alpha rope; per-layer
+    # lists as the hub's Hunyuan-A13B config writes them
+    "hunyuan": dict(
+        num_hidden_layers=3,
+        intermediate_size=96,
+        moe_intermediate_size=[128, 128, 128],
+        num_experts=8,
+        moe_topk=[2, 2, 2],
+        num_shared_expert=[1, 1, 1],
+        use_mixed_mlp_moe=True,
+        use_qk_norm=True,
+        use_cla=False,
+        cla_share_factor=2,
+        attention_bias=False,
+        tie_word_embeddings=True,
+        rope_theta=25000.0,
+        rope_scaling={"alpha": 7.0, "factor": 1.0, "type": "dynamic"},
+    ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 

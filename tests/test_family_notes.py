@@ -67,3 +67,43 @@ def test_sliding_layers_refused_where_mlx_lm_has_none():
     with pytest.raises(ValueError, match="sliding-window"):
         normalize_config({"model_type": "dots1", "sliding_window": 4, "use_sliding_window": True,
                           "layer_types": ["full_attention", "sliding_attention"]})
+
+
+# <longcat>
+def test_hunyuan_per_layer_lists_and_what_mlx_lm_cannot_run():
+    hub = {"model_type": "hunyuan", "hidden_size": 64, "num_attention_heads": 4,
+           "attention_head_dim": 16, "moe_topk": [8, 8], "moe_intermediate_size": [96, 96],
+           "num_shared_expert": [1, 1]}
+    cfg = normalize_config(hub)
+    assert (cfg["moe_topk"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+            cfg["num_shared_expert"]) == (8, 8, 96, 1)
+    with pytest.raises(ValueError, match="moe_topk.*differs between layers"):
+        normalize_config({**hub, "moe_topk": [8, 4]})
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        normalize_config({**hub, "attention_head_dim": 32})
+    with pytest.raises(ValueError, match="use_cla"):
+        check_supported({**hub, "use_cla": True})
+
+
+def test_transformers_hunyuan_v1_moe_refused_by_name_with_the_reason():
+    with pytest.raises(ValueError, match="'hunyuan_v1_moe' is not supported.*renormalises"):
+        check_supported({"model_type": "hunyuan_v1_moe"})
+
+
+def test_longcat_flash_config_and_zero_expert_tensors():
+    cfg = normalize_config({"model_type": "longcat_flash", "num_layers": 3,
+                            "expert_ffn_hidden_size": 128, "moe_topk": 4})
+    assert (cfg["num_hidden_layers"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+            cfg["zero_expert_type"], cfg["mla_scale_q_lora"]) == (6, 4, 128, "identity", True)
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        check_supported({"model_type": "longcat_flash", "norm_topk_prob": True})
+    raw = {"model_type": "longcat_flash", "n_routed_experts": 2, "hidden_size": 4}
+    w = {f"model.layers.0.mlp.experts.{e}.{p}.weight": mx.zeros((4, 4))
+         for e in range(3) for p in ("gate_proj", "up_proj")}
+    assert sorted(normalize_weights("longcat_flash", raw, w)) == sorted(
+        k for k in w if ".experts.2." not in k)
+    fused = normalize_weights("longcat_flash", raw, {
+        "model.layers.0.mlp.experts.gate_up_proj": mx.zeros((3, 8, 4)),
+        "model.layers.0.mlp.experts.down_proj": mx.zeros((2, 4, 4))})
+    assert {k: v.shape[0] for k, v in fused.items()} == {
+        f"model.layers.0.mlp.switch_mlp.{p}.weight": 2 for p in ("gate_proj", "up_proj", "down_proj")}

@@ -69,6 +69,10 @@ class Family:
     # Hub checkpoints carry auto_map because transformers lacks the family: accepted,
     # since mlx-lm's own model code runs (never the checkpoint's).
     hub_remote_code: bool = False
+    # <longcat> values a decoder layer returns: 1, its hidden state; n > 1, a tuple with the
+    # hidden state first (hunyuan: its attention's keys/values); calibration's layer probe
+    # answers None for the others (refused where a later layer reads them).
+    layer_outputs: int = 1
     notes: str = ""  # known differences from transformers, shown by --list-families
 
     @property
@@ -107,14 +111,15 @@ class Family:
 def router_logits(router: nn.Module, x: mx.array) -> mx.array:
     """The router's logits over all experts for ``x``, whatever the router returns:
     a Linear router is called; one holding its Linear in ``layer`` (granitemoe),
-    ``gate`` (afmoe), ``proj`` (laguna) or ``classifier`` (longcat_flash) calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
+    ``gate`` (afmoe), ``proj`` (laguna), ``classifier`` (longcat_flash) or ``wg`` (hunyuan)
+    calls that; others (DeepSeek's MoEGate) hold a ``weight`` (and
     maybe a ``bias``)."""
     if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
         return router(x)
     inner = None
     if isinstance(router, nn.Module):
-        inner = next((router[k] for k in ("layer", "gate", "proj", "classifier") if k in router),
-                     None)
+        inner = next((router[k] for k in ("layer", "gate", "proj", "classifier", "wg")
+                      if k in router), None)
     if isinstance(inner, (nn.Linear, nn.QuantizedLinear)):
         return inner(x)
     if "weight" not in router:
@@ -143,8 +148,10 @@ def model_type(model: nn.Module) -> str | None:
 
 def get_family(name: str | None) -> Family:
     """The adapter of ``model_type`` ``name``; ValueError naming the supported ones."""
-    from .registry import FAMILIES
+    from .registry import FAMILIES, REFUSED
 
+    if name in REFUSED:
+        raise ValueError(f"model_type {name!r} is not supported: {REFUSED[name]}")
     if name not in FAMILIES:
         raise ValueError(
             f"model_type {name!r} is not supported: d2moe-mlx runs MoE models whose routed "

@@ -280,8 +280,8 @@ def longcat_flash_config(cfg: dict) -> None:
     cfg.setdefault("zero_expert_type", "identity")
     cfg.setdefault("mla_scale_q_lora", True)
     cfg.setdefault("mla_scale_kv_lora", True)
-    if cfg.get("num_layers") is None:
-        cfg["num_layers"] = cfg["num_hidden_layers"] // 2
+    if cfg.get("num_layers") is None:  # (transformers' default: 28)
+        cfg["num_layers"] = cfg["num_hidden_layers"] // 2 if cfg.get("num_hidden_layers") else 28
     cfg.setdefault("num_hidden_layers", 2 * cfg["num_layers"])
     cfg.setdefault("moe_intermediate_size", cfg["expert_ffn_hidden_size"])
 
@@ -300,3 +300,20 @@ def longcat_flash_weights(config: dict, w: dict[str, mx.array]) -> None:
             del w[k]
         elif re.search(r"\.switch_mlp\.(gate|up)_proj\.weight$", k) and w[k].shape[0] > n:
             w[k] = w[k][:n]
+
+
+def hunyuan_config(cfg: dict) -> None:
+    """hunyuan: the hub's configs list top-k, expert width and shared experts per layer;
+    d2moe's gating and budgets take one value: equal lists become it, others are refused.
+    mlx-lm's attention derives head_dim from hidden_size: another one is refused."""
+    for key in ("moe_topk", "moe_intermediate_size", "num_shared_expert"):
+        value = cfg.get(key)
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise ValueError(f"hunyuan: {key}={value} differs between layers; d2moe-mlx "
+                                 "runs one value for every layer")
+            cfg[key] = value[0]
+    head_dim = cfg.get("attention_head_dim")
+    if head_dim is not None and head_dim != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        raise ValueError(f"hunyuan: attention_head_dim={head_dim} but mlx-lm's model uses "
+                         "hidden_size // num_attention_heads")

@@ -227,4 +227,23 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            notes="zero (identity) experts: a token's top-k may name expert 0 several times "
                  "(zero picks, weight 0); policies see the routed experts' probabilities "
                  "renormalised among themselves; MTP layers dropped by mlx-lm's sanitize"),
+    Family("hunyuan", shared=("shared_mlp",), expert_count_key="num_experts",
+           gating_keys={"top_k": "moe_topk"}, gating_const={"norm_topk": False},
+           mlx_lm_limits={"use_cla": (False, None), "use_mla": (False, None),
+                          "moe_drop_tokens": (False, None), "tie_word_embeddings": (True, None)},
+           layer_outputs=2, config_fix=fixes.hunyuan_config, hub_remote_code=True, verified="mlx-lm",
+           notes="mlx-lm does not renormalise the top-k weights, Tencent's reference code does: "
+                 "routed outputs differ on real checkpoints; cross-layer attention (use_cla) "
+                 "refused"),
 )}
+
+# <longcat> model types refused by name, with the reason (get_family raises it)
+REFUSED: dict[str, str] = {
+    "hunyuan_v1_moe": (
+        "transformers' HunYuan MoE V1 renormalises the top-k router weights; mlx-lm has no "
+        "hunyuan_v1_moe model, and its hunyuan model does not renormalise them and reads other "
+        "config keys (use_mixed_mlp_moe, use_cla, num_shared_expert), so the experts would run "
+        "with other weights. Tencent's hub checkpoints (model_type 'hunyuan', e.g. "
+        "tencent/Hunyuan-A13B-Instruct) are supported, with that difference from their "
+        "reference code (docs/FAMILIES.md)"),
+}
