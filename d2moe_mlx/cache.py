@@ -154,8 +154,10 @@ class ExpertCache:
             pool.pins[have] += 1
             return have, []
         missing = experts[have < 0]
-        if len(missing) > 1:
-            missing = np.unique(missing)
+        if len(missing) > 1:  # a repeated expert placed once, first come first (slot order
+            _, first = np.unique(missing, return_index=True)  # breaks the policy's ties)
+            if len(first) < len(missing):
+                missing = missing[np.sort(first)]
         free = np.flatnonzero(pool.state == FREE)
         need = len(missing) - len(free)
         victims = np.empty(0, dtype=np.int64)
