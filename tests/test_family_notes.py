@@ -107,3 +107,32 @@ def test_longcat_flash_config_and_zero_expert_tensors():
         "model.layers.0.mlp.experts.down_proj": mx.zeros((2, 4, 4))})
     assert {k: v.shape[0] for k, v in fused.items()} == {
         f"model.layers.0.mlp.switch_mlp.{p}.weight": 2 for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+def test_hunyuan_hub_layout_loads_as_the_mlx_lm_saved_model(hf_checkpoint, tmp_path):
+    """A hub-layout hunyuan checkpoint (per-expert tensors, remote code, the hub config's
+    per-layer lists and norm_topk_prob) gives mlx-lm's model of the same weights."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from d2moe_mlx.convert.hf_config import load_hf_weights, load_mlx_reference
+
+    src = hf_checkpoint("hunyuan")
+    hub = shutil.copytree(src, tmp_path / "hub", ignore=shutil.ignore_patterns("*.safetensors"))
+    out = {}
+    for k, v in load_hf_weights(src).items():
+        for e in range(v.shape[0] if ".switch_mlp." in k else 0):
+            out[k.replace(".switch_mlp.", f".experts.{e}.")] = v[e]
+        if ".switch_mlp." not in k:
+            out[k] = v
+    mx.save_safetensors(str(hub / "model.safetensors"), out)
+    cfg = json.loads((src / "config.json").read_text())
+    assert isinstance(cfg["moe_topk"], list)
+    cfg.update(auto_map={"AutoModelForCausalLM": "hunyuan.HunYuanMoEV1ForCausalLM"},
+               norm_topk_prob=True, attention_head_dim=16, use_mla=False)
+    (hub / "config.json").write_text(json.dumps(cfg))
+    tokens = mx.array([[5, 17, 200, 33, 64, 99, 3, 150]])
+    want = np.array(load_mlx_reference(src)[0](tokens))
+    assert np.array_equal(np.array(load_mlx_reference(hub)[0](tokens)), want)
