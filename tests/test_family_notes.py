@@ -97,6 +97,11 @@ def test_longcat_flash_config_and_zero_expert_tensors():
             cfg["zero_expert_type"], cfg["mla_scale_q_lora"]) == (6, 4, 128, "identity", True)
     with pytest.raises(ValueError, match="norm_topk_prob"):
         check_supported({"model_type": "longcat_flash", "norm_topk_prob": True})
+    from d2moe_mlx.convert.hf_config import dropped_tensors
+
+    dropped, message = dropped_tensors("longcat_flash", ["model.mtp.layers.0.mlp.gate_proj.weight",
+                                                         "model.layers.0.mlp.router.classifier.weight"])
+    assert dropped == {"model.mtp.layers.0.mlp.gate_proj.weight"} and "MTP" in message
     raw = {"model_type": "longcat_flash", "n_routed_experts": 2, "hidden_size": 4}
     w = {f"model.layers.0.mlp.experts.{e}.{p}.weight": mx.zeros((4, 4))
          for e in range(3) for p in ("gate_proj", "up_proj")}

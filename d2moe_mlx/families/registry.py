@@ -224,17 +224,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                         "attention_bias": False, "rope_theta": 10000000.0},
            mlx_lm_limits={"zero_expert_type": ("identity", None), "norm_topk_prob": (False, None)},
            config_fix=fixes.longcat_flash_config, weights_fix=fixes.longcat_flash_weights,
+           drop=((r"^model\.mtp\.", "MTP (next-token prediction) layers"),),
            notes="zero (identity) experts: a token's top-k may name expert 0 several times "
                  "(zero picks, weight 0); policies see the routed experts' probabilities "
-                 "renormalised among themselves; MTP layers dropped by mlx-lm's sanitize"),
+                 "renormalised among themselves; MTP layers dropped with a message"),
     Family("hunyuan", shared=("shared_mlp",), expert_count_key="num_experts",
            gating_keys={"top_k": "moe_topk"}, gating_const={"norm_topk": False},
            mlx_lm_limits={"use_cla": (False, None), "use_mla": (False, None),
                           "moe_drop_tokens": (False, None), "tie_word_embeddings": (True, None)},
            layer_outputs=2, config_fix=fixes.hunyuan_config, hub_remote_code=True, verified="mlx-lm",
            notes="mlx-lm does not renormalise the top-k weights, Tencent's reference code does: "
-                 "routed outputs differ on real checkpoints; cross-layer attention (use_cla) "
-                 "refused"),
+                 "routed outputs differ on real checkpoints"),
 )}
 
 # <longcat> model types refused by name, with the reason (get_family raises it)
