@@ -10,7 +10,9 @@ pairs need (:meth:`~d2moe_mlx.cache.ExpertCache.acquire`), and queues the loads
 hottest expert first, lower parts first (D²MoE's HEBF order). While they run the
 pairs whose parts are ready are computed; the rest follow. A call that needs
 more distinct experts than the pools hold (a long prefill) is computed in groups
-of experts, the next group's reads overlapping the current group's compute.
+of experts, the next group's reads overlapping the current group's compute. A
+token may name one expert several times (:mod:`.pairs`): it is placed, read and
+counted once per call, and every pair is computed.
 
 ``mode`` picks the behaviour benchmarks compare in one code path: ``stream``
 (overlap, optional prefetch), ``sync`` (same cache, loads waited for before any
