@@ -668,10 +668,13 @@ def test_batch_generator_gives_each_sequence_its_tokens_alone(family, mode, stor
 
 
 # <longcat>
-@pytest.mark.parametrize("mode,policy", [("sync", "lfu"), ("naive", "lru"), ("stream", "cooc")])
-def test_repeated_expert_ids_in_every_mode(mode, policy, stores, resident, fixed_baseline):
+@pytest.mark.parametrize("mode,policy,same", [("sync", "lfu", False), ("naive", "lru", False),
+                                              ("stream", "cooc", False), ("stream", "lru", True)])
+def test_repeated_expert_ids_in_every_mode(mode, policy, same, stores, resident, fixed_baseline):
     """longcat_flash's tokens name expert 0 several times (zero-expert picks): with top-k
-    slots every mode and policy gives the resident model's tokens and logits."""
+    slots every mode and policy, and the GPU's same-shape path, give the resident model's
+    tokens and logits."""
     path = stores("longcat_flash")
     model, state = stream_model(path, pieces(path).top_k, mode=mode, cache_policy=policy)
+    state.scheduler.same_shapes = same
     assert_same_as_resident("longcat_flash", greedy(model), resident("longcat_flash"), state)
