@@ -142,7 +142,9 @@ class ExpertCache:
         (free slots first, then the policy's victims among unpinned ready slots; experts
         marked in ``spare`` [E] go first: D²MoE's rule, a higher level of an expert that
         is also ready at a lower one is freed before anything else). Returns (the
-        pinned slots, [(expert, slot) to load]). Atomic: on CacheFullError nothing changed."""
+        pinned slots, [(expert, slot) to load]). An expert named twice takes one slot, is
+        loaded once and pinned once (numpy's ``+=`` on a repeated index applies once, and
+        :meth:`release` undoes it the same way). Atomic: on CacheFullError nothing changed."""
         pool = self.pools[part]
         experts = np.asarray(experts, dtype=np.int64)
         if pool.identity:
@@ -152,6 +154,10 @@ class ExpertCache:
             pool.pins[have] += 1
             return have, []
         missing = experts[have < 0]
+        if len(missing) > 1:  # a repeated expert placed once, first come first (slot order
+            _, first = np.unique(missing, return_index=True)  # breaks the policy's ties)
+            if len(first) < len(missing):
+                missing = missing[np.sort(first)]
         free = np.flatnonzero(pool.state == FREE)
         need = len(missing) - len(free)
         victims = np.empty(0, dtype=np.int64)
@@ -177,7 +183,7 @@ class ExpertCache:
         pool.slot_of[missing] = slots
         pool.state[slots] = LOADING
         pinned = np.concatenate([have[have >= 0], slots])
-        pool.pins[pinned] += 1  # distinct slots: one increment each
+        pool.pins[pinned] += 1  # one increment per distinct slot
         return pinned, list(zip(missing.tolist(), slots.tolist()))
 
     def loaded(self, part: int, slot: int) -> None:
@@ -202,7 +208,7 @@ class ExpertCache:
     def release(self, part: int, slots: np.ndarray) -> None:
         """Unpin slots a finished computation (or load) pinned."""
         pins = self.pools[part].pins
-        left = pins[slots] - 1  # distinct slots (as acquire pinned them)
+        left = pins[slots] - 1  # once per distinct slot (as acquire pinned them)
         if len(left) and left.min() < 0:
             raise RuntimeError("slot unpinned more often than pinned")
         pins[slots] = left

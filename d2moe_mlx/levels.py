@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from .pairs import token_counts
+
 
 @dataclass
 class Call:
@@ -162,8 +164,7 @@ class DualRouting(LevelPolicy):
         n, k = ids.shape
         lo, hi = self.floor_level, self.ceiling
         importance = scores / np.maximum(scores.max(axis=-1, keepdims=True), 1e-30)
-        experts, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-        hot = (counts[inverse].reshape(ids.shape) >= max(2.0, self.hot * n))
+        hot = token_counts(ids) >= max(2.0, self.hot * n)
         levels = raise_to_ready(call, np.where((importance >= self.tau) | hot, hi, lo))
         if self.stall is not None and call.read_s is not None:
             levels = self._fit_stall(call, levels, importance, hot)

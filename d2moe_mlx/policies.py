@@ -156,7 +156,7 @@ class CoocPolicy(EvictionPolicy):
         self._route = None
         if prev_ids.ndim != 2 or prev_ids.shape[0] != 1:
             return np.empty(0, dtype=np.int64)  # only a single token's routing is predictive
-        prev = prev_ids[0]  # a token's k experts are distinct
+        prev = np.unique(prev_ids[0])  # (a block may repeat an expert in a token)
         if prev.size and (prev.min() < 0 or prev.max() >= self.num_experts):
             raise ValueError(f"previous layer's expert ids must lie in 0..{self.num_experts - 1}, "
                              f"got {prev_ids.tolist()}")

@@ -10,7 +10,9 @@ pairs need (:meth:`~d2moe_mlx.cache.ExpertCache.acquire`), and queues the loads
 hottest expert first, lower parts first (D²MoE's HEBF order). While they run the
 pairs whose parts are ready are computed; the rest follow. A call that needs
 more distinct experts than the pools hold (a long prefill) is computed in groups
-of experts, the next group's reads overlapping the current group's compute.
+of experts, the next group's reads overlapping the current group's compute. A
+token may name one expert several times (:mod:`.pairs`): it is placed, read and
+counted once per call, and every pair is computed.
 
 ``mode`` picks the behaviour benchmarks compare in one code path: ``stream``
 (overlap, optional prefetch), ``sync`` (same cache, loads waited for before any
@@ -30,6 +32,7 @@ from .cache import CacheFullError, ExpertCache
 from .layout import Layout
 from .levels import Call, LevelPolicy, fit_pools
 from .loader import ExpertLoader
+from .pairs import distinct_experts
 from .stats import StreamStats
 
 MODES = ("stream", "sync", "naive")
@@ -156,11 +159,10 @@ class Scheduler:
                                    pair_scores, self.levels.floor, self._cover,
                                    {p: pool.capacity for p, pool in enumerate(lc.pools)
                                     if pool is not None})
-        if flat.size == k:  # one token (decode): its k experts are distinct and equally hot
-            experts, counts = flat, np.ones(k, dtype=np.int64)
+        experts, first, counts = distinct_experts(flat, k)  # a token may repeat an expert
+        if flat.size == k:  # one token (decode): its experts are equally hot
             order = experts
         else:
-            experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
             if self.load_order == "hebf":
                 order = experts[np.argsort(-counts, kind="stable")]  # hottest first
             else:
@@ -226,10 +228,7 @@ class Scheduler:
                y: mx.array) -> None:
         """A call whose every pair hit: policy, counters and pins (no loads, no evictions)."""
         k = idx.shape[-1]
-        if flat.size == k:
-            experts, counts = flat, None
-        else:
-            experts, counts = np.unique(flat, return_counts=True)
+        experts, _, counts = distinct_experts(flat, k)
         lc.policy.on_access(experts, counts)
         parts = self.layout.cover(level)
         s, n = self.stats, len(experts) * len(parts)
@@ -241,7 +240,7 @@ class Scheduler:
         s.hits += n
         h, m = s.per_layer_hits.get(layer, (0, 0))
         s.per_layer_hits[layer] = (h + n, m + n)
-        self._score_prediction(layer, idx, flat)
+        self._score_prediction(layer, idx, experts)
         self._pending.append((y, [(lc, p, lc.acquire(p, experts)[0]) for p in parts]))
 
     # -- compute ------------------------------------------------------------------------
@@ -564,7 +563,7 @@ class Scheduler:
     def _count_fast(self, layer: int, lc: ExpertCache, parts, inds: mx.array, level: int) -> None:
         """Counters of a call that needed no sync: every lookup hit. Distinct experts are
         not known without reading the ids back: min(pairs, experts) stands in for them
-        (exact for a decode step, whose k experts are distinct)."""
+        (exact for a decode step whose k experts are distinct; more when a token repeats one)."""
         s = self.stats
         pairs = inds.size
         if layer == self.layers[0]:
@@ -592,11 +591,11 @@ class Scheduler:
                 s.hits += hits
                 h, n = s.per_layer_hits.get(layer, (0, 0))
                 s.per_layer_hits[layer] = (h + hits, n + len(experts))
-        self._score_prediction(layer, idx, flat)
+        self._score_prediction(layer, idx, all_experts)
 
-    def _score_prediction(self, layer: int, idx: np.ndarray, flat: np.ndarray) -> None:
-        """Prefetch accuracy: how many of a decode step's experts were prefetched for it."""
+    def _score_prediction(self, layer: int, idx: np.ndarray, experts: np.ndarray) -> None:
+        """Prefetch accuracy: how many of a decode step's (distinct) experts were prefetched."""
         pred = self._predicted.pop(layer, None)
         if pred is not None and idx.size == idx.shape[-1]:
-            self.stats.predicted += idx.shape[-1]
-            self.stats.predicted_right += int(np.isin(flat, pred).sum())
+            self.stats.predicted += len(experts)
+            self.stats.predicted_right += int(np.isin(experts, pred).sum())

@@ -341,6 +341,21 @@ FAMILY_CONFIGS: dict[str, dict] = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0, "partial_rotary_factor": 0.5},
         },
     ),
+    # <longcat> two decoder layers of two attention sublayers each; 4 zero experts among 12,
+    # top-3: tokens pick zero experts (expert 0 named several times in a token)
+    "longcat_flash": dict(
+        num_hidden_layers=4,
+        ffn_hidden_size=96,
+        expert_ffn_hidden_size=128,
+        n_routed_experts=8,
+        zero_expert_num=4,
+        moe_topk=3,
+        routed_scaling_factor=1.7,
+        q_lora_rank=32,
+        head_dim=16,
+        rope_parameters=_ROPE,
+        **_MLA,
+    ),
 }
 # fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format
@@ -536,6 +551,24 @@ MLX_LM_CONFIGS: dict[str, dict] = {
                      "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
                      "q_lora_rank": None, "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
                      "routed_scaling_factor": 2.2, "rope_theta": 25000.0},
+    ),
+    # <longcat> shared MLP mixed in (use_mixed_mlp_moe), QK norm, NTK-alpha rope; per-layer
+    # lists as the hub's Hunyuan-A13B config writes them
+    "hunyuan": dict(
+        num_hidden_layers=3,
+        intermediate_size=96,
+        moe_intermediate_size=[128, 128, 128],
+        num_experts=8,
+        moe_topk=[2, 2, 2],
+        num_shared_expert=[1, 1, 1],
+        use_mixed_mlp_moe=True,
+        use_qk_norm=True,
+        use_cla=False,
+        cla_share_factor=2,
+        attention_bias=False,
+        tie_word_embeddings=True,
+        rope_theta=25000.0,
+        rope_scaling={"alpha": 7.0, "factor": 1.0, "type": "dynamic"},
     ),
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these

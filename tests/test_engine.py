@@ -501,3 +501,44 @@ def test_store_expert_modules_checked_whatever_the_layer_list_is_called():
                   {"0": "transformer.h.0.moe.switch_mlp", "1": "transformer.h.1.mlp.switch_mlp"}):
         with pytest.raises(StoreError, match="re-run d2moe convert"):
             _check_blocks(store(wrong), phixtral, blocks)
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["exact", "mixed"])
+@pytest.mark.parametrize("mode", ["stream", "sync", "naive"])
+def test_an_expert_repeated_within_a_token_is_read_once_and_computed_per_pair(
+        mode, mixed, stores, fixed_baseline, monkeypatch):
+    """A block may name one expert several times in a token's top-k (longcat_flash sends
+    its zero-expert picks to expert 0): with exactly top-k slots every call still fits,
+    a repeated expert takes one slot and is read once per call, and each pair is
+    computed; one level or mixed levels, decode and prefill calls, against numpy."""
+    from d2moe_mlx.loader import ExpertLoader
+
+    path = stores("nested")
+    budget = _budget(path, 3, "levels", parts=[0, 1, 2]) if mixed else _budget(path, 2, "levels", parts=[2])
+    model, _ = load_model(path, dtype="float32", memory_budget=budget, prefill_step=STEP, mode=mode,
+                          layout="levels")
+    engine = streaming_of(model)
+    current = {}
+    if mixed:
+        engine.set_policy(PerPair(lambda l, i, s: current["levels"], (0, 1, 2)))
+    layer, el = next(iter(engine.layers.items()))
+    want_slots = [4, 2, 2] if mixed else [None, None, 2]  # exactly top-k slots at levels 1, 2
+    assert [p and p.capacity for p in el.cache.pools] == want_slots
+    reads = []
+    real = ExpertLoader.load
+    monkeypatch.setattr(ExpertLoader, "load", lambda self, pool, e, s, source=None:
+                        (reads.append((e, pool.part.index)), real(self, pool, e, s, source))[1])
+    rng = np.random.default_rng(3)
+    calls = [[[3, 3]], [[5, 5]], [[5, 1]], [[1, 1]], [[6, 6], [6, 6], [2, 2]], [[4, 4], [4, 4]],
+             [[0, 0], [7, 0], [0, 0]]]
+    for n, ids in enumerate(map(np.array, calls)):
+        levels = rng.integers(0, 3, ids.shape) if mixed and n % 2 else np.full(ids.shape, 2)
+        current["levels"] = levels
+        reads.clear()
+        x = rng.normal(size=(len(ids), 64)).astype(np.float32)
+        got = np.array(el(mx.array(x), mx.array(ids.astype(np.int32))))
+        engine.scheduler.drain()
+        want = _reference(path, layer, x, ids, levels)
+        assert np.allclose(got, want, atol=2e-5 * max(1.0, np.abs(want).max())), (ids, levels)
+        assert len(set(reads)) == len(reads), f"{ids.tolist()}: an expert read twice: {reads}"
+        assert {e for e, _ in reads} <= set(ids.reshape(-1).tolist()), reads

@@ -205,3 +205,77 @@ def test_llama4_layer_pattern_and_top_k_are_checked():
             normalize_config({"model_type": "llama4", "text_config": {**text, **bad}})
     with pytest.raises(ValueError, match="text_config"):
         normalize_config({"model_type": "llama4", **text})
+
+
+# <longcat>
+def test_hunyuan_per_layer_lists_and_what_mlx_lm_cannot_run():
+    hub = {"model_type": "hunyuan", "hidden_size": 64, "num_attention_heads": 4,
+           "attention_head_dim": 16, "moe_topk": [8, 8], "moe_intermediate_size": [96, 96],
+           "num_shared_expert": [1, 1]}
+    cfg = normalize_config(hub)
+    assert (cfg["moe_topk"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+            cfg["num_shared_expert"]) == (8, 8, 96, 1)
+    with pytest.raises(ValueError, match="moe_topk.*differs between layers"):
+        normalize_config({**hub, "moe_topk": [8, 4]})
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        normalize_config({**hub, "attention_head_dim": 32})
+    with pytest.raises(ValueError, match="use_cla"):
+        check_supported({**hub, "use_cla": True})
+
+
+def test_transformers_hunyuan_v1_moe_refused_by_name_with_the_reason():
+    with pytest.raises(ValueError, match="'hunyuan_v1_moe' is not supported.*renormalises"):
+        check_supported({"model_type": "hunyuan_v1_moe"})
+
+
+def test_longcat_flash_config_and_zero_expert_tensors():
+    cfg = normalize_config({"model_type": "longcat_flash", "num_layers": 3,
+                            "expert_ffn_hidden_size": 128, "moe_topk": 4})
+    assert (cfg["num_hidden_layers"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+            cfg["zero_expert_type"], cfg["mla_scale_q_lora"]) == (6, 4, 128, "identity", True)
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        check_supported({"model_type": "longcat_flash", "norm_topk_prob": True})
+    from d2moe_mlx.convert.hf_config import dropped_tensors
+
+    dropped, message = dropped_tensors("longcat_flash", ["model.mtp.layers.0.mlp.gate_proj.weight",
+                                                         "model.layers.0.mlp.router.classifier.weight"])
+    assert dropped == {"model.mtp.layers.0.mlp.gate_proj.weight"} and "MTP" in message
+    raw = {"model_type": "longcat_flash", "n_routed_experts": 2, "hidden_size": 4}
+    w = {f"model.layers.0.mlp.experts.{e}.{p}.weight": mx.zeros((4, 4))
+         for e in range(3) for p in ("gate_proj", "up_proj")}
+    assert sorted(normalize_weights("longcat_flash", raw, w)) == sorted(
+        k for k in w if ".experts.2." not in k)
+    fused = normalize_weights("longcat_flash", raw, {
+        "model.layers.0.mlp.experts.gate_up_proj": mx.zeros((3, 8, 4)),
+        "model.layers.0.mlp.experts.down_proj": mx.zeros((2, 4, 4))})
+    assert {k: v.shape[0] for k, v in fused.items()} == {
+        f"model.layers.0.mlp.switch_mlp.{p}.weight": 2 for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+def test_hunyuan_hub_layout_loads_as_the_mlx_lm_saved_model(hf_checkpoint, tmp_path):
+    """A hub-layout hunyuan checkpoint (per-expert tensors, remote code, the hub config's
+    per-layer lists and norm_topk_prob) gives mlx-lm's model of the same weights."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from d2moe_mlx.convert.hf_config import load_hf_weights, load_mlx_reference
+
+    src = hf_checkpoint("hunyuan")
+    hub = shutil.copytree(src, tmp_path / "hub", ignore=shutil.ignore_patterns("*.safetensors"))
+    out = {}
+    for k, v in load_hf_weights(src).items():
+        for e in range(v.shape[0] if ".switch_mlp." in k else 0):
+            out[k.replace(".switch_mlp.", f".experts.{e}.")] = v[e]
+        if ".switch_mlp." not in k:
+            out[k] = v
+    mx.save_safetensors(str(hub / "model.safetensors"), out)
+    cfg = json.loads((src / "config.json").read_text())
+    assert isinstance(cfg["moe_topk"], list)
+    cfg.update(auto_map={"AutoModelForCausalLM": "hunyuan.HunYuanMoEV1ForCausalLM"},
+               norm_topk_prob=True, attention_head_dim=16, use_mla=False)
+    (hub / "config.json").write_text(json.dumps(cfg))
+    tokens = mx.array([[5, 17, 200, 33, 64, 99, 3, 150]])
+    want = np.array(load_mlx_reference(src)[0](tokens))
+    assert np.array_equal(np.array(load_mlx_reference(hub)[0](tokens)), want)

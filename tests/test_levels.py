@@ -30,6 +30,31 @@ def test_important_or_hot_pairs_get_the_ceiling_others_the_floor():
     assert d.levels.tolist() == [[2, 1], [2, 1]]
 
 
+
+def test_an_expert_repeated_within_a_token_is_hot_only_if_several_tokens_name_it():
+    p = DualRouting(1, 2, tau=0.5, hot=0.5)
+    # token 0 names expert 5 twice (longcat_flash's zero-expert picks): one token, not hot
+    d = p.decide(call([[4, 5, 5], [6, 7, 3]], [[0.9, 0.05, 0.05], [0.9, 0.05, 0.05]]))
+    assert d.levels.tolist() == [[2, 1, 1], [2, 1, 1]]
+    d = p.decide(call([[4, 5, 5], [6, 5, 3]], [[0.9, 0.05, 0.05], [0.9, 0.05, 0.05]]))
+    assert d.levels.tolist() == [[2, 2, 2], [2, 2, 1]]  # two tokens name 5: hot
+
+
+def test_distinct_experts_count_an_expert_once_per_call_and_once_per_token():
+    from d2moe_mlx.pairs import distinct_experts, token_counts
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 4), (1, 1), (5, 3), (40, 6)]:
+        for _ in range(20):
+            ids = rng.integers(0, 6, shape)
+            experts, first, counts = distinct_experts(ids.reshape(-1), shape[1])
+            flat = ids.reshape(-1).tolist()
+            order = list(dict.fromkeys(flat)) if shape[0] == 1 else sorted(set(flat))
+            assert experts.tolist() == order and first.tolist() == [flat.index(e) for e in order]
+            assert counts.tolist() == [sum(e in row for row in ids.tolist()) for e in order]
+            want = [[sum(e in r for r in ids.tolist()) for e in row] for row in ids.tolist()]
+            assert token_counts(ids).tolist() == want
+
 def test_residency_runs_a_missing_level_at_a_higher_ready_one_never_lower():
     p = DualRouting(0, 2, tau=0.5)
     ready = np.zeros((3, 8), dtype=bool)

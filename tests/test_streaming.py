@@ -665,3 +665,16 @@ def test_batch_generator_gives_each_sequence_its_tokens_alone(family, mode, stor
         got = batch_generate(m, tokenizer, BATCH_PROMPTS, max_tokens=8, return_token_ids=True)
         assert [list(map(int, t)) for t in got.token_ids] == want, (family, mode)
     assert streaming_of(model).plan.batch == 4 and streaming_of(model).stats.bytes_read > 0
+
+
+# <longcat>
+@pytest.mark.parametrize("mode,policy,same", [("sync", "lfu", False), ("naive", "lru", False),
+                                              ("stream", "cooc", False), ("stream", "lru", True)])
+def test_repeated_expert_ids_in_every_mode(mode, policy, same, stores, resident, fixed_baseline):
+    """longcat_flash's tokens name expert 0 several times (zero-expert picks): with top-k
+    slots every mode and policy, and the GPU's same-shape path, give the resident model's
+    tokens and logits."""
+    path = stores("longcat_flash")
+    model, state = stream_model(path, pieces(path).top_k, mode=mode, cache_policy=policy)
+    state.scheduler.same_shapes = same
+    assert_same_as_resident("longcat_flash", greedy(model), resident("longcat_flash"), state)

@@ -191,13 +191,15 @@ def _get(module: nn.Module, path: str):
 def router_logits(router: nn.Module, x: mx.array) -> mx.array:
     """The router's logits over all experts for ``x``, whatever the router returns:
     a Linear router is called; one holding its Linear in ``layer`` (granitemoe),
-    ``gate`` (afmoe), ``proj`` (laguna) or ``gate_proj`` (bailing_moe) calls that; others
-    (DeepSeek's MoEGate) hold a ``weight`` (and maybe a ``bias``)."""
+    ``gate`` (afmoe), ``proj`` (laguna), ``gate_proj`` (bailing_moe), ``classifier``
+    (longcat_flash) or ``wg`` (hunyuan) calls that; others (DeepSeek's MoEGate) hold a
+    ``weight`` (and maybe a ``bias``)."""
     if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
         return router(x)
     inner = None
     if isinstance(router, nn.Module):
-        inner = next((router[k] for k in ("layer", "gate", "proj", "gate_proj") if k in router), None)
+        inner = next((router[k] for k in ("layer", "gate", "proj", "gate_proj", "classifier", "wg")
+                      if k in router), None)
     if isinstance(inner, (nn.Linear, nn.QuantizedLinear)):
         return inner(x)
     if "weight" not in router:
@@ -226,9 +228,12 @@ def model_type(model: nn.Module) -> str | None:
 
 def get_family(name: str | None) -> Family:
     """The adapter of ``model_type`` ``name``, or of the family mlx-lm maps an alias
-    to (:func:`aliases`); ValueError naming the supported ones."""
-    from .registry import FAMILIES
+    to (:func:`aliases`); ValueError naming the supported ones (or why ``name`` is
+    refused, registry.REFUSED)."""
+    from .registry import FAMILIES, REFUSED
 
+    if name in REFUSED:
+        raise ValueError(f"model_type {name!r} is not supported: {REFUSED[name]}")
     if name in FAMILIES:
         return FAMILIES[name]
     alias = aliases().get(name)

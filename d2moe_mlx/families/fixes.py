@@ -541,3 +541,52 @@ def llama4_config(cfg: dict) -> None:
     if text.get("num_experts_per_tok", 1) != 1:
         raise ValueError(f"llama4: num_experts_per_tok={text['num_experts_per_tok']}; mlx-lm's "
                          "llama4 model routes each token to 1 expert")
+
+
+# <longcat>
+def longcat_flash_config(cfg: dict) -> None:
+    """longcat_flash: mlx-lm's ModelArgs needs what transformers hard-codes (MLA's q/kv
+    LoRA scaling, always on; identity zero experts); ``num_layers`` counts decoder layers
+    of two attention sublayers each, which d2moe's KV-cache budget counts as
+    ``num_hidden_layers``."""
+    cfg.setdefault("attention_method", "MLA")  # (mlx-lm reads it, uses none other)
+    cfg.setdefault("zero_expert_type", "identity")
+    cfg.setdefault("mla_scale_q_lora", True)
+    cfg.setdefault("mla_scale_kv_lora", True)
+    if cfg.get("num_layers") is None:  # (transformers' default: 28)
+        cfg["num_layers"] = cfg["num_hidden_layers"] // 2 if cfg.get("num_hidden_layers") else 28
+    cfg.setdefault("num_hidden_layers", 2 * cfg["num_layers"])
+    cfg.setdefault("moe_intermediate_size", cfg["expert_ffn_hidden_size"])
+
+
+_EXPERT_PROJ = re.compile(r"\.experts\.(\d+)\.\w+\.\w+$")
+
+
+def longcat_flash_weights(config: dict, w: dict[str, mx.array]) -> None:
+    """longcat_flash: transformers gives the zero (identity) experts gate/up tensors it
+    never uses (per expert in the hub layout, rows of the fused ``gate_up_proj``); mlx-lm's
+    model has the routed experts only, so the others are dropped."""
+    n = config.get("n_routed_experts", 512)
+    for k in list(w):
+        m = _EXPERT_PROJ.search(k)
+        if m and int(m.group(1)) >= n:
+            del w[k]
+        elif re.search(r"\.switch_mlp\.(gate|up)_proj\.weight$", k) and w[k].shape[0] > n:
+            w[k] = w[k][:n]
+
+
+def hunyuan_config(cfg: dict) -> None:
+    """hunyuan: the hub's configs list top-k, expert width and shared experts per layer;
+    d2moe's gating and budgets take one value: equal lists become it, others are refused.
+    mlx-lm's attention derives head_dim from hidden_size: another one is refused."""
+    for key in ("moe_topk", "moe_intermediate_size", "num_shared_expert"):
+        value = cfg.get(key)
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise ValueError(f"hunyuan: {key}={value} differs between layers; d2moe-mlx "
+                                 "runs one value for every layer")
+            cfg[key] = value[0]
+    head_dim = cfg.get("attention_head_dim")
+    if head_dim is not None and head_dim != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        raise ValueError(f"hunyuan: attention_head_dim={head_dim} but mlx-lm's model uses "
+                         "hidden_size // num_attention_heads")

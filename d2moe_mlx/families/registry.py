@@ -325,4 +325,37 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  "with a message; the experts run on x * sigmoid(score), so router logits are "
                  "read where the block computes them (its router); text-only llama4_text "
                  "checkpoints are not supported (mlx-lm's llama4_text is a dense model)"),
+    # <longcat>
+    Family("longcat_flash", router="router", rule="softmax_bias",
+           correction_bias="e_score_correction_bias", expert_count_key="n_routed_experts",
+           gating_keys={"top_k": "moe_topk", "routed": "n_routed_experts"},
+           hf_defaults={"zero_expert_num": 256, "moe_topk": 12, "n_routed_experts": 512,
+                        "routed_scaling_factor": 6.0, "expert_ffn_hidden_size": 2048,
+                        "ffn_hidden_size": 12288, "q_lora_rank": 1536, "kv_lora_rank": 512,
+                        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                        "attention_bias": False, "rope_theta": 10000000.0},
+           mlx_lm_limits={"zero_expert_type": ("identity", None), "norm_topk_prob": (False, None)},
+           config_fix=fixes.longcat_flash_config, weights_fix=fixes.longcat_flash_weights,
+           drop=((r"^model\.mtp\.", "MTP (next-token prediction) layers"),),
+           notes="zero (identity) experts: a token's top-k may name expert 0 several times "
+                 "(zero picks, weight 0); policies see the routed experts' probabilities "
+                 "renormalised among themselves; MTP layers dropped with a message"),
+    Family("hunyuan", shared=("shared_mlp",), expert_count_key="num_experts",
+           gating_keys={"top_k": "moe_topk"}, gating_const={"norm_topk": False},
+           mlx_lm_limits={"use_cla": (False, None), "use_mla": (False, None),
+                          "moe_drop_tokens": (False, None), "tie_word_embeddings": (True, None)},
+           layer_outputs=2, config_fix=fixes.hunyuan_config, hub_remote_code=True, verified="mlx-lm",
+           notes="mlx-lm does not renormalise the top-k weights, Tencent's reference code does: "
+                 "routed outputs differ on real checkpoints"),
 )}
+
+# <longcat> model types refused by name, with the reason (get_family raises it)
+REFUSED: dict[str, str] = {
+    "hunyuan_v1_moe": (
+        "transformers' HunYuan MoE V1 renormalises the top-k router weights; mlx-lm has no "
+        "hunyuan_v1_moe model, and its hunyuan model does not renormalise them and reads other "
+        "config keys (use_mixed_mlp_moe, use_cla, num_shared_expert), so the experts would run "
+        "with other weights. Tencent's hub checkpoints (model_type 'hunyuan', e.g. "
+        "tencent/Hunyuan-A13B-Instruct) are supported, with that difference from their "
+        "reference code (docs/FAMILIES.md)"),
+}

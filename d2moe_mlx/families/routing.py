@@ -18,7 +18,8 @@ RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemi
          "sigmoid_bias_norm", "sigmoid_bias", "mistral4", "score_bias",
          # <bailing>
          "bailing_moe", "bailing_moe_linear", "bailing_v3",
-         "topk_sigmoid")  # <gemma>: llama4
+         "topk_sigmoid",  # <gemma>: llama4
+         "softmax_bias")  # <longcat>
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Gating:
     # ("sqrtsoftplus", "sigmoid" or "softmax") gives the scores
     temperature: float = 1.0
     score_func: str = "sigmoid"
+    # <longcat> experts from this id on are zero (identity) experts the block computes
+    # itself: their picks go to expert 0 with weight 0 (longcat_flash); 0 = none
+    routed: int = 0
 
     @property
     def sigmoid(self) -> bool:
@@ -50,8 +54,11 @@ class Gating:
             or (self.rule in ("bailing_moe", "bailing_moe_linear") and self.score_function == "sigmoid")
 
     def scores(self, logits: mx.array) -> mx.array:
-        """Importance of every expert [..., E] in float32: router probabilities."""
+        """Importance of every expert [..., E] in float32: router probabilities (with
+        zero experts: the routed experts' probabilities renormalised among themselves)."""
         logits = self.capped(logits.astype(mx.float32))
+        if self.routed:  # <longcat>
+            logits = logits[..., :self.routed]
         if self.rule == "score_bias":
             return self.scored(logits)
         return mx.sigmoid(logits) if self.sigmoid else mx.softmax(logits, axis=-1, precise=True)
@@ -161,6 +168,18 @@ class Gating:
         if self.rule == "topk_sigmoid":  # <gemma> llama4: sigmoid of the top-k logits
             inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
             return inds, mx.sigmoid(mx.take_along_axis(logits, inds, axis=-1).astype(mx.float32))
+        if self.rule == "softmax_bias":  # <longcat> top-k of softmax + bias, zero experts to 0
+            probs = mx.softmax(logits, axis=-1)
+            chosen = probs if correction_bias is None else probs + correction_bias
+            inds = mx.argpartition(-chosen, kth=k - 1, axis=-1)[..., :k]
+            w = mx.take_along_axis(probs, inds, axis=-1)
+            if self.norm_topk:
+                w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+            w = w * self.scaling
+            if self.routed:
+                zero = inds >= self.routed
+                inds, w = mx.where(zero, 0, inds), mx.where(zero, 0.0, w)
+            return inds, w
         raise ValueError(f"unknown gating rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
