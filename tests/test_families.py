@@ -78,7 +78,7 @@ def test_adapter_routes_like_mlx_lm(name, models):
     gating = family.gating(text_args(model))
     rng = np.random.default_rng(0)
     for layer, block in blocks:
-        x = mx.array(rng.normal(size=(2, 5, _width(block[family.experts]))).astype(np.float32))
+        x = mx.array(rng.normal(size=(2, 5, _width(family.experts_of(block)))).astype(np.float32))
         seen = {}
 
         def make_fn(_l, b, original):
@@ -160,5 +160,5 @@ def test_router_bias_switched_off_reads_as_none():
 
     with hooked([(layer, block)], family, make_fn):
         block(x)
-    inds, _ = family.gating(model.args).route(router_logits(block[family.router], x), None)
+    inds, _ = family.gating(model.args).route(family.router_logits(block, x), None)
     assert np.array_equal(np.sort(np.array(inds), -1), np.sort(np.array(seen["idx"]), -1))
