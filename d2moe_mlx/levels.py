@@ -222,12 +222,15 @@ def fit_pools(ids: np.ndarray, levels: np.ndarray, scores: np.ndarray | None, fl
     to what the pools above the floor's parts hold at once (``capacity``: part -> slots;
     ``cover``: level -> its parts): where a part needs more distinct experts than its
     slots, the experts of least value there (fewest pairs, then lowest router score in
-    ``scores``) run all their pairs at the floor. A call whose distinct experts do not
-    fit the floor's own pools is returned unchanged (it is computed in groups anyway)."""
+    ``scores``) run all their pairs at the floor. Only where a pool above the floor holds
+    fewer than k experts (a budget too small for one token's experts there): otherwise a
+    call that does not fit is computed in groups at the levels asked for, as is a call
+    whose distinct experts do not fit the floor's own pools."""
     floor_parts = set(cover[floor])
     upper = sorted(p for p in capacity if p not in floor_parts)
-    experts = np.unique(ids)
-    if not upper or experts.size > min(capacity[p] for p in floor_parts):
+    if not upper or min(capacity[p] for p in upper) >= ids.shape[-1]:
+        return levels
+    if np.unique(ids).size > min(capacity[p] for p in floor_parts):
         return levels
     out = levels
     for p in upper:  # dropping to the floor only frees slots of the other parts

@@ -174,6 +174,11 @@ def test_fit_pools_keeps_the_most_valuable_experts_above_the_floor():
     assert levels.tolist() == [[2, 2, 2, 0]]  # the input is not changed
     # enough slots: unchanged
     assert fit_pools(ids, levels, scores, 0, LEVELS_COVER, {0: 4, 2: 3}).tolist() == levels.tolist()
+    # two tokens, 6 experts, 3 slots above: still fewer than k = 4, the hot expert 2 stays
+    ids2, lv2 = np.array([[0, 1, 2, 3], [2, 4, 5, 6]]), np.full((2, 4), 2)
+    sc2 = np.array([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    got = fit_pools(ids2, lv2, sc2, 0, LEVELS_COVER, {0: 8, 2: 3})
+    assert got.tolist() == [[2, 0, 2, 0], [2, 2, 0, 0]]
     # the call does not fit the floor's pool in one pass anyway: unchanged (grouped)
     assert fit_pools(ids, levels, scores, 0, LEVELS_COVER, {0: 3, 2: 1}).tolist() == levels.tolist()
 
@@ -185,8 +190,9 @@ def test_fit_pools_counts_pairs_before_scores_and_drops_every_pair_of_an_expert(
     ids = np.array([[5, 6], [5, 7]])
     levels = np.array([[1, 1], [1, 1]])
     scores = np.array([[0.2, 0.9], [0.1, 0.3]])
-    got = fit_pools(ids, levels, scores, 0, PLANES_COVER, {0: 3, 1: 2})
-    assert got.tolist() == [[1, 1], [1, 0]]  # 7 (one pair, 0.3) goes; hot 5 and 6 stay
+    # two slots above the floor hold one token's experts: a call that does not fit is
+    # computed in groups at its levels, unchanged
+    assert fit_pools(ids, levels, scores, 0, PLANES_COVER, {0: 3, 1: 2}).tolist() == levels.tolist()
     got = fit_pools(ids, levels, scores, 0, PLANES_COVER, {0: 3, 1: 1})
     assert got.tolist() == [[1, 0], [1, 0]]  # only the hot expert keeps its pairs above
     # planes: level 2 pairs use parts 1 and 2; part 2's limit drops one to the floor,
