@@ -1,0 +1,58 @@
+"""bailing_hybrid as Ling 2.5: mlx-lm's own ``bailing_hybrid`` module (lightning linear
+attention + MLA), chosen by the checkpoint's architecture, through the same family adapter
+as Ling 3 (transformers' BailingHybrid, run by mlx-lm's ``bailing_moe_v3``). A tiny model
+built and saved by mlx-lm, converted by d2moe, goes through the checks every registry
+family gets (test_families, test_runtime_parity, test_streaming), with their own code."""
+
+from __future__ import annotations
+
+import pytest
+import test_families
+import test_runtime_parity
+import test_streaming
+from make_test_checkpoints import make_checkpoint
+
+import d2moe_mlx.model as d2model
+from d2moe_mlx.convert.convert import convert
+from d2moe_mlx.convert.hf_config import load_mlx_reference
+from d2moe_mlx.model import load_model
+
+VARIANT = "bailing_hybrid@lightning"  # make_test_checkpoints: model_type bailing_hybrid
+
+
+@pytest.fixture(scope="module")
+def lightning(tmp_path_factory):
+    """(checkpoint, store) of the tiny mlx-lm-saved Ling 2.5 model, converted once (nested)."""
+    root = tmp_path_factory.mktemp("ling25")
+    ckpt = make_checkpoint(VARIANT, root / "hf")
+    store = convert(ckpt, root / "store", **{**test_streaming.CONVERT, "method": "nested"})
+    return ckpt, store.path
+
+
+def test_mlx_lm_runs_its_bailing_hybrid_module(lightning):
+    model, cfg = load_mlx_reference(lightning[0])
+    assert type(model).__module__ == "mlx_lm.models.bailing_hybrid"
+    assert cfg["architectures"] == ["BailingMoeV2_5ForCausalLM"] and "auto_map" in cfg
+    kinds = [type(layer.attention).__name__ for layer in model.layers]
+    assert kinds == ["LinearAttention", "LinearAttention", "MultiLatentAttention"]
+
+
+def test_adapter_routes_like_mlx_lm(lightning):
+    model = load_mlx_reference(lightning[0], dtype="float32")[0]
+    test_families.test_adapter_routes_like_mlx_lm("bailing_hybrid", lambda _: model)
+
+
+def test_levels_match_mlx_lm_with_reconstructed_experts(lightning):
+    test_runtime_parity.test_levels_match_mlx_lm_with_reconstructed_experts((VARIANT, *lightning))
+
+
+def test_top_level_close_to_full_precision(lightning):
+    test_runtime_parity.test_top_level_close_to_full_precision((VARIANT, *lightning))
+
+
+def test_streaming_with_top_k_slots_matches_resident(lightning, monkeypatch):
+    monkeypatch.setattr(d2model, "current_rss_bytes", lambda: test_streaming.BASELINE)
+    store = lightning[1]
+    want = test_streaming.greedy(load_model(store, dtype="float32")[0])
+    test_streaming.test_streaming_matches_resident_every_family(
+        VARIANT, lambda _: store, lambda _: want, None)
