@@ -56,3 +56,50 @@ def test_streaming_with_top_k_slots_matches_resident(lightning, monkeypatch):
     want = test_streaming.greedy(load_model(store, dtype="float32")[0])
     test_streaming.test_streaming_matches_resident_every_family(
         VARIANT, lambda _: store, lambda _: want, None)
+
+
+def _hub_layout(src, dst):
+    """``src`` (mlx-lm-saved) in the hub's layout, as mlx-lm's sanitize reads it: per-expert
+    tensors, ``gate.weight``, MLA's ``kv_b_proj`` (un-absorbed), and an MTP layer appended
+    after the base ones (a copy of the last layer)."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+
+    from d2moe_mlx.convert.hf_config import load_hf_weights
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    heads, nope, v_dim = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    w, out = load_hf_weights(src), {}
+    for k, v in w.items():
+        if ".switch_mlp." in k:
+            out.update({k.replace(".switch_mlp.", f".experts.{e}."): v[e] for e in range(v.shape[0])})
+        elif k.endswith(".gate.gate_proj.weight"):
+            out[k.replace(".gate.gate_proj.", ".gate.")] = v
+        elif k.endswith(".embed_q.weight"):  # [H, r, nope]^T + unembed_out [H, v, r] -> kv_b_proj
+            kv = mx.concatenate([v.swapaxes(-1, -2), w[k.replace("embed_q", "unembed_out")]], axis=1)
+            out[k.replace("embed_q", "kv_b_proj")] = kv.reshape(heads * (nope + v_dim), -1)
+        elif not k.endswith(".unembed_out.weight"):
+            out[k] = v
+    n = cfg["num_hidden_layers"]
+    out.update({k.replace(f".layers.{n - 1}.", f".layers.{n}."): v for k, v in list(out.items())
+                if k.startswith(f"model.layers.{n - 1}.")})
+    mx.save_safetensors(str(dst / "model.safetensors"), out)
+    (dst / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    return dst
+
+
+def test_hub_layout_converts_as_the_mlx_lm_saved_model(lightning, tmp_path):
+    import mlx.core as mx
+    import numpy as np
+
+    ckpt, store = lightning
+    hub = _hub_layout(ckpt, tmp_path / "hub")
+    tokens = mx.array([[5, 17, 200, 33, 64, 99, 3, 150]])
+    want = np.array(load_mlx_reference(ckpt)[0](tokens))
+    assert np.array_equal(np.array(load_mlx_reference(hub)[0](tokens)), want)
+    ours = convert(hub, tmp_path / "store", **{**test_streaming.CONVERT, "method": "nested"}).path
+    got = np.array(load_model(ours, dtype="float32")[0](tokens))
+    assert np.array_equal(got, np.array(load_model(store, dtype="float32")[0](tokens)))
