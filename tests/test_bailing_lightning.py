@@ -42,6 +42,18 @@ def test_adapter_routes_like_mlx_lm(lightning):
     test_families.test_adapter_routes_like_mlx_lm("bailing_hybrid", lambda _: model)
 
 
+def test_adapter_routes_like_mlx_lm_without_bias_or_groups():
+    """The gate's other branches: expert bias switched off (``expert_bias`` None), one group."""
+    from make_test_checkpoints import _COMMON, MLX_LM_CONFIGS, randomize_mlx_
+    from mlx_lm.models import bailing_hybrid
+
+    cfg = {**_COMMON, **MLX_LM_CONFIGS[VARIANT], "model_type": "bailing_hybrid",
+           "moe_router_enable_expert_bias": False, "n_group": 1, "topk_group": 1}
+    model = bailing_hybrid.Model(bailing_hybrid.ModelArgs.from_dict(cfg))
+    randomize_mlx_(model)
+    test_families.test_adapter_routes_like_mlx_lm("bailing_hybrid", lambda _: model)
+
+
 def test_levels_match_mlx_lm_with_reconstructed_experts(lightning):
     test_runtime_parity.test_levels_match_mlx_lm_with_reconstructed_experts((VARIANT, *lightning))
 
