@@ -87,11 +87,13 @@ def _hub_layout(src, dst):
     w, out = load_hf_weights(src), {}
     for k, v in w.items():
         if ".switch_mlp." in k:
-            out.update({k.replace(".switch_mlp.", f".experts.{e}."): v[e] for e in range(v.shape[0])})
+            out.update({k.replace(".switch_mlp.", f".experts.{e}."): v[e]
+                        for e in range(v.shape[0])})
         elif k.endswith(".gate.gate_proj.weight"):
             out[k.replace(".gate.gate_proj.", ".gate.")] = v
-        elif k.endswith(".embed_q.weight"):  # [H, r, nope]^T + unembed_out [H, v, r] -> kv_b_proj
-            kv = mx.concatenate([v.swapaxes(-1, -2), w[k.replace("embed_q", "unembed_out")]], axis=1)
+        elif k.endswith(".embed_q.weight"):  # [H, r, nope]^T + unembed_out [H, v, r]: kv_b_proj
+            unembed = w[k.replace("embed_q", "unembed_out")]
+            kv = mx.concatenate([v.swapaxes(-1, -2), unembed], axis=1)
             out[k.replace("embed_q", "kv_b_proj")] = kv.reshape(heads * (nope + v_dim), -1)
         elif not k.endswith(".unembed_out.weight"):
             out[k] = v
