@@ -570,6 +570,41 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         rope_theta=25000.0,
         rope_scaling={"alpha": 7.0, "factor": 1.0, "type": "dynamic"},
     ),
+    # <ling>: bailing_hybrid as Ling 2.5 (mlx-lm's own bailing_hybrid module, chosen by the
+    # architecture): lightning linear attention (layers 0, 1) and MLA (layer 2), dense layer 0,
+    # sigmoid group-limited routing; auto_map as the hub's (remote code, never run)
+    "bailing_hybrid@lightning": dict(
+        architectures=["BailingMoeV2_5ForCausalLM"],
+        auto_map={"AutoConfig": "configuration_bailing_moe_v2_5.BailingMoeV2_5Config",
+                  "AutoModelForCausalLM": "modeling_bailing_moe_v2_5.BailingMoeV2_5ForCausalLM"},
+        num_hidden_layers=3,
+        intermediate_size=192,
+        moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.7,
+        score_function="sigmoid",
+        norm_topk_prob=True,
+        moe_router_enable_expert_bias=True,
+        layer_group_size=3,
+        group_norm_size=2,
+        head_dim=16,
+        partial_rotary_factor=0.5,
+        use_qk_norm=True,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        num_nextn_predict_layers=0,
+        rope_theta=25000.0,
+    ),
+    # </ling>
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 
@@ -955,10 +990,11 @@ def randomize_mlx_(model, seed: int = 0) -> None:
 
 def make_mlx_lm_checkpoint(family: str, out_dir: Path, seed: int = 0, *, tokenizer: bool = True,
                            **overrides) -> Path:
-    """Write a tiny random float32 checkpoint of ``family`` built and saved by mlx-lm."""
+    """Write a tiny random float32 checkpoint of ``family`` built and saved by mlx-lm
+    (``family@variant``: another checkpoint kind of the model_type ``family``)."""
     from mlx_lm.utils import _get_classes, save_config, save_model
 
-    cfg = {**_COMMON, "model_type": family, **MLX_LM_CONFIGS[family], **overrides}
+    cfg = {**_COMMON, "model_type": family.split("@")[0], **MLX_LM_CONFIGS[family], **overrides}
     model_class, args_class = _get_classes(cfg)
     model = model_class(args_class.from_dict(cfg))
     randomize_mlx_(model, seed)

@@ -132,19 +132,28 @@ def test_bailing_hybrid_config_read_for_mlx_lm_bailing_moe_v3():
     assert cfg["moe_shared_expert_intermediate_size"] == 32
     with pytest.raises(ValueError, match="layer_group_size=2"):
         normalize_config({**raw, "layer_types": ["linear_attention"] * 4})
-    with pytest.raises(ValueError, match="lightning"):  # mlx-lm's bailing_hybrid module
-        normalize_config({**raw, "architectures": ["BailingMoeV2_5ForCausalLM"]})
+    # <ling> other architectures: mlx-lm's bailing_hybrid module (Ling 2.5), config as written
+    ling25 = {**raw, "architectures": ["BailingMoeV2_5ForCausalLM"], "num_experts_per_tok": 3}
+    assert normalize_config(ling25)["architectures"] == ["BailingMoeV2_5ForCausalLM"]
+    assert "moe_shared_expert_intermediate_size" not in normalize_config(ling25)
+    with pytest.raises(ValueError, match="2 or more experts"):  # mlx-lm keeps a raw weight
+        normalize_config({**ling25, "num_experts_per_tok": 1})
     with pytest.raises(ValueError, match="moe_renormalize"):
         check_supported({**raw, "moe_renormalize": False})
 
 
 def test_bailing_hybrid_output_projection_named_per_layer_kind():
-    cfg = {"model_type": "bailing_hybrid", "num_hidden_layers": 3, "layer_group_size": 3}
+    cfg = {"model_type": "bailing_hybrid", "num_hidden_layers": 3, "layer_group_size": 3,
+           "architectures": ["BailingHybridForCausalLM"]}
     w = {f"model.layers.{i}.self_attn.o_proj.weight": mx.zeros((2, 2)) for i in range(3)}
     out = normalize_weights("bailing_hybrid", cfg, w)
     assert sorted(out) == ["model.layers.0.attention.o_proj.weight",  # KDA
                            "model.layers.1.attention.o_proj.weight",
                            "model.layers.2.attention.dense.weight"]  # MLA
+    # <ling> Ling 2.5 (lightning + MLA): every output projection is mlx-lm's "dense"
+    w = {f"model.layers.{i}.attention.dense.weight": mx.zeros((2, 2)) for i in range(3)}
+    ling25 = {**cfg, "architectures": ["BailingMoeV2_5ForCausalLM"]}
+    assert normalize_weights("bailing_hybrid", ling25, w).keys() == w.keys()
 
 
 def test_phixtral_hub_config_names():

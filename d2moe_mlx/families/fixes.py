@@ -367,18 +367,40 @@ def _bailing_kda_layer(config: dict, layer: int) -> bool:
     return not ((layer + 1) % group == 0 or layer >= n // group * group)
 
 
+# <ling>
+def bailing_lightning(config: dict) -> bool:
+    """Whether mlx-lm runs this bailing_hybrid checkpoint with its own ``bailing_hybrid``
+    module (Ling 2.5: lightning linear attention + MLA; architectures
+    ``BailingMoeV2_5ForCausalLM`` or none), as ``mlx_lm.utils._get_classes`` decides: only
+    ``BailingMoeV3ForCausalLM`` is remapped to ``bailing_moe_v3``. transformers'
+    ``BailingHybridForCausalLM`` (its only bailing_hybrid model) is Ling 3 (KDA), so d2moe
+    runs it with ``bailing_moe_v3`` too."""
+    arch = config.get("architectures") or ()
+    return not set([arch] if isinstance(arch, str) else arch) & {_BAILING_V3_ARCH,
+                                                                 "BailingHybridForCausalLM"}
+
+
+def _bailing_lightning_config(cfg: dict) -> None:
+    """Ling 2.5 (mlx-lm's bailing_hybrid module): mlx-lm reads the config as written. Its
+    gate matches the family's rule (``bailing_v3``: sigmoid, dropped groups -inf, weights
+    renormalised) while scores are sigmoid and renormalised (the family's limits) and more
+    than one expert is picked (one expert keeps its raw score there): refused otherwise."""
+    if (cfg.get("num_experts_per_tok") or 0) < 2:
+        raise ValueError(f"bailing_hybrid: num_experts_per_tok={cfg.get('num_experts_per_tok')}; "
+                         "d2moe-mlx runs lightning-attention bailing_hybrid models that route "
+                         "each token to 2 or more experts (mlx-lm's gate does not renormalise "
+                         "one expert's weight, the family's gating rule does)")
+# </ling>
+
+
 def bailing_hybrid_config(cfg: dict) -> None:
     """bailing_hybrid with KDA + MLA layers (Ling 3, transformers' BailingHybrid): mlx-lm
     runs it with its ``bailing_moe_v3`` module, chosen by the architecture
     ``BailingMoeV3ForCausalLM``; transformers 5 writes its own names for what that module
-    reads. Other architectures (mlx-lm's ``bailing_hybrid`` module: lightning linear
-    attention + MLA) are refused: d2moe's gating rule for the family is the KDA model's."""
-    arch = cfg.get("architectures") or []
-    if not set(arch) & {_BAILING_V3_ARCH, "BailingHybridForCausalLM"}:
-        raise ValueError(f"bailing_hybrid: architectures {arch} (mlx-lm's bailing_hybrid module: "
-                         "lightning linear attention) is not supported yet; d2moe-mlx runs the "
-                         "KDA + MLA bailing_hybrid models (BailingHybridForCausalLM, "
-                         f"{_BAILING_V3_ARCH})")
+    reads. Other architectures run mlx-lm's own ``bailing_hybrid`` module (lightning
+    linear attention + MLA, :func:`bailing_lightning`)."""
+    if bailing_lightning(cfg):  # <ling>
+        return _bailing_lightning_config(cfg)
     cfg["architectures"] = [_BAILING_V3_ARCH]
     for ours, theirs in (("num_experts_per_tok", "num_experts_per_token"),
                          ("n_group", "num_expert_group"), ("norm_topk_prob", "moe_renormalize"),
@@ -403,7 +425,10 @@ def bailing_hybrid_weights(config: dict, w: dict[str, mx.array]) -> None:
     """bailing_hybrid: transformers names every attention output ``o_proj`` (its hub
     format: ``dense``), mlx-lm's KDA layers ``o_proj`` and its MLA layers ``dense``; and
     transformers 5's module layout has one ``conv1d`` over q, k and v concatenated ->
-    the hub's ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d``."""
+    the hub's ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d``. Lightning-attention checkpoints
+    (mlx-lm's bailing_hybrid module reads their names as written) are left alone."""
+    if bailing_lightning(config):  # <ling>
+        return
     for k in list(w):
         m = _BAILING_OUT.search(k)
         if m:

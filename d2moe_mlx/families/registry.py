@@ -267,9 +267,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                     (r"\.self_attn\.", ".attention."),
                     (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.gate.expert_bias")),
            config_fix=fixes.bailing_hybrid_config, weights_fix=fixes.bailing_hybrid_weights,
+           hub_remote_code=True,  # <ling>: Ling 2.5 checkpoints ship auto_map
            notes="Ling 3 (KDA + gated MLA), run by mlx-lm's bailing_moe_v3 module; mlx-lm sets "
                  "dropped groups' scores to -inf, transformers to 0: same experts while kept "
-                 "scores + bias > 0; lightning-attention bailing_hybrid models refused"),
+                 "scores + bias > 0; Ling 2.5 (lightning attention + MLA, other architectures) "
+                 "run by mlx-lm's bailing_hybrid module, verified by mlx-lm, top-1 refused"),
     Family("phixtral", block="moe", experts="switch_mlp", rule="topk_softmax", hidden_acts=None,
            config_fix=fixes.phixtral_config, hub_remote_code=True, verified="mlx-lm",
            notes="phi-2 parallel blocks (attention and experts on one LayerNorm), GELU experts "
