@@ -38,6 +38,22 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    """``models(family) -> model``: mlx-lm's float32 model of the family's tiny
+    checkpoint, loaded once per test module."""
+    from d2moe_mlx.convert.hf_config import load_mlx_reference
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = load_mlx_reference(hf_checkpoint(family), dtype="float32")[0]
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def small_store(hf_checkpoint, tmp_path_factory):
     """A small qwen3_moe store (default nested fit, float32, unquantized dense weights),

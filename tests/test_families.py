@@ -9,23 +9,10 @@ import numpy as np
 import pytest
 from make_test_checkpoints import FAMILIES
 
-from d2moe_mlx.convert.hf_config import load_mlx_reference
 from d2moe_mlx.families import family_of, get_family, supported, text_args
 from d2moe_mlx.families.taps import recorded, tap, untap
 from d2moe_mlx.hooks import hooked
 from d2moe_mlx.moe import projection_names
-
-
-@pytest.fixture(scope="module")
-def models(hf_checkpoint):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = load_mlx_reference(hf_checkpoint(family), dtype="float32")[0]
-        return cache[family]
-
-    return get
 
 
 def _block_weights(block, family, x, inds, seen_x):

@@ -11,7 +11,6 @@ import pytest
 from mlx.utils import tree_flatten
 
 from d2moe_mlx.calibration import record_layers
-from d2moe_mlx.convert.hf_config import load_mlx_reference
 from d2moe_mlx.families import family_of, text_args
 from d2moe_mlx.families.taps import is_tapped
 from d2moe_mlx.hooks import hooked
@@ -24,18 +23,6 @@ IDS = np.array([3, 17, 42, 99, 5, 63, 120, 7, 88, 31, 2, 77], dtype=np.int32)
 class _Bytes:
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
-
-
-@pytest.fixture(scope="module")
-def models(hf_checkpoint):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = load_mlx_reference(hf_checkpoint(family), dtype="float32")[0]
-        return cache[family]
-
-    return get
 
 
 @pytest.mark.parametrize("family", TAPPED)
