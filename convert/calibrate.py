@@ -225,8 +225,11 @@ def experts_forward(experts: Experts, x: mx.array, indices: mx.array) -> mx.arra
             y = xe @ experts.weight(n, e).T
             ys.append(y + experts.biases[n][e] if n in experts.biases else y)
         # SwitchGLU calls activation(x_up, x_gate); its projections are (gate, up, down).
-        a = experts.activation(*[mx.array(y) for y in ys[::-1]])
-        a = np.array(a.astype(mx.float32))
+        if tok.size:
+            a = experts.activation(*[mx.array(y) for y in ys[::-1]])
+            a = np.array(a.astype(mx.float32))
+        else:  # an expert no token chose: MLX's CUDA backend aborts (SIGFPE) on empty inputs
+            a = np.zeros(ys[0].shape, np.float32)
         y = a @ experts.weight(last, e).T
         out[tok, slot] = y + experts.biases[last][e] if last in experts.biases else y
         routed.append(xe)

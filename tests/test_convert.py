@@ -62,6 +62,35 @@ def test_numpy_expert_forward_matches_mlx_lm_switch(family, dtype, hf_checkpoint
         assert len(routed) == int((np.array(idx) == e).sum())
 
 
+def test_numpy_expert_forward_never_runs_the_activation_on_no_rows(hf_checkpoint):
+    """An expert no calibration token chose gets an empty input and output, and the
+    activation (an MLX op) is never called on zero rows: MLX's CUDA backend aborts the
+    process (SIGFPE) on that, seen converting on the H200."""
+    import mlx.core as mx
+
+    from d2moe_mlx.convert import calibrate
+    from d2moe_mlx.convert.hf_config import load_mlx_reference
+    from d2moe_mlx.moe import switch_modules
+
+    model, _ = load_mlx_reference(hf_checkpoint("qwen3_moe"))
+    model.set_dtype(mx.float32)
+    _, switch = switch_modules(model)[0]
+    x = mx.random.normal((1, 6, switch.gate_proj.weight.shape[-1]), key=mx.random.key(4))
+    idx = mx.array([[[0, 1], [1, 2], [0, 2], [2, 1], [0, 1], [1, 0]]], dtype=mx.uint32)  # 3..7 unused
+    want = switch(x, idx)
+    experts = calibrate.take_experts(switch)
+    real = experts.activation
+
+    def activation(*args):
+        assert all(a.shape[0] for a in args), "the activation ran on zero rows"
+        return real(*args)
+
+    experts.activation = activation
+    got = calibrate.experts_forward(experts, x, idx)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4, rtol=1e-4)
+    assert [len(experts.inputs["down_proj"][e]) for e in range(8)] == [4, 5, 3, 0, 0, 0, 0, 0]
+
+
 def test_calibration_statistics_and_manifest(qwen3, tmp_path):
     report = convert(qwen3, tmp_path / "s", **FAST)
     with Store.open(report.path) as store:
