@@ -183,7 +183,8 @@ def return_freed_memory() -> bool:
     come from heap arenas that are not given back: RSS stays at the high-water mark.
     A fixed 1 MiB threshold keeps them on mmap. Measured on this project's synthetic
     store (4 layers, 64 experts, 25% cache, 1100-token prompt, CPU): peak RSS 600.7 ->
-    563.7 MiB. Process-wide, so it is set only for a model loaded with a budget."""
+    563.7 MiB. Process-wide, so it is set only for a model loaded with a budget and
+    for a conversion (the converter's peak grew with its layers without it)."""
     if _platform() != "linux":
         return False
     try:
@@ -195,7 +196,6 @@ def return_freed_memory() -> bool:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, HEAP_THRESHOLD))
-
 
 
 def trim_heap() -> bool:
@@ -217,6 +217,7 @@ def trim_heap() -> bool:
         return False
     malloc_trim(0)
     return True
+
 
 def set_wired_limit(budget_bytes: int) -> int | None:
     """Keep up to ``budget_bytes`` of MLX memory wired (resident) on Metal.
