@@ -32,6 +32,7 @@ from d2moe_mlx.moe import decoder_layers, layer_of, layers_path, projection_name
 from d2moe_mlx.store.format import DENSE_BITS, DENSE_GROUP_SIZES
 from d2moe_mlx.store.outdir import check_out_dir
 from d2moe_mlx.store.writer import StoreWriter
+from d2moe_mlx.system import return_freed_memory, trim_heap
 
 from . import calibrate, formats, from_codes, source
 from .hf_config import build_model, dropped_tensors, normalize_weights
@@ -184,6 +185,10 @@ def convert(
 
 def _run(job: Conversion, progress: Callable[[int, int], object] | None) -> ConvertReport:
     model, config, weights, spec = job.model, job.config, job.weights, job.spec
+    # Each layer frees hundreds of MiB of numpy/MLX temporaries; with glibc's default
+    # (rising) mmap threshold they stay in fragmented heap arenas and the peak grew
+    # ~30-70 MiB a layer (docs/SOURCES.md "Peak memory"); trim_heap after each layer too.
+    return_freed_memory()
     by_layer, rest = source.split_by_layer(weights)
     num_layers = job.num_layers
     with StoreWriter(job.out, overwrite=job.overwrite) as writer:
@@ -283,6 +288,7 @@ def _convert_layer(writer, model, config, l, subset, h, call, sw_path, spec, met
     writer.write_dense_shard(_dense_params(layers[l], store_dtype, prefix=layer_path))
     layers[l] = _DroppedLayer()  # drop the layer: nothing of it is needed again
     mx.clear_cache()  # hand freed buffers back so peak memory stays at one layer
+    trim_heap()  # and the C heap's free pages (glibc): the peak no longer creeps up a layer at a time
     return h_next, stats, shapes
 
 

@@ -8,11 +8,15 @@ converter's peak RSS next to the checkpoint size and one layer's expert bytes.
 linear weight of the layers but the router F8_E4M3 with a float32 ``weight_scale_inv``
 per 128x128 block); mlx4 / mlx8 (mlx-lm's quantized layout: experts stacked in
 ``mlp.switch_mlp``, uint32 codes with bfloat16 scales and biases, group size 64,
-everything but the norms quantized). The layer count comes from --size-gb at bf16,
-so every format has the same model.
+everything but the norms quantized); mxfp4 (a gpt_oss checkpoint in the layout of the
+openai/gpt-oss repos: ``mlp.experts.{gate_up,down}_proj_blocks`` uint8 [E, out, in/32, 16]
+with e8m0 ``_scales`` [E, out, in/32], bfloat16 expert biases, router, attention sinks,
+``quantization_config`` ``quant_method: mxfp4``; random codes, same expert geometry).
+The layer count comes from --size-gb at bf16, so every format has the same experts.
 
     python scripts/measure_convert_rss.py --size-gb 1.2 --work /tmp/rss
     python scripts/measure_convert_rss.py --size-gb 0.6 --format fp8 --method rtn
+    python scripts/measure_convert_rss.py --size-gb 0.6 --format mxfp4 --method rtn --calib-tokens 256
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import mlx.core as mx
 import numpy as np
 
 
-FORMATS = ("bf16", "fp8", "mlx4", "mlx8")
+FORMATS = ("bf16", "fp8", "mlx4", "mlx8", "mxfp4")
 
 
 def make_checkpoint(out: Path, layers: int, experts: int, hidden: int, inter: int, vocab: int,
                     shard_bytes: int = 512 << 20, fmt: str = "bf16") -> int:
     """Write the checkpoint in ``fmt`` (one of FORMATS); returns its size in bytes."""
+    if fmt == "mxfp4":
+        return make_gpt_oss_mxfp4(out, layers, experts, hidden, inter, vocab, shard_bytes)
     out.mkdir(parents=True, exist_ok=True)
     heads, kv_heads, head_dim = hidden // 128, max(1, hidden // 512), 128
     config = {
@@ -63,29 +69,18 @@ def make_checkpoint(out: Path, layers: int, experts: int, hidden: int, inter: in
     def rand(*shape):
         return (mx.random.normal(shape, key=mx.random.split(key)[0]) * 0.02).astype(mx.bfloat16)
 
-    shard, shard_size, index, n, total = {}, 0, {}, 0, 0
+    def save(path, shard):
+        if fmt == "fp8":
+            _save_torch(path, shard, f8_names)
+        else:
+            mx.save_safetensors(str(path), shard, metadata={"format": "mlx" if bits else "pt"})
 
-    def flush():
-        nonlocal shard, shard_size, n
-        if shard:
-            n += 1
-            name = f"model-{n:05d}.safetensors"
-            if fmt == "fp8":
-                _save_torch(out / name, shard, f8_names)
-            else:
-                mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx" if bits else "pt"})
-            index.update({k: name for k in shard})
-            shard, shard_size = {}, 0
+    shards = _Shards(out, shard_bytes, save)
 
     def add(name, arr):
-        nonlocal shard_size, total, key
+        nonlocal key
         key = mx.random.split(key)[1]
-        mx.eval(arr)
-        shard[name] = arr
-        shard_size += arr.nbytes
-        total += arr.nbytes
-        if shard_size >= shard_bytes:
-            flush()
+        shards.add(name, arr)
 
     def linear(name, out_dims, in_dims, stack=0):
         """A linear weight [out, in] (``stack`` > 0: [stack, out, in]) in the checkpoint's format."""
@@ -134,9 +129,99 @@ def make_checkpoint(out: Path, layers: int, experts: int, hidden: int, inter: in
         linear("lm_head.weight", vocab, hidden)
     else:
         add("lm_head.weight", rand(vocab, hidden))
-    flush()
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    return total
+    return shards.close()
+
+
+def make_gpt_oss_mxfp4(out: Path, layers: int, experts: int, hidden: int, inter: int, vocab: int,
+                       shard_bytes: int = 512 << 20) -> int:
+    """Write a gpt_oss checkpoint as the openai/gpt-oss repos store it (experts in MXFP4,
+    everything else bfloat16) with random codes; returns its size in bytes.
+
+    Per layer: ``mlp.experts.gate_up_proj_blocks`` [E, 2*inter, hidden/32, 16] and
+    ``down_proj_blocks`` [E, hidden, inter/32, 16] uint8 (two e2m1 codes a byte), their
+    ``_scales`` (e8m0, one per 32 values, around 2^-8 so weights are ~0.01) and
+    ``_bias``; ``mlp.router`` weight and bias; attention with biases and ``sinks``."""
+    out.mkdir(parents=True, exist_ok=True)
+    heads, kv_heads, head_dim = hidden // 64, max(1, hidden // 256), 64
+    config = {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "dtype": "bfloat16",
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "num_local_experts": experts, "num_experts_per_tok": 4,
+        "experts_per_token": 4, "attention_bias": True, "attention_dropout": 0.0, "hidden_act": "silu",
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        "sliding_window": 128, "initial_context_length": 4096, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 150000,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                         "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+        "router_aux_loss_coef": 0.9, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+        "quantization_config": {
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                       "model.embed_tokens", "lm_head"],
+            "quant_method": "mxfp4"},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    rng = np.random.default_rng(0)
+    shards = _Shards(out, shard_bytes, lambda path, shard: mx.save_safetensors(str(path), shard, {"format": "pt"}))
+
+    def rand(*shape):
+        return mx.array(rng.standard_normal(shape, np.float32) * 0.02).astype(mx.bfloat16)
+
+    def mxfp4(name, out_dims, in_dims):
+        shards.add(name + "_blocks", mx.array(rng.integers(0, 256, (experts, out_dims, in_dims // 32, 16), np.uint8)))
+        shards.add(name + "_scales", mx.array(rng.integers(119, 123, (experts, out_dims, in_dims // 32), np.uint8)))
+        shards.add(name + "_bias", rand(experts, out_dims))
+
+    shards.add("model.embed_tokens.weight", rand(vocab, hidden))
+    for l in range(layers):
+        p = f"model.layers.{l}"
+        for proj, o, i in (("q_proj", heads * head_dim, hidden), ("k_proj", kv_heads * head_dim, hidden),
+                           ("v_proj", kv_heads * head_dim, hidden), ("o_proj", hidden, heads * head_dim)):
+            shards.add(f"{p}.self_attn.{proj}.weight", rand(o, i))
+            shards.add(f"{p}.self_attn.{proj}.bias", rand(o))
+        shards.add(f"{p}.self_attn.sinks", rand(heads))
+        shards.add(f"{p}.input_layernorm.weight", mx.ones((hidden,), mx.bfloat16))
+        shards.add(f"{p}.post_attention_layernorm.weight", mx.ones((hidden,), mx.bfloat16))
+        shards.add(f"{p}.mlp.router.weight", rand(experts, hidden))
+        shards.add(f"{p}.mlp.router.bias", rand(experts))
+        mxfp4(f"{p}.mlp.experts.gate_up_proj", 2 * inter, hidden)
+        mxfp4(f"{p}.mlp.experts.down_proj", hidden, inter)
+    shards.add("model.norm.weight", mx.ones((hidden,), mx.bfloat16))
+    shards.add("lm_head.weight", rand(vocab, hidden))
+    return shards.close()
+
+
+class _Shards:
+    """Tensors written to ``model-NNNNN.safetensors`` shards of about ``shard_bytes`` by
+    ``save(path, shard)``, with the hub's ``model.safetensors.index.json``."""
+
+    def __init__(self, out: Path, shard_bytes: int, save):
+        self.out, self.shard_bytes, self.save = out, shard_bytes, save
+        self.shard: dict[str, mx.array] = {}
+        self.index: dict[str, str] = {}
+        self.size = self.total = self.n = 0
+
+    def add(self, name: str, arr: mx.array) -> None:
+        mx.eval(arr)
+        self.shard[name] = arr
+        self.size += arr.nbytes
+        self.total += arr.nbytes
+        if self.size >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.shard:
+            self.n += 1
+            name = f"model-{self.n:05d}.safetensors"
+            self.save(self.out / name, self.shard)
+            self.index.update({k: name for k in self.shard})
+            self.shard, self.size = {}, 0
+
+    def close(self) -> int:
+        """Write the last shard and the index; returns the bytes written."""
+        self.flush()
+        (self.out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": self.index}))
+        return self.total
 
 
 def _save_torch(path: Path, shard: dict, f8_names: set[str]) -> None:
@@ -166,7 +251,8 @@ def main() -> None:
                         help="calibration tokens passed to d2moe convert (default: its own, 2048)")
     parser.add_argument("--format", choices=FORMATS, default="bf16",
                         help="checkpoint weights: bf16; fp8 (DeepSeek-V3 layout, F8_E4M3 + 128x128 weight_scale_inv); "
-                             "mlx4/mlx8 (mlx-lm quantized layout, group size 64); the converter detects the format")
+                             "mlx4/mlx8 (mlx-lm quantized layout, group size 64); mxfp4 (gpt_oss in the "
+                             "openai/gpt-oss layout); the converter detects the format")
     args = parser.parse_args()
 
     layer_expert_bytes = args.experts * 3 * args.hidden * args.inter * 2

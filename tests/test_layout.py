@@ -122,3 +122,14 @@ def test_return_freed_memory_is_glibc_only(monkeypatch):
 
     monkeypatch.setattr(system, "_platform", lambda: "darwin")
     assert system.return_freed_memory() is False
+
+
+def test_trim_heap_is_glibc_only(monkeypatch):
+    import platform
+    import sys
+
+    from d2moe_mlx import system
+
+    assert system.trim_heap() is (sys.platform == "linux" and platform.libc_ver()[0] == "glibc")
+    monkeypatch.setattr(system, "_platform", lambda: "darwin")
+    assert system.trim_heap() is False

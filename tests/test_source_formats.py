@@ -168,6 +168,22 @@ def test_mxfp4_dequantisation_matches_numpy_transformers_and_mlx_lm(ckpts):
             np.testing.assert_array_equal(np.array(deq.astype(mx.float32)), want[:, rows])
 
 
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_mxfp4_dequantisation_is_exact_for_every_byte_and_scale(dtype):
+    """Every code byte under every e8m0 scale (NaN at 0xff, float32 subnormals at the
+    bottom, inf past the top): the bfloat16 result, computed in bfloat16, is the exact
+    value rounded once, as float32 and float16 are."""
+    blocks = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(16, 16), (256, 16, 16)).copy()
+    scales = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 16)).copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = _mxfp4(blocks, scales)  # float64 maths, one rounding
+    want[255] = np.nan  # e8m0 0xff
+    want = mx.array(want).astype(dtype)
+    got = formats.dequantize_mxfp4(mx.array(blocks), mx.array(scales), dtype)
+    assert got.dtype == dtype and got.shape == (256, 512)
+    np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
 # -- converted stores -------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["mlx4", "mlx8"])
