@@ -185,14 +185,8 @@ def return_freed_memory() -> bool:
     store (4 layers, 64 experts, 25% cache, 1100-token prompt, CPU): peak RSS 600.7 ->
     563.7 MiB. Process-wide, so it is set only for a model loaded with a budget and
     for a conversion (the converter's peak grew with its layers without it)."""
-    if _platform() != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:  # not glibc (musl)
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, HEAP_THRESHOLD))
@@ -206,17 +200,22 @@ def trim_heap() -> bool:
     (the converter's layers): the mmap threshold of :func:`return_freed_memory` keeps
     large blocks off the heap, but the smaller ones still fragment the per-thread
     arenas, and without a trim the peak RSS crept up by tens of MiB a step."""
-    if _platform() != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    malloc_trim = getattr(libc, "malloc_trim", None)
-    if malloc_trim is None:  # not glibc (musl)
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim(0)
     return True
+
+
+def _glibc(name: str):
+    """glibc's function ``name`` (None off Linux, or where libc is not glibc: musl)."""
+    if _platform() != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return getattr(libc, name, None)
 
 
 def set_wired_limit(budget_bytes: int) -> int | None:
