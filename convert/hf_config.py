@@ -24,7 +24,6 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 

@@ -149,7 +149,6 @@ FAMILY_CONFIGS: dict[str, dict] = {
         router_jitter_noise=0.01,
         rope_parameters=_ROPE,
     ),
-    # fam1
     "glm4_moe": dict(
         num_hidden_layers=3,
         intermediate_size=192,
@@ -341,7 +340,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0, "partial_rotary_factor": 0.5},
         },
     ),
-    # <longcat> two decoder layers of two attention sublayers each; 4 zero experts among 12,
+    # two decoder layers of two attention sublayers each; 4 zero experts among 12,
     # top-3: tokens pick zero experts (expert 0 named several times in a token)
     "longcat_flash": dict(
         num_hidden_layers=4,
@@ -357,7 +356,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
         **_MLA,
     ),
 }
-# fam1: families transformers lacks (hub checkpoints ship remote code): tiny random
+# families transformers lacks (hub checkpoints ship remote code): tiny random
 # models built with mlx-lm's own ModelArgs + Model and saved in mlx-lm's format
 # (save_model + save_config, as ``mlx_lm.convert`` writes them). Plain rope_theta
 # here: these configs are read by mlx-lm as written.
@@ -406,7 +405,7 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         partial_rotary_factors=[0.5, 1.0, 0.5],
         rope_theta=25000.0,
     ),
-    # <bailing>: every routing switch off mlx-lm's default (sigmoid vs softmax, expert bias on,
+    # every routing switch off mlx-lm's default (sigmoid vs softmax, expert bias on,
     # groups, scaling); dense layer 0; norm_head on (the converter normalises lm_head)
     "bailing_moe": dict(
         num_hidden_layers=3,
@@ -485,7 +484,6 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         num_local_experts=8,
         num_experts_per_tok=3,
     ),
-    # <dsv41>
     # DeepSeek-V4.1: hyper-connections (2 streams), window-only layer 0, layer 1 compresses its
     # KV (ratio 2), layer 2 indexes it (top-3); sqrt-softplus routing at temperature 0.7.
     "deepseek_v41": dict(
@@ -552,7 +550,7 @@ MLX_LM_CONFIGS: dict[str, dict] = {
                      "q_lora_rank": None, "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
                      "routed_scaling_factor": 2.2, "rope_theta": 25000.0},
     ),
-    # <longcat> shared MLP mixed in (use_mixed_mlp_moe), QK norm, NTK-alpha rope; per-layer
+    # shared MLP mixed in (use_mixed_mlp_moe), QK norm, NTK-alpha rope; per-layer
     # lists as the hub's Hunyuan-A13B config writes them
     "hunyuan": dict(
         num_hidden_layers=3,
@@ -570,7 +568,7 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         rope_theta=25000.0,
         rope_scaling={"alpha": 7.0, "factor": 1.0, "type": "dynamic"},
     ),
-    # <ling>: bailing_hybrid as Ling 2.5 (mlx-lm's own bailing_hybrid module, chosen by the
+    # bailing_hybrid as Ling 2.5 (mlx-lm's own bailing_hybrid module, chosen by the
     # architecture): lightning linear attention (layers 0, 1) and MLA (layer 2), dense layer 0,
     # sigmoid group-limited routing; auto_map as the hub's (remote code, never run)
     "bailing_hybrid@lightning": dict(
@@ -604,7 +602,6 @@ MLX_LM_CONFIGS: dict[str, dict] = {
         num_nextn_predict_layers=0,
         rope_theta=25000.0,
     ),
-    # </ling>
 }
 HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transformers builds these
 
@@ -612,7 +609,6 @@ HF_FAMILIES = tuple(f for f in FAMILIES if f not in MLX_LM_CONFIGS)  # transform
 # checkpoints so that transformers parity measures everything else.
 ZEROED = {"ernie4_5_moe": ("e_score_correction_bias",)}
 
-# fam2 ---------------------------------------------------------------------------
 _LINEAR_ATTN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                     linear_value_head_dim=16, linear_conv_kernel_dim=3, head_dim=16)
 FAMILY_CONFIGS.update({
@@ -731,7 +727,7 @@ FAMILY_CONFIGS.update({
 })
 
 
-# <bailing>: Ling 3 (transformers' BailingHybrid, mlx-lm's bailing_moe_v3 module): KDA linear
+# Ling 3 (transformers' BailingHybrid, mlx-lm's bailing_moe_v3 module): KDA linear
 # attention (layers 0, 1) and gated MLA (layer 2), dense layer 0, sigmoid group-limited routing.
 # head_dim = qk_rope_head_dim: transformers' config writes the rope width as head_dim and reads
 # it back as the KDA head width.
@@ -779,7 +775,7 @@ TEXT_CONFIGS: dict[str, dict] = {
 }
 
 
-# <dsv41> kimi_k25: a DeepSeek-V3 text model (MLA, yarn rope, grouped sigmoid routing) in a
+# kimi_k25: a DeepSeek-V3 text model (MLA, yarn rope, grouped sigmoid routing) in a
 # multimodal wrapper with a one-block vision tower
 TEXT_CONFIGS["kimi_k25"] = dict(
     num_hidden_layers=3,
@@ -798,7 +794,6 @@ TEXT_CONFIGS["kimi_k25"] = dict(
     **_MLA,
 )
 VISION_CONFIGS: dict[str, dict] = {
-    # <dsv41>
     "kimi_k25": dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                      patch_size=4, pos_emb_height=4, pos_emb_width=4, pos_emb_time=2),
     "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
@@ -806,7 +801,6 @@ VISION_CONFIGS: dict[str, dict] = {
 }
 
 
-# <mm>
 # hybrid: dense layer 0; lightning-indexer sparse attention in layers 0-1 (blocks of 4 keys,
 # top-2 blocks of the 16-token prompt kept), full attention in layer 2; SwiGLU-OAI experts
 # clamped; rotary_dim left at transformers' default 64 (transformers ignores it)
@@ -834,10 +828,9 @@ VISION_CONFIGS["minimax_m3_vl"] = dict(hidden_size=32, intermediate_size=64, num
                                        num_attention_heads=2, patch_size=4, temporal_patch_size=1,
                                        spatial_merge_size=1, image_size=16)
 TOP_CONFIGS: dict[str, dict] = {"minimax_m3_vl": dict(projector_hidden_size=64)}  # multimodal wrapper
-# </mm>
 
 
-# <gemma>: the router reads the residual, the experts a normed copy (router logits tapped);
+# the router reads the residual, the experts a normed copy (router logits tapped);
 # every layer MoE; sliding + full attention with their own ropes, final logit soft cap
 _GEMMA4_TEXT = dict(
     num_hidden_layers=2,
@@ -893,7 +886,6 @@ HF_TEXT_MODEL = {"llama4": "language_model"}
 # scales (~1) its tiny logits are near-ties (a top-level quantization flips an expert); scaled
 # up, routing is as decisive as the other families' (family -> (tensor suffix, factor)).
 SCALED = {"gemma4_text": ("router.scale", 4.0), "gemma4": ("router.scale", 4.0)}
-# </gemma>
 for _name in TEXT_CONFIGS:
     FAMILY_CONFIGS.setdefault(_name, {})
 
@@ -950,7 +942,7 @@ def randomize_(model, seed: int = 0, buffers: bool = False, positive_bias: bool 
                 b.copy_(bias.abs() if positive_bias else bias)
 
 
-# Families transformers does not list under AutoModelForCausalLM (fam1).
+# Families transformers does not list under AutoModelForCausalLM.
 CAUSAL_LM_CLASSES = {"mistral4": "Mistral4ForCausalLM"}
 
 
@@ -1031,7 +1023,7 @@ def write_byte_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
-# <dsv41> Tensor names transformers' original-format save gets wrong, put back to the hub's:
+# Tensor names transformers' original-format save gets wrong, put back to the hub's:
 # kimi_k25's vision rename blocks -> layers, reversed on save, hits the text layers too.
 HUB_NAMES = {"kimi_k25": ((r"^language_model\.model\.blocks\.", "language_model.model.layers."),)}
 
@@ -1093,7 +1085,7 @@ def make_checkpoint(
         for name, p in model.state_dict().items():
             if name.endswith(ZEROED.get(family, ())):
                 p.zero_()
-            if family in SCALED and name.endswith(SCALED[family][0]):  # <gemma>
+            if family in SCALED and name.endswith(SCALED[family][0]):
                 p.mul_(SCALED[family][1])
     model.eval()
     out_dir = Path(out_dir)
@@ -1102,7 +1094,7 @@ def make_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
-    if not fused_experts and family in HUB_NAMES:  # <dsv41>
+    if not fused_experts and family in HUB_NAMES:
         rename_saved(out_dir, HUB_NAMES[family])
     if tokenizer and config.get_text_config().vocab_size >= 256:
         write_byte_tokenizer(out_dir)

@@ -19,7 +19,6 @@ from d2moe_mlx.bitrouter import FEATURES, LearnedRouting, load_bit_router, save_
 from d2moe_mlx.bitrouter_train import split_sequences, train_and_store, train_router
 from d2moe_mlx.budget import budget_for_slots
 from d2moe_mlx.convert.calibrate import default_calibration_text
-from d2moe_mlx.convert.convert import convert
 from d2moe_mlx.engine import engine_of, policy_parts
 from d2moe_mlx.layout import make_layout
 from d2moe_mlx.levels import Call

@@ -16,7 +16,6 @@ from d2moe_mlx import mwq
 from d2moe_mlx import predictor as P
 from d2moe_mlx.budget import budget_for_slots
 from d2moe_mlx.cli import main
-from d2moe_mlx.convert.convert import convert
 from d2moe_mlx.engine import streaming_of
 from d2moe_mlx.layout import make_layout
 from d2moe_mlx.model import load_model

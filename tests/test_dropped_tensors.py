@@ -34,13 +34,12 @@ def test_prepare_drops_mtp_and_vision_tensors(family, hf_checkpoint, tmp_path):
     assert ("vision tower" in job.dropped) == (family == "qwen3_5_moe")
 
 
-def test_prepare_drops_the_kimi_k25_vision_tower(hf_checkpoint, tmp_path):  # <dsv41>
+def test_prepare_drops_the_kimi_k25_vision_tower(hf_checkpoint, tmp_path):
     job = prepare(hf_checkpoint("kimi_k25"), tmp_path / "store")
     assert job.weights and all(k.startswith("language_model.") for k in job.weights)
     assert "tensors of the vision tower and projector" in job.dropped
 
 
-# <gemma>
 @pytest.mark.parametrize("family,tower", [("gemma4", "model.vision_tower."), ("llama4", "vision_model.")])
 def test_prepare_drops_gemma4_and_llama4_towers(family, tower, hf_checkpoint, tmp_path):
     job = prepare(hf_checkpoint(family), tmp_path / "store")

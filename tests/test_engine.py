@@ -479,7 +479,6 @@ def test_presets_fit_a_budget_with_fewer_than_top_k_slots_above_the_floor(stores
     assert len([t for t, _ in steps]) == 9 and engine.stats.groups == groups
 
 
-# <bailing>
 def test_store_expert_modules_checked_whatever_the_layer_list_is_called():
     """The engine checks the store's expert modules by what follows the layer index,
     so GPT-2-style ``transformer.h.N`` layers (phixtral) pass and another block does not."""

@@ -122,7 +122,6 @@ def test_hook_is_removed_after_an_error(models):
     assert family.experts_of(block) is original
 
 
-# <bailing>
 def test_router_bias_switched_off_reads_as_none():
     """bailing_moe without ``moe_router_enable_expert_bias``: mlx-lm's gate holds
     ``expert_bias = None``; the adapter routes without a bias, like the block."""

@@ -69,7 +69,6 @@ def test_sliding_layers_refused_where_mlx_lm_has_none():
                           "layer_types": ["full_attention", "sliding_attention"]})
 
 
-# <mm>
 def test_minimax_m3_vl_rotary_dim_as_transformers_reads_it():
     """transformers rotates head_dim x partial_rotary_factor channels and ignores the
     rotary_dim it writes; an indexer head narrower than the rotated channels is refused."""
@@ -106,10 +105,8 @@ def test_minimax_m3_vl_towers_dropped_and_fused_mlps_split():
     assert set(out) == {"language_model.model.layers.0.mlp.gate_proj.weight",
                         "language_model.model.layers.0.mlp.up_proj.weight"}
     assert mx.array_equal(out["language_model.model.layers.0.mlp.up_proj.weight"], w[names[-1]][4:])
-# </mm>
 
 
-# <bailing>
 def test_bailing_norm_head_applied_once_by_the_converter():
     cfg = normalize_config({"model_type": "bailing_moe", "norm_head": True})
     assert cfg["norm_head"] is False  # mlx-lm's sanitize would need lm_head in every part
@@ -132,7 +129,7 @@ def test_bailing_hybrid_config_read_for_mlx_lm_bailing_moe_v3():
     assert cfg["moe_shared_expert_intermediate_size"] == 32
     with pytest.raises(ValueError, match="layer_group_size=2"):
         normalize_config({**raw, "layer_types": ["linear_attention"] * 4})
-    # <ling> other architectures: mlx-lm's bailing_hybrid module (Ling 2.5), config as written
+    # other architectures: mlx-lm's bailing_hybrid module (Ling 2.5), config as written
     ling25 = {**raw, "architectures": ["BailingMoeV2_5ForCausalLM"], "num_experts_per_tok": 3}
     assert normalize_config(ling25)["architectures"] == ["BailingMoeV2_5ForCausalLM"]
     assert "moe_shared_expert_intermediate_size" not in normalize_config(ling25)
@@ -150,7 +147,7 @@ def test_bailing_hybrid_output_projection_named_per_layer_kind():
     assert sorted(out) == ["model.layers.0.attention.o_proj.weight",  # KDA
                            "model.layers.1.attention.o_proj.weight",
                            "model.layers.2.attention.dense.weight"]  # MLA
-    # <ling> Ling 2.5 (lightning + MLA): every output projection is mlx-lm's "dense"
+    # Ling 2.5 (lightning + MLA): every output projection is mlx-lm's "dense"
     w = {f"model.layers.{i}.attention.dense.weight": mx.zeros((2, 2)) for i in range(3)}
     ling25 = {**cfg, "architectures": ["BailingMoeV2_5ForCausalLM"]}
     assert normalize_weights("bailing_hybrid", ling25, w).keys() == w.keys()
@@ -165,7 +162,6 @@ def test_phixtral_hub_config_names():
         normalize_config({"model_type": "phixtral", "n_layer": 2})
 
 
-# <dsv41>
 def test_dsv41_families_refuse_what_mlx_lm_cannot_read():
     with pytest.raises(ValueError, match="DeepSeek-layout.*mlx_lm.convert"):
         normalize_weights("deepseek_v41", {"model_type": "deepseek_v41"},
@@ -183,7 +179,6 @@ def test_dsv41_families_refuse_what_mlx_lm_cannot_read():
             normalize_config({"model_type": wrapper, "text_config": {"scoring_func": "softmax"}})
 
 
-# <gemma>
 def test_gemma4_per_layer_config_and_refusals():
     text = {"num_hidden_layers": 2, "head_dim": 16, "layer_types": ["sliding_attention", "full_attention"],
             "attention_k_eq_v": True, "per_layer_config": {"1": {"head_dim": 32, "num_key_value_heads": 1}}}
@@ -216,7 +211,6 @@ def test_llama4_layer_pattern_and_top_k_are_checked():
         normalize_config({"model_type": "llama4", **text})
 
 
-# <longcat>
 def test_hunyuan_per_layer_lists_and_what_mlx_lm_cannot_run():
     hub = {"model_type": "hunyuan", "hidden_size": 64, "num_attention_heads": 4,
            "attention_head_dim": 16, "moe_topk": [8, 8], "moe_intermediate_size": [96, 96],

@@ -210,7 +210,6 @@ def test_checkpoint_tokenizer(hf_checkpoint):
     assert tok.eos_token_ids == {load_config(hf_checkpoint("qwen3_moe"))["eos_token_id"]}
 
 
-# <bailing>
 @pytest.mark.parametrize("family", ["bailing_moe", "phixtral"])
 def test_mlx_lm_saved_read_as_mlx_lm_loads_it(hf_checkpoint, family):
     """An mlx-lm-saved checkpoint, read through our normalisation, gives the logits of

@@ -42,7 +42,7 @@ TIMEOUT = 60  # seconds a guarded run may take before the test calls it a hang
 
 FULL = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")  # every mode x policy x cache size
 LIGHT = ("qwen2_moe", "olmoe", "deepseek_v2", "granitemoe", "phimoe")  # two runs each
-# fam1: every other registry family, one streaming run each (levels layout, prefetch, score)
+# every other registry family, one streaming run each (levels layout, prefetch, score)
 OTHER = tuple(f for f in supported() if f not in FULL + LIGHT)
 MODES = (("stream", True), ("sync", False), ("naive", False))  # (mode, prefetch)
 POLICIES = ("lru", "lfu", "score")
@@ -667,7 +667,6 @@ def test_batch_generator_gives_each_sequence_its_tokens_alone(family, mode, stor
     assert streaming_of(model).plan.batch == 4 and streaming_of(model).stats.bytes_read > 0
 
 
-# <longcat>
 @pytest.mark.parametrize("mode,policy,same", [("sync", "lfu", False), ("naive", "lru", False),
                                               ("stream", "cooc", False), ("stream", "lru", True)])
 def test_repeated_expert_ids_in_every_mode(mode, policy, same, stores, resident, fixed_baseline):

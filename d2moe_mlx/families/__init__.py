@@ -59,7 +59,7 @@ class Family:
     # Checkpoint tensors the text model does not use (regex on the checkpoint's name, what
     # they are): vision/audio towers, MTP layers. Dropped before conversion, with a message.
     drop: tuple[tuple[str, str], ...] = ()
-    # fam1: per-family gating config names (field -> ModelArgs attribute, over GATING_KEYS)
+    # per-family gating config names (field -> ModelArgs attribute, over GATING_KEYS)
     # and constants mlx-lm's block hard-codes (field -> value), e.g. ernie's top-k "moe_k".
     gating_keys: dict[str, str] = field(default_factory=dict)
     gating_const: dict[str, Any] = field(default_factory=dict)
@@ -74,13 +74,13 @@ class Family:
     # Hub checkpoints carry auto_map because transformers lacks the family: accepted,
     # since mlx-lm's own model code runs (never the checkpoint's).
     hub_remote_code: bool = False
-    # dsv41: decoder-layer state besides the hidden state, for the converter's layer-by-layer
+    # decoder-layer state besides the hidden state, for the converter's layer-by-layer
     # calibration: the layer's call arguments (index into the positional ones after the hidden
     # state, or a keyword) that it also returns, in order after the hidden state
     # (deepseek_v41: layer(streams, pre_mix, ...) -> (streams, pre_mix)).
     carry: tuple[int | str, ...] = ()
     notes: str = ""  # known differences from transformers, shown by --list-families
-    # <gemma>: blocks whose router does not read the experts' input. ``block`` may be ""
+    # blocks whose router does not read the experts' input. ``block`` may be ""
     # (the decoder layer itself is the block, gemma4) and ``experts`` a dotted path
     # ("experts.switch_glu"). ``router_tap``: path (relative to the block) of the module
     # whose output is the router's logits; it is tapped (families/taps.py) while the block

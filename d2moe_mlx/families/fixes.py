@@ -42,9 +42,6 @@ def phimoe_weights(config: dict, w: dict[str, mx.array]) -> None:
                 w[b] = mx.zeros((w[k].shape[0],), dtype=w[k].dtype)
 
 
-# fam2 ---------------------------------------------------------------------------
-
-
 def _attention_interval(cfg: dict) -> None:
     """mlx-lm builds a full-attention layer every ``full_attention_interval`` layers;
     transformers lists ``layer_types``: derive the interval, refuse a pattern it cannot say."""
@@ -270,9 +267,6 @@ def mimo_v2_flash_config(cfg: dict) -> None:
     cfg["rope_scaling"] = None
 
 
-# <mm> ---------------------------------------------------------------------------
-
-
 def minimax_m3_vl_config(cfg: dict) -> None:
     """minimax_m3_vl: transformers rotates ``head_dim * partial_rotary_factor`` channels
     and ignores ``rotary_dim`` (which it still writes, default 64); mlx-lm reads
@@ -312,10 +306,6 @@ def minimax_m3_vl_weights(config: dict, w: dict[str, mx.array]) -> None:
         gate, up = mx.split(w.pop(k), 2, axis=0)
         w[k.replace(".gate_up_proj.", ".gate_proj.")] = gate
         w[k.replace(".gate_up_proj.", ".up_proj.")] = up
-# </mm>
-
-
-# <bailing> ----------------------------------------------------------------------
 
 
 def bailing_norm_head_config(cfg: dict) -> None:
@@ -367,7 +357,6 @@ def _bailing_kda_layer(config: dict, layer: int) -> bool:
     return not ((layer + 1) % group == 0 or layer >= n // group * group)
 
 
-# <ling>
 def bailing_lightning(config: dict) -> bool:
     """Whether mlx-lm runs this bailing_hybrid checkpoint with its own ``bailing_hybrid``
     module (Ling 2.5: lightning linear attention + MLA; architectures
@@ -390,7 +379,6 @@ def _bailing_lightning_config(cfg: dict) -> None:
                          "d2moe-mlx runs lightning-attention bailing_hybrid models that route "
                          "each token to 2 or more experts (mlx-lm's gate does not renormalise "
                          "one expert's weight, the family's gating rule does)")
-# </ling>
 
 
 def bailing_hybrid_config(cfg: dict) -> None:
@@ -399,7 +387,7 @@ def bailing_hybrid_config(cfg: dict) -> None:
     ``BailingMoeV3ForCausalLM``; transformers 5 writes its own names for what that module
     reads. Other architectures run mlx-lm's own ``bailing_hybrid`` module (lightning
     linear attention + MLA, :func:`bailing_lightning`)."""
-    if bailing_lightning(cfg):  # <ling>
+    if bailing_lightning(cfg):
         return _bailing_lightning_config(cfg)
     cfg["architectures"] = [_BAILING_V3_ARCH]
     for ours, theirs in (("num_experts_per_tok", "num_experts_per_token"),
@@ -427,7 +415,7 @@ def bailing_hybrid_weights(config: dict, w: dict[str, mx.array]) -> None:
     transformers 5's module layout has one ``conv1d`` over q, k and v concatenated ->
     the hub's ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d``. Lightning-attention checkpoints
     (mlx-lm's bailing_hybrid module reads their names as written) are left alone."""
-    if bailing_lightning(config):  # <ling>
+    if bailing_lightning(config):
         return
     for k in list(w):
         m = _BAILING_OUT.search(k)
@@ -439,7 +427,6 @@ def bailing_hybrid_weights(config: dict, w: dict[str, mx.array]) -> None:
             w[k.replace(".conv1d.", f".{name}_conv1d.")] = part
 
 
-# <dsv41>
 def deepseek_v41_weights(config: dict, w: dict[str, mx.array]) -> None:
     """deepseek_v41: DeepSeek's own tensor names (``layers.N.ffn.experts.E.w1``, fp8/fp4 weights
     with ue8m0 scales) are renamed, stacked and repacked into MLX's quantized layout by
@@ -497,8 +484,6 @@ def kimi_vl_weights(config: dict, w: dict[str, mx.array]) -> None:
                          "tensors (its sanitize leaves them unsplit); only checkpoints saved by "
                          "mlx-lm >= 0.32 convert")
 
-
-# <gemma> -------------------------------------------------------------------------
 
 # transformers' Gemma4TextConfig defaults where mlx-lm's ModelArgs has others
 _GEMMA4_DEFAULTS = {"num_kv_shared_layers": 0, "use_double_wide_mlp": False,
@@ -568,7 +553,6 @@ def llama4_config(cfg: dict) -> None:
                          "llama4 model routes each token to 1 expert")
 
 
-# <longcat>
 def longcat_flash_config(cfg: dict) -> None:
     """longcat_flash: mlx-lm's ModelArgs needs what transformers hard-codes (MLA's q/kv
     LoRA scaling, always on; identity zero experts); ``num_layers`` counts decoder layers

@@ -20,7 +20,7 @@ _GRANITE_RENAMES = ((r"block_sparse_moe\.router\.weight$", "block_sparse_moe.rou
                     (r"block_sparse_moe\.input_linear\.weight$", "block_sparse_moe.experts.gate_up_proj"),
                     (r"block_sparse_moe\.output_linear\.weight$", "block_sparse_moe.experts.down_proj"))
 
-# <gemma>: the decoder layer is the block: its router reads the residual stream, its experts
+# the decoder layer is the block: its router reads the residual stream, its experts
 # (experts.switch_glu) a normed copy, so the router's logits are tapped at router.proj.
 _GEMMA4_NOTES = ("the router reads the decoder layer's residual, the experts a normed copy: "
                  "router logits are read where the layer computes them (router.proj)")
@@ -66,7 +66,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            mlx_lm_limits={"sliding_window": (None,), "input_jitter_noise": (0, 0.0, None)},
            renames=((r"\.mlp\.router\.", ".block_sparse_moe.gate."), (r"\.mlp\.", ".block_sparse_moe.")),
            stack_here=True, weights_fix=fixes.phimoe_weights),
-    # fam2
     Family("qwen3_next", shared=("shared_expert",), **_QWEN,
            hf_defaults={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
                         "rope_theta": 10000.0},
@@ -111,7 +110,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mellum", **_QWEN, stack_here=True, config_fix=fixes.mellum_config,
            hf_defaults={"norm_topk_prob": True, "tie_word_embeddings": False},
            drop=((r"^(model\.)?mtp\.", "MTP (next-token prediction) layers"),)),
-    # fam1
     Family("glm4_moe", rule="deepseek_v3", correction_bias="e_score_correction_bias", **_DEEPSEEK,
            hf_defaults={"routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
                         "first_k_dense_replace": 1, "norm_topk_prob": True, "use_qk_norm": False,
@@ -222,7 +220,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            stack_here=True, weights_fix=fixes.drop_correction_bias,
            notes="mlx-lm ignores the router's score-correction bias (moe_statics), which "
                  "transformers adds before the top-k: expert choice can differ"),
-    # <mm>
     Family("minimax_m3_vl", block="block_sparse_moe", shared=("shared_experts",),
            rule="sigmoid_bias_norm", correction_bias="e_score_correction_bias",
            correction_on_block=True, stack_here=True, hidden_acts=None,
@@ -238,8 +235,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            notes="multimodal checkpoints: the text model converts, the vision tower and projector "
                  "are dropped with a message; sparse-attention (lightning indexer) layers; "
                  "rotary_dim read as transformers does (head_dim x partial_rotary_factor)"),
-    # </mm>
-    # <bailing>
     Family("bailing_moe", shared=("shared_experts",), rule="bailing_moe",
            correction_bias="expert_bias", expert_count_key="num_experts",
            gating_keys={"score_function": "score_function"}, sanitize_layer0=False,
@@ -267,7 +262,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                     (r"\.self_attn\.", ".attention."),
                     (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.gate.expert_bias")),
            config_fix=fixes.bailing_hybrid_config, weights_fix=fixes.bailing_hybrid_weights,
-           hub_remote_code=True,  # <ling>: Ling 2.5 checkpoints ship auto_map
+           hub_remote_code=True,  # Ling 2.5 checkpoints ship auto_map
            notes="Ling 3 (KDA + gated MLA), run by mlx-lm's bailing_moe_v3 module; mlx-lm sets "
                  "dropped groups' scores to -inf, transformers to 0: same experts while kept "
                  "scores + bias > 0; Ling 2.5 (lightning attention + MLA, other architectures) "
@@ -276,7 +271,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            config_fix=fixes.phixtral_config, hub_remote_code=True, verified="mlx-lm",
            notes="phi-2 parallel blocks (attention and experts on one LayerNorm), GELU experts "
                  "with biases"),
-    # <dsv41>
     Family("deepseek_v41", experts="experts.switch_mlp", rule="score_bias",
            correction_bias="e_score_correction_bias", shared=("shared_experts",),
            expert_count_key="n_routed_experts",
@@ -312,7 +306,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            notes="multimodal wrapper of a DeepSeek-V3 text model (text_config read as written): "
                  "the vision tower is dropped; hub checkpoints with kv_b_proj refused (mlx-lm "
                  "reads only its own saved layout)"),
-    # <gemma>
     Family("gemma4_text", **_GEMMA4, notes=_GEMMA4_NOTES),
     Family("gemma4", **_GEMMA4, mlx_lm_limits={"tie_word_embeddings": (True, None)},
            drop=((r"^model\.(vision_tower|audio_tower|embed_vision|embed_audio|multi_modal_projector)\.",
@@ -327,7 +320,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  "with a message; the experts run on x * sigmoid(score), so router logits are "
                  "read where the block computes them (its router); text-only llama4_text "
                  "checkpoints are not supported (mlx-lm's llama4_text is a dense model)"),
-    # <longcat>
     Family("longcat_flash", router="router", rule="softmax_bias",
            correction_bias="e_score_correction_bias", expert_count_key="n_routed_experts",
            gating_keys={"top_k": "moe_topk", "routed": "n_routed_experts"},
@@ -351,7 +343,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  "routed outputs differ on real checkpoints"),
 )}
 
-# <longcat> model types refused by name, with the reason (get_family raises it)
+# model types refused by name, with the reason (get_family raises it)
 REFUSED: dict[str, str] = {
     "hunyuan_v1_moe": (
         "transformers' HunYuan MoE V1 renormalises the top-k router weights; mlx-lm has no "

@@ -16,10 +16,9 @@ import mlx.core as mx
 
 RULES = ("softmax_topk", "topk_softmax", "deepseek_v2", "deepseek_v3", "sparsemixer",
          "sigmoid_bias_norm", "sigmoid_bias", "mistral4", "score_bias",
-         # <bailing>
          "bailing_moe", "bailing_moe_linear", "bailing_v3",
-         "topk_sigmoid",  # <gemma>: llama4
-         "softmax_bias")  # <longcat>
+         "topk_sigmoid",  # llama4
+         "softmax_bias")
 
 
 @dataclass(frozen=True)
@@ -34,13 +33,13 @@ class Gating:
     topk_group: int = 1
     topk_method: str = "greedy"
     jitter_eps: float = 0.0
-    softcap: float = 0.0  # fam1: logits -> tanh(logits / c) * c first (laguna), 0 = off
-    score_function: str = "softmax"  # <bailing>: "sigmoid" or "softmax" scores (bailing_moe*)
-    # dsv41: rule "score_bias" (DeepSeek-V4.1): logits / temperature, then score_func
+    softcap: float = 0.0  # logits -> tanh(logits / c) * c first (laguna), 0 = off
+    score_function: str = "softmax"  # "sigmoid" or "softmax" scores (bailing_moe*)
+    # rule "score_bias" (DeepSeek-V4.1): logits / temperature, then score_func
     # ("sqrtsoftplus", "sigmoid" or "softmax") gives the scores
     temperature: float = 1.0
     score_func: str = "sigmoid"
-    # <longcat> experts from this id on are zero (identity) experts the block computes
+    # experts from this id on are zero (identity) experts the block computes
     # itself: their picks go to expert 0 with weight 0 (longcat_flash); 0 = none
     routed: int = 0
 
@@ -57,7 +56,7 @@ class Gating:
         """Importance of every expert [..., E] in float32: router probabilities (with
         zero experts: the routed experts' probabilities renormalised among themselves)."""
         logits = self.capped(logits.astype(mx.float32))
-        if self.routed:  # <longcat>
+        if self.routed:
             logits = logits[..., :self.routed]
         if self.rule == "score_bias":
             return self.scored(logits)
@@ -128,7 +127,7 @@ class Gating:
             inds = mx.argpartition(-chosen, kth=k - 1, axis=-1)[..., :k]
             w = mx.take_along_axis(probs, inds, axis=-1)
             w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
-            # <mm> minimax_m3_vl scales by routed_scaling_factor (minimax_m2's args lack it: 1.0)
+            # minimax_m3_vl scales by routed_scaling_factor (minimax_m2's args lack it: 1.0)
             return inds, (w * self.scaling if self.scaling != 1.0 else w)
         if self.rule == "sigmoid_bias":  # lfm2_moe: as above, normalised if norm_topk, then scaled
             probs = mx.sigmoid(logits)
@@ -143,7 +142,7 @@ class Gating:
 
             return mistral4_expert_select(logits, k, self.n_group, self.topk_group, self.scaling,
                                           self.norm_topk)
-        # <bailing>: softmax or sigmoid scores, correction bias, group-limited (dropped groups
+        # softmax or sigmoid scores, correction bias, group-limited (dropped groups
         # zeroed), weights normalised if norm_topk (and k > 1), then scaled: mlx-lm's own functions
         if self.rule in ("bailing_moe", "bailing_moe_linear"):
             import importlib
@@ -165,10 +164,10 @@ class Gating:
             if self.norm_topk and k > 1:
                 w = w / (mx.sum(w, axis=-1, keepdims=True) + 1e-20)
             return inds, w * self.scaling
-        if self.rule == "topk_sigmoid":  # <gemma> llama4: sigmoid of the top-k logits
+        if self.rule == "topk_sigmoid":  # llama4: sigmoid of the top-k logits
             inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
             return inds, mx.sigmoid(mx.take_along_axis(logits, inds, axis=-1).astype(mx.float32))
-        if self.rule == "softmax_bias":  # <longcat> top-k of softmax + bias, zero experts to 0
+        if self.rule == "softmax_bias":  # top-k of softmax + bias, zero experts to 0
             probs = mx.softmax(logits, axis=-1)
             chosen = probs if correction_bias is None else probs + correction_bias
             inds = mx.argpartition(-chosen, kth=k - 1, axis=-1)[..., :k]
