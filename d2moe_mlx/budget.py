@@ -222,17 +222,17 @@ def plan_budget(
     n = (cache - zero) // one_expert if cache > zero else -1
     n = min(n, store.num_experts)
     slots = {p: min(int(n) * weight[p], store.num_experts) for p in parts}
-    if split and n < top_k:  # tight: top-k floor slots, what is left above the floor
+    fits = n >= top_k
+    if split and not fits:  # tight: top-k floor slots, what is left above the floor
         floor_one = len(layers) * sum(b for p, b in per_slot.items() if weight[p] > 1)
-        upper_one = len(layers) * sum(b for p, b in per_slot.items() if weight[p] == 1)
+        upper_one = one_expert - FLOOR_SHARE * floor_one
         f = max(FLOOR_SHARE * max(n, 0), top_k)
         u = (cache - zero - f * floor_one) // upper_one if cache > zero else -1
         slots = {p: min(f if weight[p] > 1 else int(u), store.num_experts) for p in parts}
-        n = top_k if u >= 1 else -1
-    if n < top_k:
+        fits = u >= 1
+    if not fits:
         if split:  # the least a per-pair policy runs with: top-k floor slots + one above
-            floor_one = len(layers) * sum(b for p, b in per_slot.items() if weight[p] > 1)
-            need_cache = zero + top_k * floor_one + (one_expert - FLOOR_SHARE * floor_one)
+            need_cache = zero + top_k * floor_one + upper_one
             least = (f"{top_k} experts per layer at the floor and one above it "
                      f"({format_bytes(need_cache)} over {len(layers)} layers)")
         else:
