@@ -267,16 +267,23 @@ def mimo_v2_flash_config(cfg: dict) -> None:
     cfg["rope_scaling"] = None
 
 
+def _text_config(cfg: dict, reads: str) -> dict:
+    """A multimodal config's ``text_config``; ValueError where it has none (mlx-lm's
+    wrapper model reads ``reads`` from it)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{cfg.get('model_type')}: config.json has no text_config; mlx-lm's "
+                         f"model reads {reads} from it")
+    return text
+
+
 def minimax_m3_vl_config(cfg: dict) -> None:
     """minimax_m3_vl: transformers rotates ``head_dim * partial_rotary_factor`` channels
     and ignores ``rotary_dim`` (which it still writes, default 64); mlx-lm reads
     ``rotary_dim`` first. Spell it as transformers computes it. The indexer's rope is
     the attention rope cut to ``index_head_dim``: mlx-lm's equals it only when the
     index head holds every rotated channel."""
-    text = cfg.get("text_config")
-    if text is None:  # a text-only config: mlx-lm reads the wrapper's text_config only
-        raise ValueError("minimax_m3_vl: config.json has no text_config; mlx-lm's model "
-                         "reads the text model's fields from it")
+    text = _text_config(cfg, "the text model's fields")  # a text-only config is refused
     rope = text.get("rope_parameters") or {}
     factor = rope.get("partial_rotary_factor", text.get("partial_rotary_factor"))
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
@@ -458,10 +465,7 @@ def text_model_config(family: str, normalize: bool = True):
     def fix(cfg: dict) -> None:
         from d2moe_mlx.convert.hf_config import check_supported, normalize_config
 
-        text = cfg.get("text_config")
-        if not isinstance(text, dict):
-            raise ValueError(f"{cfg.get('model_type')}: config.json has no text_config (the "
-                             f"{family} text model)")
+        text = _text_config(cfg, f"the {family} text model")
         inner = {k: v for k, v in text.items() if k not in ("auto_map", "model_file")}
         inner["model_type"] = family
         check_supported(inner)
@@ -534,10 +538,7 @@ def llama4_config(cfg: dict) -> None:
     attention) in every layer but each 4th, MoE every ``interleave_moe_layer_step``-th."""
     from d2moe_mlx.convert.hf_config import _read_rope_parameters
 
-    text = cfg.get("text_config")
-    if not isinstance(text, dict):
-        raise ValueError("llama4: config.json has no text_config; mlx-lm's llama4 model reads "
-                         "the text model from it")
+    text = _text_config(cfg, "the text model")
     _read_rope_parameters(text)
     text.setdefault("rope_scaling", None)
     n, step = text["num_hidden_layers"], text.get("interleave_moe_layer_step", 1)

@@ -12,6 +12,11 @@ from __future__ import annotations
 from . import Family
 from . import fixes
 
+_BAILING = dict(shared=("shared_experts",), correction_bias="expert_bias",
+                expert_count_key="num_experts", sanitize_layer0=False, hub_remote_code=True)
+_BAILING_NORM_HEAD = dict(gating_keys={"score_function": "score_function"},
+                          config_fix=fixes.bailing_norm_head_config,
+                          weights_fix=fixes.bailing_norm_head_weights)
 _QWEN = dict(block="mlp", router="gate", experts="switch_mlp", expert_count_key="num_experts")
 _DEEPSEEK = dict(block="mlp", router="gate", experts="switch_mlp", shared=("shared_experts",),
                  expert_count_key="n_routed_experts")
@@ -235,25 +240,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            notes="multimodal checkpoints: the text model converts, the vision tower and projector "
                  "are dropped with a message; sparse-attention (lightning indexer) layers; "
                  "rotary_dim read as transformers does (head_dim x partial_rotary_factor)"),
-    Family("bailing_moe", shared=("shared_experts",), rule="bailing_moe",
-           correction_bias="expert_bias", expert_count_key="num_experts",
-           gating_keys={"score_function": "score_function"}, sanitize_layer0=False,
-           config_fix=fixes.bailing_norm_head_config, weights_fix=fixes.bailing_norm_head_weights,
-           hub_remote_code=True, verified="mlx-lm",
+    Family("bailing_moe", rule="bailing_moe", **_BAILING, **_BAILING_NORM_HEAD, verified="mlx-lm",
            notes="dense first layers; norm_head (lm_head normalised) applied by the converter"),
-    Family("bailing_moe_linear", shared=("shared_experts",), rule="bailing_moe_linear",
-           correction_bias="expert_bias", expert_count_key="num_experts",
-           gating_keys={"score_function": "score_function"}, sanitize_layer0=False,
-           config_fix=fixes.bailing_norm_head_config, weights_fix=fixes.bailing_norm_head_weights,
-           hub_remote_code=True, verified="mlx-lm",
+    Family("bailing_moe_linear", rule="bailing_moe_linear", **_BAILING, **_BAILING_NORM_HEAD,
+           verified="mlx-lm",
            notes="hybrid stack: lightning linear-attention and full-attention layers"),
-    Family("bailing_moe_v3", shared=("shared_experts",), rule="bailing_v3",
-           correction_bias="expert_bias", expert_count_key="num_experts", sanitize_layer0=False,
-           hub_remote_code=True, verified="mlx-lm",
+    Family("bailing_moe_v3", rule="bailing_v3", **_BAILING, verified="mlx-lm",
            notes="hybrid stack: KDA linear-attention and gated MLA layers; MTP layers dropped "
                  "by mlx-lm's sanitize"),
-    Family("bailing_hybrid", shared=("shared_experts",), rule="bailing_v3",
-           correction_bias="expert_bias", expert_count_key="num_experts", sanitize_layer0=False,
+    Family("bailing_hybrid", rule="bailing_v3", **_BAILING,  # Ling 2.5 checkpoints ship auto_map
            hf_defaults={"q_lora_rank": None, "layer_group_size": 6},
            mlx_lm_limits={"moe_renormalize": (True, None), "norm_topk_prob": (True, None),
                           "kda_safe_gate": (True, None), "score_function": ("sigmoid", None)},
@@ -262,7 +257,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                     (r"\.self_attn\.", ".attention."),
                     (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.gate.expert_bias")),
            config_fix=fixes.bailing_hybrid_config, weights_fix=fixes.bailing_hybrid_weights,
-           hub_remote_code=True,  # Ling 2.5 checkpoints ship auto_map
            notes="Ling 3 (KDA + gated MLA), run by mlx-lm's bailing_moe_v3 module; mlx-lm sets "
                  "dropped groups' scores to -inf, transformers to 0: same experts while kept "
                  "scores + bias > 0; Ling 2.5 (lightning attention + MLA, other architectures) "
